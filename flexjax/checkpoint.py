@@ -1,0 +1,84 @@
+"""Orbax checkpoints of a model: the net spec is saved next to the weights.
+
+A checkpoint step directory holds two items:
+
+* ``net``: the `Net` as JSON (so a pruned or factorized model round-trips),
+* ``state``: the training state pytree (``step``, ``params``,
+  ``batch_stats``, ``opt_state``).
+
+Orbax writes each step to a temporary directory and renames it when complete,
+so a process killed mid-save leaves the previous step intact.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from flexjax.spec import Net, SpecError
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that holds a different network than the one requested."""
+
+
+def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, net: Net, state: Any) -> None:
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           net=ocp.args.JsonSave(net.to_dict())))
+
+
+def latest_step(directory: str) -> int | None:
+    if not os.path.isdir(directory):
+        return None
+    with manager(directory) as mgr:
+        return mgr.latest_step()
+
+
+def restore_net(mgr: ocp.CheckpointManager, step: int | None = None) -> Net:
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
+    out = mgr.restore(step, args=ocp.args.Composite(net=ocp.args.JsonRestore()))
+    try:
+        return Net.from_dict(out.net)
+    except SpecError as e:
+        raise CheckpointMismatchError(f"checkpoint {mgr.directory}/{step} holds an invalid "
+                                      f"net spec: {e}") from None
+
+
+def restore_state(mgr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+                  ) -> Any:
+    """Restores the state pytree shaped like `abstract_state` (arrays or ShapeDtypeStructs)."""
+    step = mgr.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    return out.state
+
+
+def load(workdir: str, step: int | None = None) -> tuple[Net, dict]:
+    """Loads ``(net, variables)`` from a training workdir's checkpoints.
+
+    Raises:
+      FileNotFoundError: the workdir has no checkpoint.
+    """
+    directory = os.path.join(workdir, "checkpoints")
+    if latest_step(directory) is None:
+        raise FileNotFoundError(f"no checkpoint under {directory}; train first with "
+                                "python -m train.multi_exit --workdir=...")
+    with manager(directory) as mgr:
+        step = mgr.latest_step() if step is None else step
+        net = restore_net(mgr, step)
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    state = out.state
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    return net, variables

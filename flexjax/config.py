@@ -1,0 +1,103 @@
+"""The schema of experiment configs, and its validation.
+
+A config file (``configs/<exp>.py``) defines ``get_config(arg=None)``
+returning an ``ml_collections.ConfigDict``. It starts from `defaults()` and
+overrides values; a key that is not in the schema is an error with the list
+of valid keys, so a typo never silently trains the wrong thing. The only
+free-form section is ``model.kwargs`` (forwarded to the model builder, which
+rejects unknown arguments itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+FREE_FORM = ("model.kwargs",)
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key a training config may set, with its default."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "lenet_branchy"  # a name from flexjax.models.MODELS
+    c.model.kwargs = ml_collections.ConfigDict()  # forwarded to the builder
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "mnist5k"  # mnist5k | digits | cifar10 | image_folder
+    c.data.path = ""  # local directory for cifar10 / image_folder
+    c.data.seed = 0  # split seed
+    c.data.val_fraction = 0.1
+    c.data.test_fraction = 0.2
+    c.data.image_size = 0  # 0 = keep the dataset's size
+    c.data.channels = 0  # 0 = keep; 1 or 3 to convert
+    c.data.limit = 0  # 0 = all examples (smoke configs cap it)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.mode = "joint"  # joint (BranchyNet weighted loss) | exits_only (frozen backbone)
+    c.train.init_from = ""  # exits_only: workdir of a trained backbone
+    c.train.batch_size = 64  # global batch, split across local devices
+    c.train.num_epochs = 10
+    c.train.optimizer = "adam"  # adam | adamw | sgd
+    c.train.learning_rate = 1e-3
+    c.train.schedule = "cosine"  # cosine | constant
+    c.train.warmup_steps = 0
+    c.train.momentum = 0.9  # sgd only
+    c.train.weight_decay = 0.0
+    c.train.exit_weights = ()  # per exit incl. final; () = BranchyNet 1.0 ... 0.3
+    c.train.augment_shift = 0  # random translation by up to N pixels
+    c.train.log_every = 50
+    c.train.eval_every = 0  # steps; 0 = once per epoch
+    c.train.checkpoint_every = 200
+    c.train.max_to_keep = 2
+    c.train.eval_batch_size = 256
+
+    c.exits = ml_collections.ConfigDict()
+    c.exits.criterion = "entropy"  # entropy | max_softmax
+    c.exits.epsilon = 0.01  # allowed accuracy loss vs the final exit (0.01 = 1 point)
+    return c
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    items = d.items() if hasattr(d, "items") else []
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, (ml_collections.ConfigDict, dict)) and key not in FREE_FORM:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks keys against `defaults()`; returns a full config (defaults filled in).
+
+    Raises:
+      ValueError: an unknown key (naming the valid keys of its section) or a
+        value of the wrong type.
+    """
+    schema = _flat(defaults())
+    given = _flat(config)
+    for key, value in given.items():
+        if key not in schema:
+            section = key.rsplit(".", 1)[0] if "." in key else ""
+            valid = sorted(k for k in schema if k.rsplit(".", 1)[0] == section
+                           or (not section and "." not in k))
+            raise ValueError(f"unknown config key '{key}'; valid keys here: {', '.join(valid)}")
+        default = schema[key]
+        if isinstance(default, bool) != isinstance(value, bool) or (
+                isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
+                isinstance(default, str) and not isinstance(value, str)):
+            raise ValueError(f"config key '{key}' must be a {type(default).__name__}, "
+                             f"got {value!r}")
+    full = defaults()
+    full.update(config)  # nested update keeps defaults for keys the config omits
+    return full
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return config.to_dict()

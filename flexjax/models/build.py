@@ -1,0 +1,188 @@
+"""Derives a Flax module from a `Net`.
+
+Parameter names are a function of position only: backbone layer ``i`` owns
+``params["layer_07"]``; the head of exit ``exit_3`` owns
+``params["exit_3"]["layer_01"]``; branch ``b`` of a composite at position ``i``
+owns ``params["layer_0i"]["branch_b"]["layer_0j"]``. Transforms and export
+address parameters through these names.
+
+The same module runs any contiguous range of backbone positions (`start`,
+`stop`), which is what export segments and device/edge partitions are built
+from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flexjax.spec import FINAL, Layer, Net
+
+
+def layer_name(position: int) -> str:
+    return f"layer_{position:02d}"
+
+
+def _lrn(x: jax.Array, layer: Layer) -> jax.Array:
+    # Cross-channel LRN (AlexNet): x / (bias + alpha/size * sum_{window} x^2)^beta.
+    # Written with pad + shifted adds so it lowers to elementwise ops only.
+    size, half = layer["size"], layer["size"] // 2
+    sq = jnp.square(x)
+    padded = jnp.pad(sq, [(0, 0)] * (x.ndim - 1) + [(half, size - 1 - half)])
+    c = x.shape[-1]
+    window = sum(padded[..., k:k + c] for k in range(size))
+    return x / jnp.power(layer["bias"] + (layer["alpha"] / size) * window, layer["beta"])
+
+
+class _LowRankConv(nn.Module):
+    layer: Layer
+
+    @nn.compact
+    def __call__(self, x):
+        lay = self.layer
+        x = nn.Conv(lay["rank"], lay["kernel"], lay["stride"], lay["padding"], use_bias=False,
+                    name="u")(x)
+        return nn.Conv(lay["features"], (1, 1), use_bias=lay["use_bias"], name="v")(x)
+
+
+class _LowRankDense(nn.Module):
+    layer: Layer
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.layer["rank"], use_bias=False, name="u")(x)
+        return nn.Dense(self.layer["features"], use_bias=self.layer["use_bias"], name="v")(x)
+
+
+class _Block(nn.Module):
+    """A composite position (residual or inception); branches are sub-stacks."""
+
+    layer: Layer
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        outs = []
+        for b, branch in enumerate(self.layer.branches):
+            outs.append(_Stack(branch, name=f"branch_{b}")(x, train) if branch else x)
+        if self.layer.kind == "residual":
+            y = outs[0] + (outs[1] if len(outs) > 1 else x)
+            return nn.relu(y) if self.layer["activation"] == "relu" else y
+        return jnp.concatenate(outs, axis=-1)
+
+
+def apply_layer(layer: Layer, x: jax.Array, *, train: bool, name: str) -> jax.Array:
+    """Applies one layer; must be called inside a compact Flax method."""
+    k = layer.kind
+    if k == "conv":
+        return nn.Conv(layer["features"], layer["kernel"], layer["stride"], layer["padding"],
+                       feature_group_count=layer["groups"], use_bias=layer["use_bias"],
+                       name=name)(x)
+    if k == "dense":
+        return nn.Dense(layer["features"], use_bias=layer["use_bias"], name=name)(x)
+    if k == "low_rank_conv":
+        return _LowRankConv(layer, name=name)(x)
+    if k == "low_rank_dense":
+        return _LowRankDense(layer, name=name)(x)
+    if k == "max_pool":
+        return nn.max_pool(x, layer["window"], layer["stride"], layer["padding"])
+    if k == "avg_pool":
+        return nn.avg_pool(x, layer["window"], layer["stride"], layer["padding"])
+    if k == "global_pool":
+        return jnp.mean(x, axis=(1, 2))
+    if k == "flatten":
+        return x.reshape(x.shape[0], -1)
+    if k == "relu":
+        return nn.relu(x)
+    if k == "lrn":
+        return _lrn(x, layer)
+    if k == "batch_norm":
+        return nn.BatchNorm(use_running_average=not train, momentum=layer["momentum"],
+                            epsilon=layer["epsilon"], name=name)(x)
+    if k == "dropout":
+        return nn.Dropout(layer["rate"], deterministic=not train)(x)
+    if k in ("residual", "inception"):
+        return _Block(layer, name=name)(x, train)
+    raise ValueError(f"no Flax implementation for layer kind '{k}'")
+
+
+class _Stack(nn.Module):
+    """A plain sequence of layers named ``layer_00, layer_01, ...`` (heads, branches)."""
+
+    layers: tuple[Layer, ...]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for j, layer in enumerate(self.layers):
+            x = apply_layer(layer, x, train=train, name=layer_name(j))
+        return x
+
+
+class MultiExitModel(nn.Module):
+    """The Flax module of a `Net`.
+
+    `__call__(x, train)` returns ``{exit_name: logits}`` for every exit in
+    execution order, ending with `FINAL`. With `start`/`stop` it runs only
+    backbone positions ``[start, stop)`` on ``x`` (an activation when
+    ``start > 0``) and returns the exits in that range plus, under the key
+    ``"activation"``, the output of position ``stop - 1``.
+
+    `freeze_backbone=True` runs the backbone in inference mode (BatchNorm
+    running statistics, no dropout) and stops gradients into it, for training
+    exits on a frozen, already-trained backbone.
+    """
+
+    net: Net
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, *, start: int = 0, stop: int | None = None,
+                 heads: bool = True, freeze_backbone: bool = False):
+        net = self.net
+        stop = len(net.layers) if stop is None else stop
+        backbone_train = train and not freeze_backbone
+        exits = {e.after: e for e in net.exits} if heads else {}
+        out: dict[str, jax.Array] = {}
+        for i in range(start, stop):
+            x = apply_layer(net.layers[i], x, train=backbone_train, name=layer_name(i))
+            if i in exits:
+                h = jax.lax.stop_gradient(x) if freeze_backbone else x
+                e = exits[i]
+                out[e.name] = _Stack(e.layers, name=e.name)(h, train)
+        if stop == len(net.layers):
+            out[FINAL] = x
+        else:
+            out["activation"] = x
+        return out
+
+
+def build(net: Net) -> MultiExitModel:
+    """Returns the Flax module for `net` (see `MultiExitModel`)."""
+    return MultiExitModel(net)
+
+
+def init(net: Net, rng: jax.Array, batch_size: int = 1) -> dict:
+    """Initializes variables (``{"params": ..., "batch_stats": ...}``) for `net`."""
+    x = jnp.zeros((batch_size, *net.input_shape), jnp.float32)
+    variables = build(net).init({"params": rng, "dropout": rng}, x, train=False)
+    return dict(variables)
+
+
+def head_apply(net: Net, variables: dict, exit_name: str, h: jax.Array) -> jax.Array:
+    """Runs one exit head on the activation it hangs off (inference mode)."""
+    e = net.get_exit(exit_name)
+    sub = {col: tree[exit_name] for col, tree in variables.items() if exit_name in tree}
+    return _Stack(e.layers).apply(sub, h, False)
+
+
+def count_params(tree: dict) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def param_names(net: Net) -> Sequence[str]:
+    """Top-level parameter names of `net`, in execution order."""
+    from flexjax.spec import PARAMETRIC
+
+    names = [layer_name(i) for i, layer in enumerate(net.layers) if layer.kind in PARAMETRIC]
+    return names + [e.name for e in net.exits]

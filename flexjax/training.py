@@ -1,0 +1,538 @@
+"""Multi-exit training: BranchyNet joint loss, exits-only training, evaluation, report.
+
+`train_and_evaluate(config, workdir)` is what ``python -m train.multi_exit``
+runs. The workdir is the unit of resumption: re-running the same command
+restores the latest orbax checkpoint (net spec + variables + optimizer state)
+and continues at the next step with the same data order, so a killed run loses
+at most the steps since its last checkpoint.
+
+Training is data-parallel over all local devices: parameters are replicated
+and each global batch is sharded along a ``data`` mesh axis with
+`jax.sharding.NamedSharding`; XLA inserts the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flexjax import checkpoint, costs, exits
+from flexjax import config as config_lib
+from flexjax import data as data_lib
+from flexjax.io import jsonable, read_jsonl, write_json_atomic, write_text_atomic
+from flexjax.models import build, get_model, init
+from flexjax.spec import FINAL, Net
+
+MODES = ("joint", "exits_only")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    def variables(self) -> dict:
+        v = {"params": self.params}
+        if self.batch_stats:
+            v["batch_stats"] = self.batch_stats
+        return v
+
+    def to_tree(self) -> dict:
+        return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
+                "opt_state": self.opt_state}
+
+
+# ---------------------------------------------------------------------------
+# Pieces (pure; tested on their own).
+# ---------------------------------------------------------------------------
+
+
+def exit_weights(net: Net, weights: Sequence[float] = (), mode: str = "joint") -> np.ndarray:
+    """Loss weight per exit (execution order, final last).
+
+    The default is BranchyNet's: linearly from 1.0 at the first exit to 0.3
+    at the final one (favouring early exits). In ``exits_only`` mode the final
+    exit has weight 0 (the backbone is frozen).
+    """
+    n = len(net.exit_names)
+    if weights:
+        if len(weights) != n:
+            raise ValueError(f"train.exit_weights has {len(weights)} values but the net has "
+                             f"{n} exits {list(net.exit_names)}")
+        w = np.asarray(weights, np.float32)
+    else:
+        w = np.linspace(1.0, 0.3, n).astype(np.float32) if n > 1 else np.ones(1, np.float32)
+    if mode == "exits_only":
+        w[-1] = 0.0
+    if np.any(w < 0) or not np.any(w > 0):
+        raise ValueError(f"exit weights must be >= 0 with at least one > 0, got {w.tolist()}")
+    return w
+
+
+def make_optimizer(tcfg: ml_collections.ConfigDict, total_steps: int,
+                   trainable: Any | None = None) -> optax.GradientTransformation:
+    """The optax optimizer; parameters where `trainable` is False get zero updates."""
+    if tcfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{tcfg.optimizer}'; valid: {', '.join(OPTIMIZERS)}")
+    lr = tcfg.learning_rate
+    if tcfg.schedule == "cosine" and tcfg.warmup_steps > 0:
+        sched = optax.warmup_cosine_decay_schedule(0.0, lr, tcfg.warmup_steps,
+                                                   max(total_steps, tcfg.warmup_steps + 1))
+    elif tcfg.schedule == "cosine":
+        sched = optax.cosine_decay_schedule(lr, max(total_steps, 1))
+    elif tcfg.schedule == "constant":
+        sched = optax.linear_schedule(0.0, lr, tcfg.warmup_steps) if tcfg.warmup_steps else lr
+    else:
+        raise ValueError(f"unknown schedule '{tcfg.schedule}'; valid: cosine, constant")
+    if tcfg.optimizer == "adam":
+        tx = optax.adam(sched)
+    elif tcfg.optimizer == "adamw":
+        tx = optax.adamw(sched, weight_decay=tcfg.weight_decay)
+    else:
+        tx = optax.sgd(sched, momentum=tcfg.momentum, nesterov=True)
+    if tcfg.weight_decay and tcfg.optimizer != "adamw":
+        tx = optax.chain(optax.add_decayed_weights(tcfg.weight_decay), tx)
+    if trainable is not None:
+        labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx
+
+
+def exits_only_mask(params: Mapping[str, Any], net: Net) -> dict:
+    """True for the parameters of exit heads, False for the backbone."""
+    heads = {e.name for e in net.exits}
+    return {k: jax.tree.map(lambda _, t=k in heads: t, v) for k, v in params.items()}
+
+
+def _random_shift(x: jax.Array, rng: jax.Array, shift: int) -> jax.Array:
+    """Translates each image by up to `shift` pixels (zero fill)."""
+    n, h, w, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+    oy, ox = jax.random.randint(rng, (2, n), 0, 2 * shift + 1)
+    # A gather rather than vmap(dynamic_slice): it partitions cleanly along the batch.
+    rows = (oy[:, None] + jnp.arange(h))[:, :, None]
+    cols = (ox[:, None] + jnp.arange(w))[:, None, :]
+    return padded[jnp.arange(n)[:, None, None], rows, cols]
+
+
+def make_train_step(net: Net, tx: optax.GradientTransformation, weights: np.ndarray,
+                    *, freeze_backbone: bool = False, augment_shift: int = 0):
+    """Returns ``step(state, x, y, rng) -> (state, metrics)`` (not jitted)."""
+    model = build(net)
+    names = net.exit_names
+    w = jnp.asarray(weights)
+
+    def loss_fn(params, batch_stats, x, y, rng):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        out, updates = model.apply(variables, x, train=True, freeze_backbone=freeze_backbone,
+                                   rngs={"dropout": rng}, mutable=["batch_stats"])
+        per_exit = jnp.stack([optax.softmax_cross_entropy_with_integer_labels(
+            out[n].astype(jnp.float32), y).mean() for n in names])
+        acc = jnp.stack([(out[n].argmax(-1) == y).mean() for n in names])
+        return jnp.sum(w * per_exit), (updates.get("batch_stats", {}), per_exit, acc)
+
+    def step(state: TrainState, x, y, rng):
+        rng_aug, rng_drop = jax.random.split(jax.random.fold_in(rng, state.step))
+        if augment_shift:
+            x = _random_shift(x, rng_aug, augment_shift)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (new_bs, per_exit, acc)), grads = grad_fn(state.params, state.batch_stats, x, y,
+                                                         rng_drop)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if freeze_backbone:
+            new_bs = state.batch_stats  # frozen backbone statistics stay as trained
+        metrics = {"loss": loss, "exit_loss": per_exit, "exit_accuracy": acc,
+                   "grad_norm": optax.global_norm(grads)}
+        return state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
+                             opt_state=opt_state), metrics
+
+    return step
+
+
+def predict(net: Net, variables: dict, x: np.ndarray, batch_size: int = 256,
+            sharding: NamedSharding | None = None) -> dict[str, np.ndarray]:
+    """Logits of every exit on `x` (inference mode), as numpy arrays."""
+    model = build(net)
+    fn = jax.jit(lambda v, xb: model.apply(v, xb, train=False))
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in net.exit_names}
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size]
+        n = len(xb)
+        if n < batch_size:  # one compiled shape: pad the last batch
+            xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
+        if sharding is not None:
+            xb = jax.device_put(xb, sharding)
+        res = jax.device_get(fn(variables, xb))
+        for name in net.exit_names:
+            outs[name].append(np.asarray(res[name][:n], np.float32))
+    return {n: np.concatenate(v) for n, v in outs.items()}
+
+
+def accuracies(logits: Mapping[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
+    return {n: float((v.argmax(-1) == labels).mean()) for n, v in logits.items()}
+
+
+# ---------------------------------------------------------------------------
+# The job.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Setup:
+    config: ml_collections.ConfigDict
+    net: Net
+    splits: data_lib.Splits
+    init_variables: dict | None  # backbone weights for exits_only
+
+
+def _data_kwargs(dcfg: ml_collections.ConfigDict) -> dict:
+    return dict(path=dcfg.path, seed=dcfg.seed, val_fraction=dcfg.val_fraction,
+                test_fraction=dcfg.test_fraction, image_size=dcfg.image_size or None,
+                channels=dcfg.channels or None, limit=dcfg.limit or None)
+
+
+def load_data(config: ml_collections.ConfigDict) -> data_lib.Splits:
+    return data_lib.load(config.data.name, **_data_kwargs(config.data))
+
+
+def make_net(config: ml_collections.ConfigDict, splits: data_lib.Splits) -> Net:
+    kwargs = dict(config.model.kwargs.to_dict() if hasattr(config.model.kwargs, "to_dict")
+                  else config.model.kwargs)
+    kwargs.setdefault("input_shape", tuple(splits.input_shape))
+    kwargs.setdefault("num_classes", splits.num_classes)
+    net = get_model(config.model.name, **kwargs)
+    if tuple(net.input_shape) != tuple(splits.input_shape):
+        raise ValueError(f"model input {net.input_shape} does not match the data "
+                         f"{tuple(splits.input_shape)}; set data.image_size/data.channels or "
+                         "model.kwargs.input_shape")
+    return net
+
+
+def _check_same_backbone(net: Net, other: Net, where: str) -> None:
+    if (other.layers != net.layers or other.input_shape != net.input_shape
+            or other.num_classes != net.num_classes):
+        raise checkpoint.CheckpointMismatchError(
+            f"{where} holds a different backbone ('{other.name}', {len(other.layers)} layers) "
+            f"than the config's net ('{net.name}', {len(net.layers)} layers)")
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> _Setup:
+    """Validates everything that can be wrong before anything is written."""
+    config = config_lib.validate(config)
+    t = config.train
+    if t.mode not in MODES:
+        raise ValueError(f"unknown train.mode '{t.mode}'; valid: {', '.join(MODES)}")
+    if t.batch_size < 1 or t.num_epochs < 0:
+        raise ValueError("train.batch_size must be >= 1 and train.num_epochs >= 0")
+    n_dev = jax.local_device_count()
+    if t.batch_size % n_dev:
+        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the "
+                         f"{n_dev} local devices")
+    if t.eval_batch_size % n_dev:
+        raise ValueError(f"train.eval_batch_size={t.eval_batch_size} must be divisible by the "
+                         f"{n_dev} local devices")
+    if config.exits.criterion not in exits.CRITERIA:
+        raise ValueError(f"unknown exits.criterion '{config.exits.criterion}'; valid: "
+                         f"{', '.join(exits.CRITERIA)}")
+    if not 0.0 <= config.exits.epsilon < 1.0:
+        raise ValueError(f"exits.epsilon must be a fraction in [0, 1), got {config.exits.epsilon}")
+    splits = load_data(config)
+    net = make_net(config, splits)
+    if len(splits.train) < t.batch_size:
+        raise ValueError(f"train.batch_size={t.batch_size} exceeds the {len(splits.train)} "
+                         "training examples")
+    exit_weights(net, tuple(t.exit_weights), t.mode)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if checkpoint.latest_step(ckpt_dir) is not None:
+        with checkpoint.manager(ckpt_dir) as mgr:
+            saved = checkpoint.restore_net(mgr)
+        if saved != net:
+            raise checkpoint.CheckpointMismatchError(
+                f"the checkpoint in {ckpt_dir} was saved for a different net ('{saved.name}', "
+                f"{len(saved.layers)} layers, exits {list(saved.exit_names)}) than this config "
+                f"builds ('{net.name}', {len(net.layers)} layers, exits {list(net.exit_names)}); "
+                "use a new --workdir")
+    init_variables = None
+    if t.mode == "exits_only":
+        if not t.init_from:
+            raise ValueError("train.mode='exits_only' needs train.init_from=<workdir of a "
+                             "trained backbone>")
+        other, init_variables = checkpoint.load(t.init_from)
+        _check_same_backbone(net, other, f"train.init_from={t.init_from}")
+    return _Setup(config, net, splits, init_variables)
+
+
+def _initial_state(net: Net, tx, seed: int, init_variables: dict | None) -> TrainState:
+    variables = jax.jit(lambda r: init(net, r))(jax.random.key(seed))
+    params = dict(variables["params"])
+    batch_stats = dict(variables.get("batch_stats", {}))
+    if init_variables is not None:  # exits_only: copy the trained backbone in
+        for k, v in init_variables["params"].items():
+            if not k.startswith("exit_") or k not in params:
+                params[k] = v
+        for k, v in init_variables.get("batch_stats", {}).items():
+            if not k.startswith("exit_") or k not in batch_stats:
+                batch_stats[k] = v
+        params = {k: params[k] for k in variables["params"]}
+        batch_stats = {k: batch_stats[k] for k in variables.get("batch_stats", {})}
+    params = jax.tree.map(jnp.asarray, params)
+    batch_stats = jax.tree.map(jnp.asarray, batch_stats)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params))
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    # After a resume, drop records from steps that the restored state never saw.
+    records = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard event files."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        with open(self._path, "a") as f:
+            f.write(json.dumps(jsonable(record)) + "\n")
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, float(v), int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) the configured multi-exit net, then writes report.json.
+
+    Returns:
+      The report (also written to ``workdir/report.json``).
+
+    Raises:
+      ValueError / FileNotFoundError: bad config, data path or checkpoint
+        (nothing in the workdir is modified).
+      FloatingPointError: the loss became NaN/inf (the last good checkpoint is kept).
+    """
+    setup = prepare(config, workdir)
+    config, net, splits = setup.config, setup.net, setup.splits
+    t = config.train
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    write_json_atomic(os.path.join(workdir, "net.json"), net.to_dict())
+
+    steps_per_epoch = len(splits.train) // t.batch_size
+    total_steps = steps_per_epoch * t.num_epochs
+    freeze = t.mode == "exits_only"
+    variables0 = jax.eval_shape(lambda r: init(net, r), jax.random.key(0))
+    trainable = exits_only_mask(variables0["params"], net) if freeze else None
+    tx = make_optimizer(t, total_steps, trainable)
+    weights = exit_weights(net, tuple(t.exit_weights), t.mode)
+
+    # Auto axes: GSPMD propagates the batch sharding and inserts the all-reduce.
+    mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    data_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+
+    state = _initial_state(net, tx, config.seed, setup.init_variables)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    logger = _Logger(workdir)
+    train_seconds, compile_seconds, images = 0.0, 0.0, 0
+    with checkpoint.manager(ckpt_dir, t.max_to_keep) as mgr:
+        start = mgr.latest_step()
+        if start is not None:
+            tree = checkpoint.restore_state(mgr, state.to_tree(), start)
+            state = TrainState(**tree)
+            _truncate_metrics(metrics_path, start)
+            logging.info("resumed from %s at step %d", ckpt_dir, start)
+        else:
+            start = 0
+            if os.path.exists(metrics_path):
+                os.remove(metrics_path)
+        state = jax.device_put(state, replicated)
+        step_fn = jax.jit(make_train_step(net, tx, weights, freeze_backbone=freeze,
+                                          augment_shift=t.augment_shift),
+                          in_shardings=(replicated, data_sharding, data_sharding, replicated),
+                          out_shardings=(replicated, replicated), donate_argnums=0)
+        rng = jax.random.key(config.seed + 1)
+        eval_every = t.eval_every or steps_per_epoch
+        train_seconds, compile_seconds, images = _train_loop(
+            state, step_fn, splits, t, config, net, start, total_steps, steps_per_epoch,
+            eval_every, rng, mgr, logger, data_sharding)
+        mgr.wait_until_finished()
+        last = mgr.latest_step()
+    logger.close()
+    _, variables = checkpoint.load(workdir, last) if last is not None else (net, None)
+    if variables is None:
+        variables = state.variables()
+    report = evaluate_and_report(net, variables, splits, config, data_sharding)
+    if images and train_seconds > 0:
+        report["train"] = {"steps": total_steps, "resumed_from": start,
+                           "train_seconds": round(train_seconds, 2),
+                           "compile_seconds": round(compile_seconds, 2),
+                           "images_per_sec": round(images / train_seconds, 1),
+                           "devices": jax.local_device_count(),
+                           "platform": jax.default_backend()}
+    else:  # nothing left to train: keep the timing of the run that trained
+        previous = os.path.join(workdir, "report.json")
+        if os.path.exists(previous):
+            with open(previous) as f:
+                old = json.load(f)
+            if "train" in old:
+                report["train"] = old["train"]
+    write_json_atomic(os.path.join(workdir, "report.json"), report)
+    return report
+
+
+def _train_loop(state, step_fn, splits, t, config, net, start, total_steps, steps_per_epoch,
+                eval_every, rng, mgr, logger, data_sharding):
+    from tqdm import tqdm
+
+    names = net.exit_names
+    timed_images, timed_seconds, compile_seconds = 0, 0.0, 0.0
+    step = start
+    metrics = None
+    bar = tqdm(total=total_steps, initial=start, desc=f"train {net.name}", unit="step",
+               disable=None, dynamic_ncols=True)
+
+    def check_finite(m, at):
+        loss = float(m["loss"])
+        if not np.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss} at step {at}; lower train.learning_rate (now "
+                f"{t.learning_rate}); the last good checkpoint is kept in {mgr.directory}")
+        return loss
+
+    try:
+        while step < total_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            it = data_lib.batches(splits.train, t.batch_size, seed=config.seed, epoch=epoch,
+                                  drop_remainder=True)
+            for x, y in itertools.islice(it, offset, None):
+                t0 = time.perf_counter()
+                xs = jax.device_put(x, data_sharding)
+                ys = jax.device_put(y.astype(np.int32), data_sharding)
+                state, metrics = step_fn(state, xs, ys, rng)
+                step += 1
+                if step == start + 1:  # first step compiles; keep it out of throughput
+                    jax.block_until_ready(metrics)
+                    compile_seconds = time.perf_counter() - t0
+                    t_start = time.perf_counter()
+                else:
+                    timed_images += len(x)
+                bar.update(1)
+                if step % t.log_every == 0 or step == total_steps:
+                    m = jax.device_get(metrics)
+                    loss = check_finite(m, step)
+                    scalars = {"train/loss": loss, "train/grad_norm": m["grad_norm"]}
+                    for i, n in enumerate(names):
+                        scalars[f"train/loss_{n}"] = m["exit_loss"][i]
+                        scalars[f"train/accuracy_{n}"] = m["exit_accuracy"][i]
+                    logger.write(step, scalars)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if step % eval_every == 0 or step == total_steps:
+                    v = jax.device_get(state.variables())
+                    val = accuracies(predict(net, v, splits.val.x, t.eval_batch_size,
+                                             data_sharding), splits.val.y)
+                    logger.write(step, {f"val/accuracy_{n}": a for n, a in val.items()})
+                    bar.write(f"step {step}: val accuracy "
+                              + " ".join(f"{n}={a:.4f}" for n, a in val.items()))
+                if step % t.checkpoint_every == 0 or step == total_steps:
+                    check_finite(jax.device_get(metrics), step)  # never save a NaN state
+                    checkpoint.save(mgr, step, net, state.to_tree())
+                if step >= total_steps:
+                    break
+        if metrics is not None and step > start + 1:
+            jax.block_until_ready(state)
+            timed_seconds = time.perf_counter() - t_start
+    finally:
+        bar.close()
+    return timed_seconds, compile_seconds, timed_images
+
+
+def evaluate_and_report(net: Net, variables: dict, splits: data_lib.Splits,
+                        config: ml_collections.ConfigDict,
+                        sharding: NamedSharding | None = None) -> dict:
+    """Per-exit accuracy, calibrated thresholds (val) and their effect (test)."""
+    bs = config.train.eval_batch_size
+    val_logits = predict(net, variables, splits.val.x, bs, sharding)
+    test_logits = predict(net, variables, splits.test.x, bs, sharding)
+    nc = costs.of(net)
+    cal = exits.calibrate(val_logits, splits.val.y, nc.exit_flops,
+                          criterion=config.exits.criterion, epsilon=config.exits.epsilon,
+                          names=net.exit_names)
+    test = exits.simulate(test_logits, splits.test.y, cal.thresholds, cal.criterion,
+                          nc.exit_flops, net.exit_names)
+    test_acc = accuracies(test_logits, splits.test.y)
+    rows = []
+    for name in net.exit_names:
+        rows.append({"name": name, "position": net.exit_position(name),
+                     "accuracy": test_acc[name], "exit_rate": test.rates[name],
+                     "exited_accuracy": test.accuracies[name],
+                     "flops": nc.exit_flops[name],
+                     "head_flops": nc.heads[name].flops if name != FINAL else 0,
+                     "threshold": cal.thresholds.get(name)})
+    backbone = nc.backbone_flops
+    return jsonable({
+        "model": config.model.name, "net": net.name, "dataset": config.data.name,
+        "num_test": len(splits.test), "num_val": len(splits.val),
+        "criterion": cal.criterion, "epsilon": cal.epsilon,
+        "exits": rows,
+        "final_accuracy": test_acc[FINAL],
+        "early_exit_accuracy": test.accuracy,
+        "expected_flops": test.expected_cost,
+        "backbone_flops": backbone,
+        "flops_ratio": test.expected_cost / backbone,
+        "calibration": cal.to_dict(),
+    })
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A plain-text table of a report (what the demo prints)."""
+    lines = [f"{report['net']} on {report['dataset']} (test n={report['num_test']}, "
+             f"criterion={report['criterion']}, epsilon={report['epsilon']:.3f})",
+             f"{'exit':<10}{'position':>9}{'accuracy':>10}{'exit rate':>11}{'exited acc':>12}"
+             f"{'MFLOPs':>10}{'vs backbone':>13}"]
+    for r in report["exits"]:
+        ea = r["exited_accuracy"]
+        lines.append(f"{r['name']:<10}{r['position']:>9}{r['accuracy']:>10.4f}"
+                     f"{r['exit_rate']:>11.3f}{(f'{ea:.4f}' if ea is not None else '-'):>12}"
+                     f"{r['flops'] / 1e6:>10.3f}{r['flops'] / report['backbone_flops']:>12.2f}x")
+    lines.append(f"final accuracy {report['final_accuracy']:.4f} | early-exit accuracy "
+                 f"{report['early_exit_accuracy']:.4f} | expected "
+                 f"{report['expected_flops'] / 1e6:.3f} MFLOPs = "
+                 f"{report['flops_ratio']:.3f}x backbone "
+                 f"({report['backbone_flops'] / 1e6:.3f} MFLOPs)")
+    if "train" in report:
+        tr = report["train"]
+        lines.append(f"trained {tr['steps']} steps on {tr['devices']} {tr['platform']} device(s): "
+                     f"{tr['images_per_sec']} images/s ({tr['train_seconds']} s + "
+                     f"{tr['compile_seconds']} s compile)")
+    return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny trained workdir, and a helper to run the CLI jobs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "mnist_lenet_branchy.py") + ":smoke"
+
+
+def run_job(module: str, *args: str, env: dict | None = None, timeout: int = 300,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """Runs ``python -m <module> args`` from the repo root and captures its output."""
+    full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory) -> str:
+    """A workdir trained once with the smoke config (shared by several tests)."""
+    workdir = str(tmp_path_factory.mktemp("smoke") / "lenet")
+    run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={workdir}", check=True)
+    return workdir

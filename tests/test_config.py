@@ -1,0 +1,60 @@
+"""Config schema: unknown keys and wrong types fail loudly; every shipped config builds."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from flexjax import config as config_lib
+from flexjax.models import get_model
+
+from conftest import ROOT
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = [c for c in CONFIGS if not c.endswith("__init__.py")]
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_unknown_key_raises_listing_valid_keys_of_its_section():
+    c = config_lib.defaults()
+    c.train.unlock()
+    c.train.lr = 0.1
+    with pytest.raises(ValueError, match=r"unknown config key 'train.lr'.*train.learning_rate"):
+        config_lib.validate(c)
+
+
+def test_wrong_type_raises():
+    c = config_lib.defaults().to_dict()
+    c["train"]["num_epochs"] = "ten"
+    import ml_collections
+    with pytest.raises(ValueError, match="'train.num_epochs' must be a int"):
+        config_lib.validate(ml_collections.ConfigDict(c))
+
+
+def test_validate_fills_defaults_for_partial_config():
+    import ml_collections
+    full = config_lib.validate(ml_collections.ConfigDict({"train": {"num_epochs": 3}}))
+    assert full.train.num_epochs == 3 and full.train.batch_size == 64
+    assert full.exits.criterion == "entropy"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_shipped_config_validates_and_builds_its_net(path, arg):
+    config = config_lib.validate(_load(path).get_config(arg))
+    kwargs = config.model.kwargs.to_dict()
+    net = get_model(config.model.name, **kwargs)
+    assert net.exit_names[-1] == "final"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_shipped_config_unknown_arg_raises(path):
+    with pytest.raises(ValueError, match="unknown config argument"):
+        _load(path).get_config("nonsense")

@@ -1,0 +1,44 @@
+"""Trains a multi-exit network, calibrates its exits and writes report.json.
+
+Usage:
+  python -m train.multi_exit --config=configs/mnist_lenet_branchy.py --workdir=/tmp/lenet
+  python -m train.multi_exit --config=configs/mnist_lenet_branchy.py:smoke --workdir=...
+
+Re-running the same command resumes from the workdir's latest checkpoint.
+Override any config value with ``--config.train.num_epochs=5``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    import jax
+
+    from flexjax import training
+    from flexjax.checkpoint import CheckpointMismatchError
+
+    print(f"devices: {jax.devices()}", file=sys.stderr)
+    try:
+        report = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(training.format_report(report))
+
+
+if __name__ == "__main__":
+    app.run(main)
