@@ -23,7 +23,10 @@ def get_config(arg: str | None = None):
     config.train.checkpoint_every = 200
     config.exits.criterion = "entropy"
     config.exits.epsilon = 0.01
+    config.video.enabled = True
     if arg == "smoke":
+        config.video.num_clips = 10
+        config.video.frames_per_clip = 10
         config.data.limit = 600
         config.train.batch_size = 32
         config.train.num_epochs = 2

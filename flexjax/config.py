@@ -58,6 +58,14 @@ def defaults() -> ml_collections.ConfigDict:
     c.exits = ml_collections.ConfigDict()
     c.exits.criterion = "entropy"  # entropy | max_softmax
     c.exits.epsilon = 0.01  # allowed accuracy loss vs the final exit (0.01 = 1 point)
+
+    # Also evaluate on video streams (flexjax.data.video): thresholds calibrated on a
+    # stream filmed from the val split, measured on one filmed from the test split.
+    c.video = ml_collections.ConfigDict()
+    c.video.enabled = False
+    c.video.num_clips = 50
+    c.video.frames_per_clip = 40
+    c.video.seed = 0
     return c
 
 

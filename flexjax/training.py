@@ -14,6 +14,7 @@ and each global batch is sharded along a ``data`` mesh axis with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -169,11 +170,16 @@ def make_train_step(net: Net, tx: optax.GradientTransformation, weights: np.ndar
     return step
 
 
+@functools.lru_cache(maxsize=8)
+def _predict_fn(net: Net):
+    model = build(net)
+    return jax.jit(lambda v, xb: model.apply(v, xb, train=False))
+
+
 def predict(net: Net, variables: dict, x: np.ndarray, batch_size: int = 256,
             sharding: NamedSharding | None = None) -> dict[str, np.ndarray]:
     """Logits of every exit on `x` (inference mode), as numpy arrays."""
-    model = build(net)
-    fn = jax.jit(lambda v, xb: model.apply(v, xb, train=False))
+    fn = _predict_fn(net)
     outs: dict[str, list[np.ndarray]] = {n: [] for n in net.exit_names}
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size]
@@ -481,16 +487,9 @@ def evaluate_and_report(net: Net, variables: dict, splits: data_lib.Splits,
                         config: ml_collections.ConfigDict,
                         sharding: NamedSharding | None = None) -> dict:
     """Per-exit accuracy, calibrated thresholds (val) and their effect (test)."""
-    bs = config.train.eval_batch_size
-    val_logits = predict(net, variables, splits.val.x, bs, sharding)
-    test_logits = predict(net, variables, splits.test.x, bs, sharding)
     nc = costs.of(net)
-    cal = exits.calibrate(val_logits, splits.val.y, nc.exit_flops,
-                          criterion=config.exits.criterion, epsilon=config.exits.epsilon,
-                          names=net.exit_names)
-    test = exits.simulate(test_logits, splits.test.y, cal.thresholds, cal.criterion,
-                          nc.exit_flops, net.exit_names)
-    test_acc = accuracies(test_logits, splits.test.y)
+    cal, test, test_acc = _calibrate_and_test(net, variables, splits.val, splits.test, nc,
+                                              config, sharding)
     rows = []
     for name in net.exit_names:
         rows.append({"name": name, "position": net.exit_position(name),
@@ -500,6 +499,8 @@ def evaluate_and_report(net: Net, variables: dict, splits: data_lib.Splits,
                      "head_flops": nc.heads[name].flops if name != FINAL else 0,
                      "threshold": cal.thresholds.get(name)})
     backbone = nc.backbone_flops
+    video = _video_report(net, variables, splits, nc, config, sharding) \
+        if config.video.enabled else None
     return jsonable({
         "model": config.model.name, "net": net.name, "dataset": config.data.name,
         "num_test": len(splits.test), "num_val": len(splits.val),
@@ -511,7 +512,49 @@ def evaluate_and_report(net: Net, variables: dict, splits: data_lib.Splits,
         "backbone_flops": backbone,
         "flops_ratio": test.expected_cost / backbone,
         "calibration": cal.to_dict(),
+        **({"video": video} if video else {}),
     })
+
+
+def _calibrate_and_test(net, variables, val, test, nc, config, sharding):
+    bs = config.train.eval_batch_size
+    val_logits = predict(net, variables, val.x, bs, sharding)
+    test_logits = predict(net, variables, test.x, bs, sharding)
+    cal = exits.calibrate(val_logits, val.y, nc.exit_flops, criterion=config.exits.criterion,
+                          epsilon=config.exits.epsilon, names=net.exit_names)
+    stats = exits.simulate(test_logits, test.y, cal.thresholds, cal.criterion, nc.exit_flops,
+                           net.exit_names)
+    return cal, stats, accuracies(test_logits, test.y)
+
+
+def _video_report(net, variables, splits, nc, config, sharding) -> dict:
+    """Early exits on video: calibrated on a val-split stream, measured on a test-split one."""
+    v = config.video
+    streams = {}
+    for split, offset in (("val", 1000), ("test", 0)):
+        vcfg = data_lib.VideoConfig(num_clips=v.num_clips, frames_per_clip=v.frames_per_clip,
+                                    seed=v.seed + offset)
+        streams[split] = data_lib.make_stream(getattr(splits, split), vcfg)
+    cal, stats, acc = _calibrate_and_test(net, variables, streams["val"].as_dataset(),
+                                          streams["test"].as_dataset(), nc, config, sharding)
+    difficulty = streams["test"].difficulty
+    edges = np.quantile(difficulty, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    bins = np.clip(np.searchsorted(edges, difficulty, side="right") - 1, 0, 4)
+    by_difficulty = []
+    for b in range(5):
+        m = bins == b
+        by_difficulty.append({
+            "difficulty": [float(edges[b]), float(edges[b + 1])],
+            "frames": int(m.sum()),
+            "accuracy": float(stats.correct[m].mean()) if m.any() else None,
+            "mean_exit_index": float(stats.exit_index[m].mean()) if m.any() else None,
+            "expected_flops": float(np.mean([nc.exit_flops[net.exit_names[i]]
+                                             for i in stats.exit_index[m]])) if m.any() else None})
+    return {"frames": len(difficulty), "thresholds": cal.thresholds,
+            "final_accuracy": acc[FINAL], "early_exit_accuracy": stats.accuracy,
+            "exit_rates": stats.rates, "expected_flops": stats.expected_cost,
+            "flops_ratio": stats.expected_cost / nc.backbone_flops,
+            "by_difficulty": by_difficulty}
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -530,6 +573,15 @@ def format_report(report: Mapping[str, Any]) -> str:
                  f"{report['expected_flops'] / 1e6:.3f} MFLOPs = "
                  f"{report['flops_ratio']:.3f}x backbone "
                  f"({report['backbone_flops'] / 1e6:.3f} MFLOPs)")
+    if "video" in report:
+        v = report["video"]
+        rates = " ".join(f"{k}={r:.3f}" for k, r in v["exit_rates"].items())
+        lines.append(f"video ({v['frames']} frames): final accuracy {v['final_accuracy']:.4f} | "
+                     f"early-exit accuracy {v['early_exit_accuracy']:.4f} | exit rates {rates} | "
+                     f"expected {v['flops_ratio']:.3f}x backbone FLOPs")
+        lines.append("  by difficulty quintile (easy -> hard): " + " | ".join(
+            f"acc {b['accuracy']:.2f}, {b['expected_flops'] / report['backbone_flops']:.2f}x"
+            for b in v["by_difficulty"]))
     if "train" in report:
         tr = report["train"]
         lines.append(f"trained {tr['steps']} steps on {tr['devices']} {tr['platform']} device(s): "
