@@ -242,7 +242,7 @@ def _check_same_backbone(net: Net, other: Net, where: str) -> None:
             f"than the config's net ('{net.name}', {len(net.layers)} layers)")
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> _Setup:
+def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> _Setup:
     """Validates everything that can be wrong before anything is written."""
     config = config_lib.validate(config)
     t = config.train
@@ -268,8 +268,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> _Setup:
         raise ValueError(f"train.batch_size={t.batch_size} exceeds the {len(splits.train)} "
                          "training examples")
     exit_weights(net, tuple(t.exit_weights), t.mode)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if checkpoint.latest_step(ckpt_dir) is not None:
+    ckpt_dir = os.path.join(workdir, "checkpoints") if workdir else ""
+    if ckpt_dir and checkpoint.latest_step(ckpt_dir) is not None:
         with checkpoint.manager(ckpt_dir) as mgr:
             saved = checkpoint.restore_net(mgr)
         if saved != net:
@@ -286,6 +286,56 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> _Setup:
         other, init_variables = checkpoint.load(t.init_from)
         _check_same_backbone(net, other, f"train.init_from={t.init_from}")
     return _Setup(config, net, splits, init_variables)
+
+
+def data_parallel_mesh() -> tuple[NamedSharding, NamedSharding]:
+    """(batch sharding, replicated sharding) over all local devices."""
+    # Auto axes: GSPMD propagates the batch sharding and inserts the all-reduce.
+    mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+
+def jit_train_step(net: Net, tx, weights, t, data_sharding, replicated, *, freeze=False):
+    step = make_train_step(net, tx, weights, freeze_backbone=freeze,
+                           augment_shift=t.augment_shift)
+    return jax.jit(step, in_shardings=(replicated, data_sharding, data_sharding, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def measure_throughput(config: ml_collections.ConfigDict, steps: int = 50, warmup: int = 5
+                       ) -> dict:
+    """Training images/s of the configured job's real (jitted, sharded) step.
+
+    Times `steps` steps after `warmup` untimed ones (the first compiles), on
+    the training split's batches, from a fresh initialization.
+    """
+    setup = prepare(config)
+    config, net, splits = setup.config, setup.net, setup.splits
+    t = config.train
+    data_sharding, replicated = data_parallel_mesh()
+    tx = make_optimizer(t, steps + warmup)
+    weights = exit_weights(net, tuple(t.exit_weights), "joint")
+    state = jax.device_put(_initial_state(net, tx, config.seed, None), replicated)
+    step_fn = jit_train_step(net, tx, weights, t, data_sharding, replicated)
+    rng = jax.random.key(0)
+    batches = itertools.cycle(list(data_lib.batches(splits.train, t.batch_size, seed=0,
+                                                    drop_remainder=True)))
+    t0 = time.perf_counter()
+    for i in range(warmup + steps):
+        if i == warmup:
+            jax.block_until_ready(state)
+            t_warm = time.perf_counter()
+        x, y = next(batches)
+        state, _ = step_fn(state, jax.device_put(x, data_sharding),
+                           jax.device_put(y.astype(np.int32), data_sharding), rng)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t_warm
+    return {"model": config.model.name, "net": net.name, "input_shape": list(net.input_shape),
+            "batch_size": t.batch_size, "steps": steps, "seconds": seconds,
+            "warmup_seconds": t_warm - t0, "images_per_sec": steps * t.batch_size / seconds,
+            "backbone_flops": costs.of(net).backbone_flops,
+            "devices": jax.local_device_count(), "platform": jax.default_backend()}
 
 
 def _initial_state(net: Net, tx, seed: int, init_variables: dict | None) -> TrainState:
@@ -360,12 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx = make_optimizer(t, total_steps, trainable)
     weights = exit_weights(net, tuple(t.exit_weights), t.mode)
 
-    # Auto axes: GSPMD propagates the batch sharding and inserts the all-reduce.
-    mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    data_sharding = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
-
+    data_sharding, replicated = data_parallel_mesh()
     state = _initial_state(net, tx, config.seed, setup.init_variables)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -383,10 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if os.path.exists(metrics_path):
                 os.remove(metrics_path)
         state = jax.device_put(state, replicated)
-        step_fn = jax.jit(make_train_step(net, tx, weights, freeze_backbone=freeze,
-                                          augment_shift=t.augment_shift),
-                          in_shardings=(replicated, data_sharding, data_sharding, replicated),
-                          out_shardings=(replicated, replicated), donate_argnums=0)
+        step_fn = jit_train_step(net, tx, weights, t, data_sharding, replicated, freeze=freeze)
         rng = jax.random.key(config.seed + 1)
         eval_every = t.eval_every or steps_per_epoch
         train_seconds, compile_seconds, images = _train_loop(

@@ -178,21 +178,17 @@ def test_exits_only_without_init_from_is_clear_error(tmp_path):
 _DP_SCRIPT = """
 import json, sys
 import jax, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 from flexjax import config as config_lib, training
 sys.path.insert(0, "configs")
 import mnist_lenet_branchy as cfg
 config = config_lib.validate(cfg.get_config("smoke"))
 config.train.augment_shift = 0
-setup = training.prepare(config, "/nonexistent-workdir")
+setup = training.prepare(config)
 net, splits, t = setup.net, setup.splits, config.train
 tx = training.make_optimizer(t, 10)
-mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
-                     axis_types=(jax.sharding.AxisType.Auto,))
-data, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+data, repl = training.data_parallel_mesh()
 state = jax.device_put(training._initial_state(net, tx, 0, None), repl)
-step = jax.jit(training.make_train_step(net, tx, training.exit_weights(net)),
-               in_shardings=(repl, data, data, repl), out_shardings=(repl, repl))
+step = training.jit_train_step(net, tx, training.exit_weights(net), t, data, repl)
 x, y = splits.train.x[:32], splits.train.y[:32].astype(np.int32)
 for _ in range(3):
     state, m = step(state, jax.device_put(x, data), jax.device_put(y, data), jax.random.key(0))
@@ -243,3 +239,17 @@ def test_every_config_smoke_trains_end_to_end(name, tmp_path):
     assert report["exits"][-1]["name"] == "final"
     assert sum(r["exit_rate"] for r in report["exits"]) == pytest.approx(1.0)
     assert 0 < report["expected_flops"] <= report["exits"][-1]["flops"]
+
+
+def test_throughput_benchmark_job_runs_and_writes_json(tmp_path):
+    out = str(tmp_path / "thr.json")
+    run_job("train.throughput", f"--config={SMOKE}", "--steps=3", "--warmup=1", f"--json={out}",
+            check=True)
+    (row,) = json.load(open(out))["results"]
+    assert row["steps"] == 3 and row["images_per_sec"] > 0
+
+
+def test_throughput_missing_config_file_is_clear_error():
+    proc = run_job("train.throughput", "--config=configs/nope.py", "--steps=1")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: config file configs/nope.py does not exist"

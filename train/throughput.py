@@ -1,0 +1,65 @@
+"""Benchmark: training throughput (images/s) of configured jobs, measured in one run.
+
+  python -m train.throughput --config=configs/mnist_lenet_branchy.py \
+      --config=configs/mnist_alexnet_branchy.py --steps=100 --json=throughput.json
+
+Times the real jitted, data-parallel train step (after untimed warm-up steps
+that include compilation) on each config's training batches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import sys
+
+from absl import app, flags, logging
+
+flags.DEFINE_multi_string("config", None, "Config file(s) (configs/*.py[:arg]).")
+flags.DEFINE_integer("steps", 100, "Timed steps per config.")
+flags.DEFINE_integer("warmup", 5, "Untimed steps first (the first one compiles).")
+flags.DEFINE_string("json", "", "Also write the results here.")
+flags.mark_flag_as_required("config")
+FLAGS = flags.FLAGS
+
+
+def _load_config(spec: str):
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location("_bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from flexjax import training
+    from flexjax.io import write_json_atomic
+
+    rows = []
+    try:
+        for spec in FLAGS.config:
+            row = training.measure_throughput(_load_config(spec), FLAGS.steps, FLAGS.warmup)
+            rows.append({"config": spec, **row})
+            print(f"{spec:<45} {row['images_per_sec']:>10.1f} images/s  (batch "
+                  f"{row['batch_size']}, {row['steps']} steps, {row['devices']} "
+                  f"{row['platform']} device(s), {row['backbone_flops'] / 1e6:.1f} MFLOPs/img)")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if FLAGS.json:
+        write_json_atomic(FLAGS.json, {"machine": {"cpus": os.cpu_count(),
+                                                   "processor": platform.processor(),
+                                                   "python": platform.python_version()},
+                                       "results": rows})
+    print(json.dumps({r["config"]: round(r["images_per_sec"], 1) for r in rows}))
+
+
+if __name__ == "__main__":
+    app.run(main)
