@@ -252,4 +252,5 @@ def test_throughput_benchmark_job_runs_and_writes_json(tmp_path):
 def test_throughput_missing_config_file_is_clear_error():
     proc = run_job("train.throughput", "--config=configs/nope.py", "--steps=1")
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == "error: config file configs/nope.py does not exist"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: config file configs/nope.py does not exist"
