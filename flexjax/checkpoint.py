@@ -31,8 +31,12 @@ def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, net: Net, state: Any) -> None:
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           net=ocp.args.JsonSave(net.to_dict())))
+    mgr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), net=ocp.args.JsonSave(net.to_dict())
+        ),
+    )
 
 
 def latest_step(directory: str) -> int | None:
@@ -50,12 +54,12 @@ def restore_net(mgr: ocp.CheckpointManager, step: int | None = None) -> Net:
     try:
         return Net.from_dict(out.net)
     except SpecError as e:
-        raise CheckpointMismatchError(f"checkpoint {mgr.directory}/{step} holds an invalid "
-                                      f"net spec: {e}") from None
+        raise CheckpointMismatchError(
+            f"checkpoint {mgr.directory}/{step} holds an invalid net spec: {e}"
+        ) from None
 
 
-def restore_state(mgr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
-                  ) -> Any:
+def restore_state(mgr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:
     """Restores the state pytree shaped like `abstract_state` (arrays or ShapeDtypeStructs)."""
     step = mgr.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
@@ -71,8 +75,10 @@ def load(workdir: str, step: int | None = None) -> tuple[Net, dict]:
     """
     directory = os.path.join(workdir, "checkpoints")
     if latest_step(directory) is None:
-        raise FileNotFoundError(f"no checkpoint under {directory}; train first with "
-                                "python -m train.multi_exit --workdir=...")
+        raise FileNotFoundError(
+            f"no checkpoint under {directory}; train first with "
+            "python -m train.multi_exit --workdir=..."
+        )
     with manager(directory) as mgr:
         step = mgr.latest_step() if step is None else step
         net = restore_net(mgr, step)

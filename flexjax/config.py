@@ -93,15 +93,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key, value in given.items():
         if key not in schema:
             section = key.rsplit(".", 1)[0] if "." in key else ""
-            valid = sorted(k for k in schema if k.rsplit(".", 1)[0] == section
-                           or (not section and "." not in k))
+            valid = sorted(
+                k
+                for k in schema
+                if k.rsplit(".", 1)[0] == section or (not section and "." not in k)
+            )
             raise ValueError(f"unknown config key '{key}'; valid keys here: {', '.join(valid)}")
         default = schema[key]
-        if isinstance(default, bool) != isinstance(value, bool) or (
-                isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
-                isinstance(default, str) and not isinstance(value, str)):
-            raise ValueError(f"config key '{key}' must be a {type(default).__name__}, "
-                             f"got {value!r}")
+        if (
+            isinstance(default, bool) != isinstance(value, bool)
+            or (isinstance(default, (int, float)) and not isinstance(value, (int, float)))
+            or (isinstance(default, str) and not isinstance(value, str))
+        ):
+            raise ValueError(
+                f"config key '{key}' must be a {type(default).__name__}, got {value!r}"
+            )
     full = defaults()
     full.update(config)  # nested update keeps defaults for keys the config omits
     return full

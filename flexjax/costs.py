@@ -36,9 +36,14 @@ class LayerCost:
 
     def __add__(self, other: LayerCost) -> LayerCost:
         # Activations of a sum: what enters the first and leaves the last part.
-        return LayerCost(self.flops + other.flops, self.params + other.params,
-                         self.state + other.state, self.param_bytes + other.param_bytes,
-                         self.in_bytes or other.in_bytes, other.out_bytes or self.out_bytes)
+        return LayerCost(
+            self.flops + other.flops,
+            self.params + other.params,
+            self.state + other.state,
+            self.param_bytes + other.param_bytes,
+            self.in_bytes or other.in_bytes,
+            other.out_bytes or self.out_bytes,
+        )
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -98,15 +103,27 @@ def _counts(layer: Layer, in_shape: Shape, out_shape: Shape) -> tuple[int, int, 
     raise ValueError(f"no cost model for layer kind '{k}'")
 
 
-def sequence_costs(layers: Sequence[Layer], input_shape: Shape, *, bytes_per_param: int = 4,
-                   bytes_per_activation: int = 4) -> list[LayerCost]:
+def sequence_costs(
+    layers: Sequence[Layer],
+    input_shape: Shape,
+    *,
+    bytes_per_param: int = 4,
+    bytes_per_activation: int = 4,
+) -> list[LayerCost]:
     """Costs of each layer of a sequence fed with `input_shape`."""
     out = []
     for layer, (sin, sout) in zip(layers, infer_shapes(layers, input_shape)):
         flops, params, state = _counts(layer, sin, sout)
-        out.append(LayerCost(flops, params, state, (params + state) * bytes_per_param,
-                             math.prod(sin) * bytes_per_activation,
-                             math.prod(sout) * bytes_per_activation))
+        out.append(
+            LayerCost(
+                flops,
+                params,
+                state,
+                (params + state) * bytes_per_param,
+                math.prod(sin) * bytes_per_activation,
+                math.prod(sout) * bytes_per_activation,
+            )
+        )
     return out
 
 
@@ -138,7 +155,7 @@ class NetCosts:
 
     def flops_through(self, position: int) -> int:
         """Backbone FLOPs of positions ``0..position`` inclusive."""
-        return sum(c.flops for c in self.layers[:position + 1])
+        return sum(c.flops for c in self.layers[: position + 1])
 
     def expected_flops(self, exit_rates: Mapping[str, float]) -> float:
         """Expected FLOPs per input given the fraction of inputs leaving at each exit."""
@@ -148,9 +165,12 @@ class NetCosts:
         return float(sum(rate * self.exit_flops[name] for name, rate in exit_rates.items()))
 
     def to_dict(self) -> dict:
-        return {"layers": [c.to_dict() for c in self.layers],
-                "heads": {k: v.to_dict() for k, v in self.heads.items()},
-                "exit_flops": dict(self.exit_flops), "backbone_flops": self.backbone_flops}
+        return {
+            "layers": [c.to_dict() for c in self.layers],
+            "heads": {k: v.to_dict() for k, v in self.heads.items()},
+            "exit_flops": dict(self.exit_flops),
+            "backbone_flops": self.backbone_flops,
+        }
 
 
 def of(net: Net, *, bytes_per_param: int = 4, bytes_per_activation: int = 4) -> NetCosts:
@@ -163,6 +183,6 @@ def of(net: Net, *, bytes_per_param: int = 4, bytes_per_activation: int = 4) -> 
     spent_on_heads = 0
     for e in net.exits:
         spent_on_heads += heads[e.name].flops
-        exit_flops[e.name] = sum(c.flops for c in layers[:e.after + 1]) + spent_on_heads
+        exit_flops[e.name] = sum(c.flops for c in layers[: e.after + 1]) + spent_on_heads
     exit_flops[FINAL] = sum(c.flops for c in layers) + spent_on_heads
     return NetCosts(net, layers, heads, exit_flops)

@@ -94,14 +94,18 @@ class ExitStats:
 
 
 def _stack_scores(logits: Mapping[str, np.ndarray], names: Sequence[str], criterion: str):
-    scores = np.stack([score(logits[n], criterion) for n in names[:-1]]) if len(names) > 1 \
+    scores = (
+        np.stack([score(logits[n], criterion) for n in names[:-1]])
+        if len(names) > 1
         else np.zeros((0, len(next(iter(logits.values())))))
+    )
     preds = np.stack([np.asarray(logits[n]).argmax(-1) for n in names])
     return scores, preds
 
 
-def _simulate_scores(scores: np.ndarray, preds: np.ndarray, labels: np.ndarray,
-                     thr: np.ndarray, cost: np.ndarray):
+def _simulate_scores(
+    scores: np.ndarray, preds: np.ndarray, labels: np.ndarray, thr: np.ndarray, cost: np.ndarray
+):
     k = preds.shape[0]
     n = preds.shape[1]
     passed = np.concatenate([scores >= thr[:, None], np.ones((1, n), bool)], axis=0)
@@ -110,9 +114,14 @@ def _simulate_scores(scores: np.ndarray, preds: np.ndarray, labels: np.ndarray,
     return idx, correct, float(correct.mean()), float(cost[idx].mean()) if k else 0.0
 
 
-def simulate(logits: Mapping[str, np.ndarray], labels: np.ndarray, thresholds: Mapping[str, float],
-             criterion: str, costs: Mapping[str, float] | None = None,
-             names: Sequence[str] | None = None) -> ExitStats:
+def simulate(
+    logits: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    thresholds: Mapping[str, float],
+    criterion: str,
+    costs: Mapping[str, float] | None = None,
+    names: Sequence[str] | None = None,
+) -> ExitStats:
     """Runs the early-exit rule offline on precomputed logits.
 
     Args:
@@ -133,10 +142,13 @@ def simulate(logits: Mapping[str, np.ndarray], labels: np.ndarray, thresholds: M
     idx, correct, acc, exp_cost = _simulate_scores(scores, preds, labels, thr, cost)
     counts = {n: int((idx == i).sum()) for i, n in enumerate(names)}
     rates = {n: counts[n] / len(labels) for n in names}
-    accs = {n: float(correct[idx == i].mean()) if counts[n] else float("nan")
-            for i, n in enumerate(names)}
-    return ExitStats(names, idx, correct, rates, accs, counts, acc,
-                     exp_cost if costs else float("nan"))
+    accs = {
+        n: float(correct[idx == i].mean()) if counts[n] else float("nan")
+        for i, n in enumerate(names)
+    }
+    return ExitStats(
+        names, idx, correct, rates, accs, counts, acc, exp_cost if costs else float("nan")
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,17 +163,30 @@ class Calibration:
     val: ExitStats
 
     def to_dict(self) -> dict:
-        return {"criterion": self.criterion, "epsilon": self.epsilon,
-                "thresholds": self.thresholds, "target_accuracy": self.target_accuracy,
-                "final_accuracy": self.final_accuracy, "val_accuracy": self.val.accuracy,
-                "val_exit_rates": self.val.rates, "val_exit_accuracies": self.val.accuracies,
-                "val_expected_cost": self.val.expected_cost}
+        return {
+            "criterion": self.criterion,
+            "epsilon": self.epsilon,
+            "thresholds": self.thresholds,
+            "target_accuracy": self.target_accuracy,
+            "final_accuracy": self.final_accuracy,
+            "val_accuracy": self.val.accuracy,
+            "val_exit_rates": self.val.rates,
+            "val_exit_accuracies": self.val.accuracies,
+            "val_expected_cost": self.val.expected_cost,
+        }
 
 
-def calibrate(logits: Mapping[str, np.ndarray], labels: np.ndarray, costs: Mapping[str, float],
-              *, criterion: str = "entropy", epsilon: float = 0.01,
-              names: Sequence[str] | None = None, num_candidates: int = 64,
-              max_rounds: int = 4) -> Calibration:
+def calibrate(
+    logits: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    costs: Mapping[str, float],
+    *,
+    criterion: str = "entropy",
+    epsilon: float = 0.01,
+    names: Sequence[str] | None = None,
+    num_candidates: int = 64,
+    max_rounds: int = 4,
+) -> Calibration:
     """Chooses thresholds minimising expected cost within `epsilon` of final accuracy.
 
     Args:
@@ -187,8 +212,9 @@ def calibrate(logits: Mapping[str, np.ndarray], labels: np.ndarray, costs: Mappi
     k = len(names) - 1
     thr = np.full(k, NEVER)
     qs = np.linspace(0.0, 1.0, num_candidates)
-    candidates = [np.unique(np.concatenate([np.quantile(scores[i], qs), [NEVER]]))
-                  for i in range(k)]
+    candidates = [
+        np.unique(np.concatenate([np.quantile(scores[i], qs), [NEVER]])) for i in range(k)
+    ]
 
     def objective(t):
         _, _, acc, c = _simulate_scores(scores, preds, labels, t, cost)
@@ -207,7 +233,9 @@ def calibrate(logits: Mapping[str, np.ndarray], labels: np.ndarray, costs: Mappi
                     best, thr, changed = obj, trial, True
         if not changed:
             break
-    thresholds = {n: (from_score(float(t), criterion) if np.isfinite(t) else None)
-                  for n, t in zip(names[:-1], thr)}
+    thresholds = {
+        n: (from_score(float(t), criterion) if np.isfinite(t) else None)
+        for n, t in zip(names[:-1], thr)
+    }
     stats = simulate(logits, labels, thresholds, criterion, costs, names)
     return Calibration(criterion, epsilon, thresholds, target, final_acc, stats)

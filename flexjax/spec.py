@@ -57,15 +57,17 @@ def _pair(v: Any, what: str) -> tuple[int, int]:
     raise SpecError(f"{what} must be an int or a pair of ints, got {v!r}")
 
 
-def _spatial(h: int, w: int, k: tuple[int, int], s: tuple[int, int], padding: str,
-             where: str) -> tuple[int, int]:
+def _spatial(
+    h: int, w: int, k: tuple[int, int], s: tuple[int, int], padding: str, where: str
+) -> tuple[int, int]:
     if padding == "SAME":
         return (math.ceil(h / s[0]), math.ceil(w / s[1]))
     oh, ow = (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1
     if h < k[0] or w < k[1]:
         raise SpecError(
             f"{where}: window {k} does not fit the {h}x{w} input with VALID padding; "
-            "use a smaller window or padding='SAME'")
+            "use a smaller window or padding='SAME'"
+        )
     return (oh, ow)
 
 
@@ -79,8 +81,10 @@ def _conv_shape(layer: Layer, shape: Shape, where: str) -> Shape:
     h, w, c = _need_image(shape, where)
     groups = layer["groups"]
     if c % groups or layer["features"] % groups:
-        raise SpecError(f"{where}: groups={groups} must divide both the input channels ({c}) "
-                        f"and features ({layer['features']})")
+        raise SpecError(
+            f"{where}: groups={groups} must divide both the input channels ({c}) "
+            f"and features ({layer['features']})"
+        )
     oh, ow = _spatial(h, w, layer["kernel"], layer["stride"], layer["padding"], where)
     return (oh, ow, layer["features"])
 
@@ -95,8 +99,10 @@ def _low_rank_conv_shape(layer: Layer, shape: Shape, where: str) -> Shape:
 
 def _dense_shape(layer: Layer, shape: Shape, where: str) -> Shape:
     if len(shape) != 1:
-        raise SpecError(f"{where}: expects a flat input, got shape {shape}; "
-                        "insert a 'flatten' or 'global_pool' layer before it")
+        raise SpecError(
+            f"{where}: expects a flat input, got shape {shape}; "
+            "insert a 'flatten' or 'global_pool' layer before it"
+        )
     if layer.kind == "low_rank_dense" and layer["rank"] < 1:
         raise SpecError(f"{where}: rank must be >= 1, got {layer['rank']}")
     return (layer["features"],)
@@ -126,14 +132,21 @@ def _image_same_shape(layer: Layer, shape: Shape, where: str) -> Shape:
 
 def _residual_shape(layer: Layer, shape: Shape, where: str) -> Shape:
     if len(layer.branches) not in (1, 2):
-        raise SpecError(f"{where}: a residual block has a body and an optional shortcut "
-                        f"branch, got {len(layer.branches)} branches")
+        raise SpecError(
+            f"{where}: a residual block has a body and an optional shortcut "
+            f"branch, got {len(layer.branches)} branches"
+        )
     body = infer_shapes(layer.branches[0], shape, f"{where} body")[-1][1]
-    short = (infer_shapes(layer.branches[1], shape, f"{where} shortcut")[-1][1]
-             if len(layer.branches) == 2 and layer.branches[1] else shape)
+    short = (
+        infer_shapes(layer.branches[1], shape, f"{where} shortcut")[-1][1]
+        if len(layer.branches) == 2 and layer.branches[1]
+        else shape
+    )
     if body != short:
-        raise SpecError(f"{where}: body output {body} does not match shortcut output {short}; "
-                        "add a projection shortcut (conv 1x1 with the body's stride)")
+        raise SpecError(
+            f"{where}: body output {body} does not match shortcut output {short}; "
+            "add a projection shortcut (conv 1x1 with the body's stride)"
+        )
     return body
 
 
@@ -145,22 +158,42 @@ def _inception_shape(layer: Layer, shape: Shape, where: str) -> Shape:
         out = infer_shapes(branch, shape, f"{where} branch {b}")[-1][1] if branch else shape
         outs.append(_need_image(out, f"{where} branch {b} output"))
     if len({o[:2] for o in outs}) != 1:
-        raise SpecError(f"{where}: branch outputs must share H and W to be concatenated, "
-                        f"got {[o for o in outs]}")
+        raise SpecError(
+            f"{where}: branch outputs must share H and W to be concatenated, "
+            f"got {[o for o in outs]}"
+        )
     return (outs[0][0], outs[0][1], sum(o[2] for o in outs))
 
 
 _PAD = ("SAME", "VALID")
 
 KINDS: dict[str, _Kind] = {
-    "conv": _Kind({"features": _REQUIRED, "kernel": 3, "stride": 1, "padding": "SAME",
-                   "groups": 1, "use_bias": True}, _conv_shape),
-    "low_rank_conv": _Kind({"features": _REQUIRED, "rank": _REQUIRED, "kernel": 3,
-                            "stride": 1, "padding": "SAME", "use_bias": True},
-                           _low_rank_conv_shape),
+    "conv": _Kind(
+        {
+            "features": _REQUIRED,
+            "kernel": 3,
+            "stride": 1,
+            "padding": "SAME",
+            "groups": 1,
+            "use_bias": True,
+        },
+        _conv_shape,
+    ),
+    "low_rank_conv": _Kind(
+        {
+            "features": _REQUIRED,
+            "rank": _REQUIRED,
+            "kernel": 3,
+            "stride": 1,
+            "padding": "SAME",
+            "use_bias": True,
+        },
+        _low_rank_conv_shape,
+    ),
     "dense": _Kind({"features": _REQUIRED, "use_bias": True}, _dense_shape),
-    "low_rank_dense": _Kind({"features": _REQUIRED, "rank": _REQUIRED, "use_bias": True},
-                            _dense_shape),
+    "low_rank_dense": _Kind(
+        {"features": _REQUIRED, "rank": _REQUIRED, "use_bias": True}, _dense_shape
+    ),
     "max_pool": _Kind({"window": 2, "stride": None, "padding": "VALID"}, _pool_shape),
     "avg_pool": _Kind({"window": 2, "stride": None, "padding": "VALID"}, _pool_shape),
     "global_pool": _Kind({}, _global_pool_shape),
@@ -174,16 +207,18 @@ KINDS: dict[str, _Kind] = {
 }
 
 # Kinds whose Flax implementation owns parameters or state (they get a name).
-PARAMETRIC = frozenset({"conv", "low_rank_conv", "dense", "low_rank_dense", "batch_norm",
-                        "residual", "inception"})
+PARAMETRIC = frozenset(
+    {"conv", "low_rank_conv", "dense", "low_rank_dense", "batch_norm", "residual", "inception"}
+)
 
 
 def _normalize_args(kind: str, args: Mapping[str, Any], where: str) -> tuple[tuple[str, Any], ...]:
     spec = KINDS[kind]
     unknown = sorted(set(args) - set(spec.args))
     if unknown:
-        raise SpecError(f"{where}: unknown argument(s) {unknown} for kind '{kind}'; "
-                        f"valid: {sorted(spec.args)}")
+        raise SpecError(
+            f"{where}: unknown argument(s) {unknown} for kind '{kind}'; valid: {sorted(spec.args)}"
+        )
     out: dict[str, Any] = {}
     for name, default in spec.args.items():
         value = args.get(name, default)
@@ -194,8 +229,9 @@ def _normalize_args(kind: str, args: Mapping[str, Any], where: str) -> tuple[tup
         if name in out:
             out[name] = _pair(out[name], f"{where}: {name}")
     if "stride" in out:
-        out["stride"] = _pair(out["stride"] if out["stride"] is not None else out["window"],
-                              f"{where}: stride")
+        out["stride"] = _pair(
+            out["stride"] if out["stride"] is not None else out["window"], f"{where}: stride"
+        )
     if "padding" in out:
         out["padding"] = str(out["padding"]).upper()
         if out["padding"] not in _PAD:
@@ -224,14 +260,14 @@ class Layer:
     branches: tuple[tuple[Layer, ...], ...] = ()
 
     @staticmethod
-    def make(kind: str, branches: Sequence[Sequence[Layer]] = (), where: str = "layer",
-             **args: Any) -> Layer:
+    def make(
+        kind: str, branches: Sequence[Sequence[Layer]] = (), where: str = "layer", **args: Any
+    ) -> Layer:
         if kind not in KINDS:
             raise SpecError(f"{where}: unknown layer kind '{kind}'; valid: {sorted(KINDS)}")
         if branches and not KINDS[kind].composite:
             raise SpecError(f"{where}: kind '{kind}' takes no branches")
-        return Layer(kind, _normalize_args(kind, args, where),
-                     tuple(tuple(b) for b in branches))
+        return Layer(kind, _normalize_args(kind, args, where), tuple(tuple(b) for b in branches))
 
     def __getitem__(self, name: str) -> Any:
         for k, v in self.args:
@@ -266,16 +302,31 @@ class Layer:
         if not isinstance(d, Mapping) or "kind" not in d:
             raise SpecError(f"{where}: expected an object with a 'kind', got {d!r}")
         args = {k: v for k, v in d.items() if k not in ("kind", "branches")}
-        branches = [[Layer.from_dict(x, f"{where} branch {b}[{j}]") for j, x in enumerate(br)]
-                    for b, br in enumerate(d.get("branches", ()))]
+        branches = [
+            [Layer.from_dict(x, f"{where} branch {b}[{j}]") for j, x in enumerate(br)]
+            for b, br in enumerate(d.get("branches", ()))
+        ]
         return Layer.make(d["kind"], branches, where=where, **args)
 
 
 # Convenience constructors, so zoo definitions read like the papers' tables.
-def conv(features: int, kernel: Any = 3, stride: Any = 1, padding: str = "SAME", groups: int = 1,
-         use_bias: bool = True) -> Layer:
-    return Layer.make("conv", features=features, kernel=kernel, stride=stride, padding=padding,
-                      groups=groups, use_bias=use_bias)
+def conv(
+    features: int,
+    kernel: Any = 3,
+    stride: Any = 1,
+    padding: str = "SAME",
+    groups: int = 1,
+    use_bias: bool = True,
+) -> Layer:
+    return Layer.make(
+        "conv",
+        features=features,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        groups=groups,
+        use_bias=use_bias,
+    )
 
 
 def dense(features: int, use_bias: bool = True) -> Layer:
@@ -314,8 +365,9 @@ def dropout(rate: float = 0.5) -> Layer:
     return Layer.make("dropout", rate=rate)
 
 
-def residual(body: Sequence[Layer], shortcut: Sequence[Layer] = (),
-             activation: str | None = "relu") -> Layer:
+def residual(
+    body: Sequence[Layer], shortcut: Sequence[Layer] = (), activation: str | None = "relu"
+) -> Layer:
     branches = (tuple(body), tuple(shortcut)) if shortcut else (tuple(body),)
     return Layer.make("residual", branches, activation=activation)
 
@@ -329,8 +381,9 @@ def inception(*branches: Sequence[Layer]) -> Layer:
 # ---------------------------------------------------------------------------
 
 
-def infer_shapes(layers: Sequence[Layer], input_shape: Shape,
-                 where: str = "layer") -> list[tuple[Shape, Shape]]:
+def infer_shapes(
+    layers: Sequence[Layer], input_shape: Shape, where: str = "layer"
+) -> list[tuple[Shape, Shape]]:
     """Returns `[(input_shape, output_shape)]` per layer.
 
     Raises:
@@ -362,16 +415,20 @@ class Exit:
             object.__setattr__(self, "name", f"exit_{self.after}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "after": self.after,
-                "layers": [layer.to_dict() for layer in self.layers]}
+        return {
+            "name": self.name,
+            "after": self.after,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
 
     @staticmethod
     def from_dict(d: Mapping[str, Any], where: str = "exit") -> Exit:
         unknown = sorted(set(d) - {"name", "after", "layers"})
         if unknown:
             raise SpecError(f"{where}: unknown field(s) {unknown}; valid: after, layers, name")
-        layers = tuple(Layer.from_dict(x, f"{where} layer {j}") for j, x in
-                       enumerate(d.get("layers", ())))
+        layers = tuple(
+            Layer.from_dict(x, f"{where} layer {j}") for j, x in enumerate(d.get("layers", ()))
+        )
         return Exit(int(d["after"]), layers, str(d.get("name", "")))
 
 
@@ -397,24 +454,31 @@ class Net:
 
     def _validate(self) -> None:
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
-            raise SpecError(f"input_shape must be (H, W, C) with positive sizes, "
-                            f"got {self.input_shape}")
+            raise SpecError(
+                f"input_shape must be (H, W, C) with positive sizes, got {self.input_shape}"
+            )
         if self.num_classes < 2:
             raise SpecError(f"num_classes must be >= 2, got {self.num_classes}")
         if not self.layers:
             raise SpecError("a net needs at least one backbone layer")
         shapes = infer_shapes(self.layers, self.input_shape)
         if shapes[-1][1] != (self.num_classes,):
-            raise SpecError(f"the backbone ends in shape {shapes[-1][1]}, expected logits "
-                            f"({self.num_classes},); end it with dense({self.num_classes})")
+            raise SpecError(
+                f"the backbone ends in shape {shapes[-1][1]}, expected logits "
+                f"({self.num_classes},); end it with dense({self.num_classes})"
+            )
         names, last = set(), -1
         for e in self.exits:
             if not 0 <= e.after < len(self.layers) - 1:
-                raise SpecError(f"{e.name}: position {e.after} is out of range; exits hang off "
-                                f"backbone positions 0..{len(self.layers) - 2}")
+                raise SpecError(
+                    f"{e.name}: position {e.after} is out of range; exits hang off "
+                    f"backbone positions 0..{len(self.layers) - 2}"
+                )
             if e.after <= last:
-                raise SpecError(f"{e.name}: exits must be sorted by strictly increasing "
-                                f"position, got {e.after} after {last}")
+                raise SpecError(
+                    f"{e.name}: exits must be sorted by strictly increasing "
+                    f"position, got {e.after} after {last}"
+                )
             if e.name in names or e.name == FINAL:
                 raise SpecError(f"exit name '{e.name}' is used twice or reserved")
             if not e.layers:
@@ -423,8 +487,9 @@ class Net:
             last = e.after
             out = infer_shapes(e.layers, shapes[e.after][1], f"{e.name} layer")[-1][1]
             if out != (self.num_classes,):
-                raise SpecError(f"{e.name}: the head ends in shape {out}, expected "
-                                f"({self.num_classes},)")
+                raise SpecError(
+                    f"{e.name}: the head ends in shape {out}, expected ({self.num_classes},)"
+                )
 
     # -- derived views -------------------------------------------------------
     def shapes(self) -> list[tuple[Shape, Shape]]:
@@ -456,10 +521,14 @@ class Net:
 
     # -- serialization -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA_VERSION, "name": self.name,
-                "input_shape": list(self.input_shape), "num_classes": self.num_classes,
-                "layers": [layer.to_dict() for layer in self.layers],
-                "exits": [e.to_dict() for e in self.exits]}
+        return {
+            "schema": SCHEMA_VERSION,
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "exits": [e.to_dict() for e in self.exits],
+        }
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -471,8 +540,9 @@ class Net:
         schema = d.get("schema", SCHEMA_VERSION)
         if schema != SCHEMA_VERSION:
             raise SpecError(f"net schema {schema} is not supported (expected {SCHEMA_VERSION})")
-        unknown = sorted(set(d) - {"schema", "name", "input_shape", "num_classes", "layers",
-                                   "exits"})
+        unknown = sorted(
+            set(d) - {"schema", "name", "input_shape", "num_classes", "layers", "exits"}
+        )
         if unknown:
             raise SpecError(f"unknown net field(s) {unknown}")
         for key in ("input_shape", "num_classes", "layers"):
@@ -480,8 +550,9 @@ class Net:
                 raise SpecError(f"net is missing the field '{key}'")
         layers = tuple(Layer.from_dict(x, f"layer {i}") for i, x in enumerate(d["layers"]))
         exits = tuple(Exit.from_dict(x, f"exit {i}") for i, x in enumerate(d.get("exits", ())))
-        return Net(tuple(d["input_shape"]), int(d["num_classes"]), layers, exits,
-                   str(d.get("name", "")))
+        return Net(
+            tuple(d["input_shape"]), int(d["num_classes"]), layers, exits, str(d.get("name", ""))
+        )
 
     @staticmethod
     def from_json(text: str) -> Net:

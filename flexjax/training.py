@@ -56,8 +56,12 @@ class TrainState(flax.struct.PyTreeNode):
         return v
 
     def to_tree(self) -> dict:
-        return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
-                "opt_state": self.opt_state}
+        return {
+            "step": self.step,
+            "params": self.params,
+            "batch_stats": self.batch_stats,
+            "opt_state": self.opt_state,
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -75,8 +79,10 @@ def exit_weights(net: Net, weights: Sequence[float] = (), mode: str = "joint") -
     n = len(net.exit_names)
     if weights:
         if len(weights) != n:
-            raise ValueError(f"train.exit_weights has {len(weights)} values but the net has "
-                             f"{n} exits {list(net.exit_names)}")
+            raise ValueError(
+                f"train.exit_weights has {len(weights)} values but the net has "
+                f"{n} exits {list(net.exit_names)}"
+            )
         w = np.asarray(weights, np.float32)
     else:
         w = np.linspace(1.0, 0.3, n).astype(np.float32) if n > 1 else np.ones(1, np.float32)
@@ -87,15 +93,17 @@ def exit_weights(net: Net, weights: Sequence[float] = (), mode: str = "joint") -
     return w
 
 
-def make_optimizer(tcfg: ml_collections.ConfigDict, total_steps: int,
-                   trainable: Any | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    tcfg: ml_collections.ConfigDict, total_steps: int, trainable: Any | None = None
+) -> optax.GradientTransformation:
     """The optax optimizer; parameters where `trainable` is False get zero updates."""
     if tcfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{tcfg.optimizer}'; valid: {', '.join(OPTIMIZERS)}")
     lr = tcfg.learning_rate
     if tcfg.schedule == "cosine" and tcfg.warmup_steps > 0:
-        sched = optax.warmup_cosine_decay_schedule(0.0, lr, tcfg.warmup_steps,
-                                                   max(total_steps, tcfg.warmup_steps + 1))
+        sched = optax.warmup_cosine_decay_schedule(
+            0.0, lr, tcfg.warmup_steps, max(total_steps, tcfg.warmup_steps + 1)
+        )
     elif tcfg.schedule == "cosine":
         sched = optax.cosine_decay_schedule(lr, max(total_steps, 1))
     elif tcfg.schedule == "constant":
@@ -133,8 +141,14 @@ def _random_shift(x: jax.Array, rng: jax.Array, shift: int) -> jax.Array:
     return padded[jnp.arange(n)[:, None, None], rows, cols]
 
 
-def make_train_step(net: Net, tx: optax.GradientTransformation, weights: np.ndarray,
-                    *, freeze_backbone: bool = False, augment_shift: int = 0):
+def make_train_step(
+    net: Net,
+    tx: optax.GradientTransformation,
+    weights: np.ndarray,
+    *,
+    freeze_backbone: bool = False,
+    augment_shift: int = 0,
+):
     """Returns ``step(state, x, y, rng) -> (state, metrics)`` (not jitted)."""
     model = build(net)
     names = net.exit_names
@@ -144,10 +158,22 @@ def make_train_step(net: Net, tx: optax.GradientTransformation, weights: np.ndar
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
-        out, updates = model.apply(variables, x, train=True, freeze_backbone=freeze_backbone,
-                                   rngs={"dropout": rng}, mutable=["batch_stats"])
-        per_exit = jnp.stack([optax.softmax_cross_entropy_with_integer_labels(
-            out[n].astype(jnp.float32), y).mean() for n in names])
+        out, updates = model.apply(
+            variables,
+            x,
+            train=True,
+            freeze_backbone=freeze_backbone,
+            rngs={"dropout": rng},
+            mutable=["batch_stats"],
+        )
+        per_exit = jnp.stack(
+            [
+                optax.softmax_cross_entropy_with_integer_labels(
+                    out[n].astype(jnp.float32), y
+                ).mean()
+                for n in names
+            ]
+        )
         acc = jnp.stack([(out[n].argmax(-1) == y).mean() for n in names])
         return jnp.sum(w * per_exit), (updates.get("batch_stats", {}), per_exit, acc)
 
@@ -156,16 +182,22 @@ def make_train_step(net: Net, tx: optax.GradientTransformation, weights: np.ndar
         if augment_shift:
             x = _random_shift(x, rng_aug, augment_shift)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (new_bs, per_exit, acc)), grads = grad_fn(state.params, state.batch_stats, x, y,
-                                                         rng_drop)
+        (loss, (new_bs, per_exit, acc)), grads = grad_fn(
+            state.params, state.batch_stats, x, y, rng_drop
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if freeze_backbone:
             new_bs = state.batch_stats  # frozen backbone statistics stay as trained
-        metrics = {"loss": loss, "exit_loss": per_exit, "exit_accuracy": acc,
-                   "grad_norm": optax.global_norm(grads)}
-        return state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
-                             opt_state=opt_state), metrics
+        metrics = {
+            "loss": loss,
+            "exit_loss": per_exit,
+            "exit_accuracy": acc,
+            "grad_norm": optax.global_norm(grads),
+        }
+        return state.replace(
+            step=state.step + 1, params=params, batch_stats=new_bs, opt_state=opt_state
+        ), metrics
 
     return step
 
@@ -176,13 +208,18 @@ def _predict_fn(net: Net):
     return jax.jit(lambda v, xb: model.apply(v, xb, train=False))
 
 
-def predict(net: Net, variables: dict, x: np.ndarray, batch_size: int = 256,
-            sharding: NamedSharding | None = None) -> dict[str, np.ndarray]:
+def predict(
+    net: Net,
+    variables: dict,
+    x: np.ndarray,
+    batch_size: int = 256,
+    sharding: NamedSharding | None = None,
+) -> dict[str, np.ndarray]:
     """Logits of every exit on `x` (inference mode), as numpy arrays."""
     fn = _predict_fn(net)
     outs: dict[str, list[np.ndarray]] = {n: [] for n in net.exit_names}
     for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size]
+        xb = x[start : start + batch_size]
         n = len(xb)
         if n < batch_size:  # one compiled shape: pad the last batch
             xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
@@ -212,9 +249,15 @@ class _Setup:
 
 
 def _data_kwargs(dcfg: ml_collections.ConfigDict) -> dict:
-    return dict(path=dcfg.path, seed=dcfg.seed, val_fraction=dcfg.val_fraction,
-                test_fraction=dcfg.test_fraction, image_size=dcfg.image_size or None,
-                channels=dcfg.channels or None, limit=dcfg.limit or None)
+    return dict(
+        path=dcfg.path,
+        seed=dcfg.seed,
+        val_fraction=dcfg.val_fraction,
+        test_fraction=dcfg.test_fraction,
+        image_size=dcfg.image_size or None,
+        channels=dcfg.channels or None,
+        limit=dcfg.limit or None,
+    )
 
 
 def load_data(config: ml_collections.ConfigDict) -> data_lib.Splits:
@@ -222,24 +265,33 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Splits:
 
 
 def make_net(config: ml_collections.ConfigDict, splits: data_lib.Splits) -> Net:
-    kwargs = dict(config.model.kwargs.to_dict() if hasattr(config.model.kwargs, "to_dict")
-                  else config.model.kwargs)
+    kwargs = dict(
+        config.model.kwargs.to_dict()
+        if hasattr(config.model.kwargs, "to_dict")
+        else config.model.kwargs
+    )
     kwargs.setdefault("input_shape", tuple(splits.input_shape))
     kwargs.setdefault("num_classes", splits.num_classes)
     net = get_model(config.model.name, **kwargs)
     if tuple(net.input_shape) != tuple(splits.input_shape):
-        raise ValueError(f"model input {net.input_shape} does not match the data "
-                         f"{tuple(splits.input_shape)}; set data.image_size/data.channels or "
-                         "model.kwargs.input_shape")
+        raise ValueError(
+            f"model input {net.input_shape} does not match the data "
+            f"{tuple(splits.input_shape)}; set data.image_size/data.channels or "
+            "model.kwargs.input_shape"
+        )
     return net
 
 
 def _check_same_backbone(net: Net, other: Net, where: str) -> None:
-    if (other.layers != net.layers or other.input_shape != net.input_shape
-            or other.num_classes != net.num_classes):
+    if (
+        other.layers != net.layers
+        or other.input_shape != net.input_shape
+        or other.num_classes != net.num_classes
+    ):
         raise checkpoint.CheckpointMismatchError(
             f"{where} holds a different backbone ('{other.name}', {len(other.layers)} layers) "
-            f"than the config's net ('{net.name}', {len(net.layers)} layers)")
+            f"than the config's net ('{net.name}', {len(net.layers)} layers)"
+        )
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> _Setup:
@@ -252,21 +304,27 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> _S
         raise ValueError("train.batch_size must be >= 1 and train.num_epochs >= 0")
     n_dev = jax.local_device_count()
     if t.batch_size % n_dev:
-        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the "
-                         f"{n_dev} local devices")
+        raise ValueError(
+            f"train.batch_size={t.batch_size} must be divisible by the {n_dev} local devices"
+        )
     if t.eval_batch_size % n_dev:
-        raise ValueError(f"train.eval_batch_size={t.eval_batch_size} must be divisible by the "
-                         f"{n_dev} local devices")
+        raise ValueError(
+            f"train.eval_batch_size={t.eval_batch_size} must be divisible by the "
+            f"{n_dev} local devices"
+        )
     if config.exits.criterion not in exits.CRITERIA:
-        raise ValueError(f"unknown exits.criterion '{config.exits.criterion}'; valid: "
-                         f"{', '.join(exits.CRITERIA)}")
+        raise ValueError(
+            f"unknown exits.criterion '{config.exits.criterion}'; valid: "
+            f"{', '.join(exits.CRITERIA)}"
+        )
     if not 0.0 <= config.exits.epsilon < 1.0:
         raise ValueError(f"exits.epsilon must be a fraction in [0, 1), got {config.exits.epsilon}")
     splits = load_data(config)
     net = make_net(config, splits)
     if len(splits.train) < t.batch_size:
-        raise ValueError(f"train.batch_size={t.batch_size} exceeds the {len(splits.train)} "
-                         "training examples")
+        raise ValueError(
+            f"train.batch_size={t.batch_size} exceeds the {len(splits.train)} training examples"
+        )
     exit_weights(net, tuple(t.exit_weights), t.mode)
     ckpt_dir = os.path.join(workdir, "checkpoints") if workdir else ""
     if ckpt_dir and checkpoint.latest_step(ckpt_dir) is not None:
@@ -277,12 +335,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> _S
                 f"the checkpoint in {ckpt_dir} was saved for a different net ('{saved.name}', "
                 f"{len(saved.layers)} layers, exits {list(saved.exit_names)}) than this config "
                 f"builds ('{net.name}', {len(net.layers)} layers, exits {list(net.exit_names)}); "
-                "use a new --workdir")
+                "use a new --workdir"
+            )
     init_variables = None
     if t.mode == "exits_only":
         if not t.init_from:
-            raise ValueError("train.mode='exits_only' needs train.init_from=<workdir of a "
-                             "trained backbone>")
+            raise ValueError(
+                "train.mode='exits_only' needs train.init_from=<workdir of a trained backbone>"
+            )
         other, init_variables = checkpoint.load(t.init_from)
         _check_same_backbone(net, other, f"train.init_from={t.init_from}")
     return _Setup(config, net, splits, init_variables)
@@ -291,20 +351,23 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> _S
 def data_parallel_mesh() -> tuple[NamedSharding, NamedSharding]:
     """(batch sharding, replicated sharding) over all local devices."""
     # Auto axes: GSPMD propagates the batch sharding and inserts the all-reduce.
-    mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh(
+        (jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
     return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
 
 def jit_train_step(net: Net, tx, weights, t, data_sharding, replicated, *, freeze=False):
-    step = make_train_step(net, tx, weights, freeze_backbone=freeze,
-                           augment_shift=t.augment_shift)
-    return jax.jit(step, in_shardings=(replicated, data_sharding, data_sharding, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+    step = make_train_step(net, tx, weights, freeze_backbone=freeze, augment_shift=t.augment_shift)
+    return jax.jit(
+        step,
+        in_shardings=(replicated, data_sharding, data_sharding, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
 
 
-def measure_throughput(config: ml_collections.ConfigDict, steps: int = 50, warmup: int = 5
-                       ) -> dict:
+def measure_throughput(config: ml_collections.ConfigDict, steps: int = 50, warmup: int = 5) -> dict:
     """Training images/s of the configured job's real (jitted, sharded) step.
 
     Times `steps` steps after `warmup` untimed ones (the first compiles), on
@@ -319,23 +382,36 @@ def measure_throughput(config: ml_collections.ConfigDict, steps: int = 50, warmu
     state = jax.device_put(_initial_state(net, tx, config.seed, None), replicated)
     step_fn = jit_train_step(net, tx, weights, t, data_sharding, replicated)
     rng = jax.random.key(0)
-    batches = itertools.cycle(list(data_lib.batches(splits.train, t.batch_size, seed=0,
-                                                    drop_remainder=True)))
+    batches = itertools.cycle(
+        list(data_lib.batches(splits.train, t.batch_size, seed=0, drop_remainder=True))
+    )
     t0 = time.perf_counter()
     for i in range(warmup + steps):
         if i == warmup:
             jax.block_until_ready(state)
             t_warm = time.perf_counter()
         x, y = next(batches)
-        state, _ = step_fn(state, jax.device_put(x, data_sharding),
-                           jax.device_put(y.astype(np.int32), data_sharding), rng)
+        state, _ = step_fn(
+            state,
+            jax.device_put(x, data_sharding),
+            jax.device_put(y.astype(np.int32), data_sharding),
+            rng,
+        )
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t_warm
-    return {"model": config.model.name, "net": net.name, "input_shape": list(net.input_shape),
-            "batch_size": t.batch_size, "steps": steps, "seconds": seconds,
-            "warmup_seconds": t_warm - t0, "images_per_sec": steps * t.batch_size / seconds,
-            "backbone_flops": costs.of(net).backbone_flops,
-            "devices": jax.local_device_count(), "platform": jax.default_backend()}
+    return {
+        "model": config.model.name,
+        "net": net.name,
+        "input_shape": list(net.input_shape),
+        "batch_size": t.batch_size,
+        "steps": steps,
+        "seconds": seconds,
+        "warmup_seconds": t_warm - t0,
+        "images_per_sec": steps * t.batch_size / seconds,
+        "backbone_flops": costs.of(net).backbone_flops,
+        "devices": jax.local_device_count(),
+        "platform": jax.default_backend(),
+    }
 
 
 def _initial_state(net: Net, tx, seed: int, init_variables: dict | None) -> TrainState:
@@ -353,8 +429,12 @@ def _initial_state(net: Net, tx, seed: int, init_variables: dict | None) -> Trai
         batch_stats = {k: batch_stats[k] for k in variables.get("batch_stats", {})}
     params = jax.tree.map(jnp.asarray, params)
     batch_stats = jax.tree.map(jnp.asarray, batch_stats)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+    )
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -432,8 +512,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rng = jax.random.key(config.seed + 1)
         eval_every = t.eval_every or steps_per_epoch
         train_seconds, compile_seconds, images = _train_loop(
-            state, step_fn, splits, t, config, net, start, total_steps, steps_per_epoch,
-            eval_every, rng, mgr, logger, data_sharding)
+            state,
+            step_fn,
+            splits,
+            t,
+            config,
+            net,
+            start,
+            total_steps,
+            steps_per_epoch,
+            eval_every,
+            rng,
+            mgr,
+            logger,
+            data_sharding,
+        )
         mgr.wait_until_finished()
         last = mgr.latest_step()
     logger.close()
@@ -442,12 +535,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         variables = state.variables()
     report = evaluate_and_report(net, variables, splits, config, data_sharding)
     if images and train_seconds > 0:
-        report["train"] = {"steps": total_steps, "resumed_from": start,
-                           "train_seconds": round(train_seconds, 2),
-                           "compile_seconds": round(compile_seconds, 2),
-                           "images_per_sec": round(images / train_seconds, 1),
-                           "devices": jax.local_device_count(),
-                           "platform": jax.default_backend()}
+        report["train"] = {
+            "steps": total_steps,
+            "resumed_from": start,
+            "train_seconds": round(train_seconds, 2),
+            "compile_seconds": round(compile_seconds, 2),
+            "images_per_sec": round(images / train_seconds, 1),
+            "devices": jax.local_device_count(),
+            "platform": jax.default_backend(),
+        }
     else:  # nothing left to train: keep the timing of the run that trained
         previous = os.path.join(workdir, "report.json")
         if os.path.exists(previous):
@@ -459,30 +555,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return report
 
 
-def _train_loop(state, step_fn, splits, t, config, net, start, total_steps, steps_per_epoch,
-                eval_every, rng, mgr, logger, data_sharding):
+def _train_loop(
+    state,
+    step_fn,
+    splits,
+    t,
+    config,
+    net,
+    start,
+    total_steps,
+    steps_per_epoch,
+    eval_every,
+    rng,
+    mgr,
+    logger,
+    data_sharding,
+):
     from tqdm import tqdm
 
     names = net.exit_names
     timed_images, timed_seconds, compile_seconds = 0, 0.0, 0.0
     step = start
     metrics = None
-    bar = tqdm(total=total_steps, initial=start, desc=f"train {net.name}", unit="step",
-               disable=None, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        desc=f"train {net.name}",
+        unit="step",
+        disable=None,
+        dynamic_ncols=True,
+    )
 
     def check_finite(m, at):
         loss = float(m["loss"])
         if not np.isfinite(loss):
             raise FloatingPointError(
                 f"loss became {loss} at step {at}; lower train.learning_rate (now "
-                f"{t.learning_rate}); the last good checkpoint is kept in {mgr.directory}")
+                f"{t.learning_rate}); the last good checkpoint is kept in {mgr.directory}"
+            )
         return loss
 
     try:
         while step < total_steps:
             epoch, offset = divmod(step, steps_per_epoch)
-            it = data_lib.batches(splits.train, t.batch_size, seed=config.seed, epoch=epoch,
-                                  drop_remainder=True)
+            it = data_lib.batches(
+                splits.train, t.batch_size, seed=config.seed, epoch=epoch, drop_remainder=True
+            )
             for x, y in itertools.islice(it, offset, None):
                 t0 = time.perf_counter()
                 xs = jax.device_put(x, data_sharding)
@@ -507,11 +625,15 @@ def _train_loop(state, step_fn, splits, t, config, net, start, total_steps, step
                     bar.set_postfix(loss=f"{loss:.4f}")
                 if step % eval_every == 0 or step == total_steps:
                     v = jax.device_get(state.variables())
-                    val = accuracies(predict(net, v, splits.val.x, t.eval_batch_size,
-                                             data_sharding), splits.val.y)
+                    val = accuracies(
+                        predict(net, v, splits.val.x, t.eval_batch_size, data_sharding),
+                        splits.val.y,
+                    )
                     logger.write(step, {f"val/accuracy_{n}": a for n, a in val.items()})
-                    bar.write(f"step {step}: val accuracy "
-                              + " ".join(f"{n}={a:.4f}" for n, a in val.items()))
+                    bar.write(
+                        f"step {step}: val accuracy "
+                        + " ".join(f"{n}={a:.4f}" for n, a in val.items())
+                    )
                 if step % t.checkpoint_every == 0 or step == total_steps:
                     check_finite(jax.device_get(metrics), step)  # never save a NaN state
                     checkpoint.save(mgr, step, net, state.to_tree())
@@ -525,47 +647,74 @@ def _train_loop(state, step_fn, splits, t, config, net, start, total_steps, step
     return timed_seconds, compile_seconds, timed_images
 
 
-def evaluate_and_report(net: Net, variables: dict, splits: data_lib.Splits,
-                        config: ml_collections.ConfigDict,
-                        sharding: NamedSharding | None = None) -> dict:
+def evaluate_and_report(
+    net: Net,
+    variables: dict,
+    splits: data_lib.Splits,
+    config: ml_collections.ConfigDict,
+    sharding: NamedSharding | None = None,
+) -> dict:
     """Per-exit accuracy, calibrated thresholds (val) and their effect (test)."""
     nc = costs.of(net)
-    cal, test, test_acc = _calibrate_and_test(net, variables, splits.val, splits.test, nc,
-                                              config, sharding)
+    cal, test, test_acc = _calibrate_and_test(
+        net, variables, splits.val, splits.test, nc, config, sharding
+    )
     rows = []
     for name in net.exit_names:
-        rows.append({"name": name, "position": net.exit_position(name),
-                     "accuracy": test_acc[name], "exit_rate": test.rates[name],
-                     "exited_accuracy": test.accuracies[name],
-                     "flops": nc.exit_flops[name],
-                     "head_flops": nc.heads[name].flops if name != FINAL else 0,
-                     "threshold": cal.thresholds.get(name)})
+        rows.append(
+            {
+                "name": name,
+                "position": net.exit_position(name),
+                "accuracy": test_acc[name],
+                "exit_rate": test.rates[name],
+                "exited_accuracy": test.accuracies[name],
+                "flops": nc.exit_flops[name],
+                "head_flops": nc.heads[name].flops if name != FINAL else 0,
+                "threshold": cal.thresholds.get(name),
+            }
+        )
     backbone = nc.backbone_flops
-    video = _video_report(net, variables, splits, nc, config, sharding) \
-        if config.video.enabled else None
-    return jsonable({
-        "model": config.model.name, "net": net.name, "dataset": config.data.name,
-        "num_test": len(splits.test), "num_val": len(splits.val),
-        "criterion": cal.criterion, "epsilon": cal.epsilon,
-        "exits": rows,
-        "final_accuracy": test_acc[FINAL],
-        "early_exit_accuracy": test.accuracy,
-        "expected_flops": test.expected_cost,
-        "backbone_flops": backbone,
-        "flops_ratio": test.expected_cost / backbone,
-        "calibration": cal.to_dict(),
-        **({"video": video} if video else {}),
-    })
+    video = (
+        _video_report(net, variables, splits, nc, config, sharding)
+        if config.video.enabled
+        else None
+    )
+    return jsonable(
+        {
+            "model": config.model.name,
+            "net": net.name,
+            "dataset": config.data.name,
+            "num_test": len(splits.test),
+            "num_val": len(splits.val),
+            "criterion": cal.criterion,
+            "epsilon": cal.epsilon,
+            "exits": rows,
+            "final_accuracy": test_acc[FINAL],
+            "early_exit_accuracy": test.accuracy,
+            "expected_flops": test.expected_cost,
+            "backbone_flops": backbone,
+            "flops_ratio": test.expected_cost / backbone,
+            "calibration": cal.to_dict(),
+            **({"video": video} if video else {}),
+        }
+    )
 
 
 def _calibrate_and_test(net, variables, val, test, nc, config, sharding):
     bs = config.train.eval_batch_size
     val_logits = predict(net, variables, val.x, bs, sharding)
     test_logits = predict(net, variables, test.x, bs, sharding)
-    cal = exits.calibrate(val_logits, val.y, nc.exit_flops, criterion=config.exits.criterion,
-                          epsilon=config.exits.epsilon, names=net.exit_names)
-    stats = exits.simulate(test_logits, test.y, cal.thresholds, cal.criterion, nc.exit_flops,
-                           net.exit_names)
+    cal = exits.calibrate(
+        val_logits,
+        val.y,
+        nc.exit_flops,
+        criterion=config.exits.criterion,
+        epsilon=config.exits.epsilon,
+        names=net.exit_names,
+    )
+    stats = exits.simulate(
+        test_logits, test.y, cal.thresholds, cal.criterion, nc.exit_flops, net.exit_names
+    )
     return cal, stats, accuracies(test_logits, test.y)
 
 
@@ -574,59 +723,92 @@ def _video_report(net, variables, splits, nc, config, sharding) -> dict:
     v = config.video
     streams = {}
     for split, offset in (("val", 1000), ("test", 0)):
-        vcfg = data_lib.VideoConfig(num_clips=v.num_clips, frames_per_clip=v.frames_per_clip,
-                                    seed=v.seed + offset)
+        vcfg = data_lib.VideoConfig(
+            num_clips=v.num_clips, frames_per_clip=v.frames_per_clip, seed=v.seed + offset
+        )
         streams[split] = data_lib.make_stream(getattr(splits, split), vcfg)
-    cal, stats, acc = _calibrate_and_test(net, variables, streams["val"].as_dataset(),
-                                          streams["test"].as_dataset(), nc, config, sharding)
+    cal, stats, acc = _calibrate_and_test(
+        net,
+        variables,
+        streams["val"].as_dataset(),
+        streams["test"].as_dataset(),
+        nc,
+        config,
+        sharding,
+    )
     difficulty = streams["test"].difficulty
     edges = np.quantile(difficulty, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     bins = np.clip(np.searchsorted(edges, difficulty, side="right") - 1, 0, 4)
     by_difficulty = []
     for b in range(5):
         m = bins == b
-        by_difficulty.append({
-            "difficulty": [float(edges[b]), float(edges[b + 1])],
-            "frames": int(m.sum()),
-            "accuracy": float(stats.correct[m].mean()) if m.any() else None,
-            "mean_exit_index": float(stats.exit_index[m].mean()) if m.any() else None,
-            "expected_flops": float(np.mean([nc.exit_flops[net.exit_names[i]]
-                                             for i in stats.exit_index[m]])) if m.any() else None})
-    return {"frames": len(difficulty), "thresholds": cal.thresholds,
-            "final_accuracy": acc[FINAL], "early_exit_accuracy": stats.accuracy,
-            "exit_rates": stats.rates, "expected_flops": stats.expected_cost,
-            "flops_ratio": stats.expected_cost / nc.backbone_flops,
-            "by_difficulty": by_difficulty}
+        by_difficulty.append(
+            {
+                "difficulty": [float(edges[b]), float(edges[b + 1])],
+                "frames": int(m.sum()),
+                "accuracy": float(stats.correct[m].mean()) if m.any() else None,
+                "mean_exit_index": float(stats.exit_index[m].mean()) if m.any() else None,
+                "expected_flops": float(
+                    np.mean([nc.exit_flops[net.exit_names[i]] for i in stats.exit_index[m]])
+                )
+                if m.any()
+                else None,
+            }
+        )
+    return {
+        "frames": len(difficulty),
+        "thresholds": cal.thresholds,
+        "final_accuracy": acc[FINAL],
+        "early_exit_accuracy": stats.accuracy,
+        "exit_rates": stats.rates,
+        "expected_flops": stats.expected_cost,
+        "flops_ratio": stats.expected_cost / nc.backbone_flops,
+        "by_difficulty": by_difficulty,
+    }
 
 
 def format_report(report: Mapping[str, Any]) -> str:
     """A plain-text table of a report (what the demo prints)."""
-    lines = [f"{report['net']} on {report['dataset']} (test n={report['num_test']}, "
-             f"criterion={report['criterion']}, epsilon={report['epsilon']:.3f})",
-             f"{'exit':<10}{'position':>9}{'accuracy':>10}{'exit rate':>11}{'exited acc':>12}"
-             f"{'MFLOPs':>10}{'vs backbone':>13}"]
+    lines = [
+        f"{report['net']} on {report['dataset']} (test n={report['num_test']}, "
+        f"criterion={report['criterion']}, epsilon={report['epsilon']:.3f})",
+        f"{'exit':<10}{'position':>9}{'accuracy':>10}{'exit rate':>11}{'exited acc':>12}"
+        f"{'MFLOPs':>10}{'vs backbone':>13}",
+    ]
     for r in report["exits"]:
         ea = r["exited_accuracy"]
-        lines.append(f"{r['name']:<10}{r['position']:>9}{r['accuracy']:>10.4f}"
-                     f"{r['exit_rate']:>11.3f}{(f'{ea:.4f}' if ea is not None else '-'):>12}"
-                     f"{r['flops'] / 1e6:>10.3f}{r['flops'] / report['backbone_flops']:>12.2f}x")
-    lines.append(f"final accuracy {report['final_accuracy']:.4f} | early-exit accuracy "
-                 f"{report['early_exit_accuracy']:.4f} | expected "
-                 f"{report['expected_flops'] / 1e6:.3f} MFLOPs = "
-                 f"{report['flops_ratio']:.3f}x backbone "
-                 f"({report['backbone_flops'] / 1e6:.3f} MFLOPs)")
+        lines.append(
+            f"{r['name']:<10}{r['position']:>9}{r['accuracy']:>10.4f}"
+            f"{r['exit_rate']:>11.3f}{(f'{ea:.4f}' if ea is not None else '-'):>12}"
+            f"{r['flops'] / 1e6:>10.3f}{r['flops'] / report['backbone_flops']:>12.2f}x"
+        )
+    lines.append(
+        f"final accuracy {report['final_accuracy']:.4f} | early-exit accuracy "
+        f"{report['early_exit_accuracy']:.4f} | expected "
+        f"{report['expected_flops'] / 1e6:.3f} MFLOPs = "
+        f"{report['flops_ratio']:.3f}x backbone "
+        f"({report['backbone_flops'] / 1e6:.3f} MFLOPs)"
+    )
     if "video" in report:
         v = report["video"]
         rates = " ".join(f"{k}={r:.3f}" for k, r in v["exit_rates"].items())
-        lines.append(f"video ({v['frames']} frames): final accuracy {v['final_accuracy']:.4f} | "
-                     f"early-exit accuracy {v['early_exit_accuracy']:.4f} | exit rates {rates} | "
-                     f"expected {v['flops_ratio']:.3f}x backbone FLOPs")
-        lines.append("  by difficulty quintile (easy -> hard): " + " | ".join(
-            f"acc {b['accuracy']:.2f}, {b['expected_flops'] / report['backbone_flops']:.2f}x"
-            for b in v["by_difficulty"]))
+        lines.append(
+            f"video ({v['frames']} frames): final accuracy {v['final_accuracy']:.4f} | "
+            f"early-exit accuracy {v['early_exit_accuracy']:.4f} | exit rates {rates} | "
+            f"expected {v['flops_ratio']:.3f}x backbone FLOPs"
+        )
+        lines.append(
+            "  by difficulty quintile (easy -> hard): "
+            + " | ".join(
+                f"acc {b['accuracy']:.2f}, {b['expected_flops'] / report['backbone_flops']:.2f}x"
+                for b in v["by_difficulty"]
+            )
+        )
     if "train" in report:
         tr = report["train"]
-        lines.append(f"trained {tr['steps']} steps on {tr['devices']} {tr['platform']} device(s): "
-                     f"{tr['images_per_sec']} images/s ({tr['train_seconds']} s + "
-                     f"{tr['compile_seconds']} s compile)")
+        lines.append(
+            f"trained {tr['steps']} steps on {tr['devices']} {tr['platform']} device(s): "
+            f"{tr['images_per_sec']} images/s ({tr['train_seconds']} s + "
+            f"{tr['compile_seconds']} s compile)"
+        )
     return "\n".join(lines)

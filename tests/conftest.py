@@ -12,12 +12,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "mnist_lenet_branchy.py") + ":smoke"
 
 
-def run_job(module: str, *args: str, env: dict | None = None, timeout: int = 300,
-            check: bool = False) -> subprocess.CompletedProcess:
+def run_job(
+    module: str, *args: str, env: dict | None = None, timeout: int = 300, check: bool = False
+) -> subprocess.CompletedProcess:
     """Runs ``python -m <module> args`` from the repo root and captures its output."""
     full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc

@@ -34,12 +34,14 @@ def test_wrong_type_raises():
     c = config_lib.defaults().to_dict()
     c["train"]["num_epochs"] = "ten"
     import ml_collections
+
     with pytest.raises(ValueError, match="'train.num_epochs' must be a int"):
         config_lib.validate(ml_collections.ConfigDict(c))
 
 
 def test_validate_fills_defaults_for_partial_config():
     import ml_collections
+
     full = config_lib.validate(ml_collections.ConfigDict({"train": {"num_epochs": 3}}))
     assert full.train.num_epochs == 3 and full.train.batch_size == 64
     assert full.exits.criterion == "entropy"

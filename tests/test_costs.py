@@ -50,7 +50,8 @@ def test_exit_flops_accumulate_backbone_and_heads():
     assert c.exit_flops == {"exit_0": 16 + 48, "exit_2": 16 + 8 + 32 + 96, FINAL: 104 + 96}
     assert c.backbone_flops == 104
     assert c.expected_flops({"exit_0": 0.5, "exit_2": 0.25, FINAL: 0.25}) == pytest.approx(
-        0.5 * 64 + 0.25 * 152 + 0.25 * 200)
+        0.5 * 64 + 0.25 * 152 + 0.25 * 200
+    )
 
 
 def test_batch_norm_counts_state_and_residual_counts_add():

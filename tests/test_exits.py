@@ -42,16 +42,16 @@ def test_simulate_none_threshold_never_exits():
 
 def test_calibrate_epsilon_zero_never_loses_accuracy():
     logits, y = _logits()
-    cal = exits.calibrate(logits, y, {"a": 1.0, "final": 10.0}, criterion="max_softmax",
-                          epsilon=0.0)
+    cal = exits.calibrate(
+        logits, y, {"a": 1.0, "final": 10.0}, criterion="max_softmax", epsilon=0.0
+    )
     assert cal.val.accuracy >= cal.final_accuracy
     assert cal.val.rates["a"] == 0.0  # any threshold that lets input 2 out costs accuracy
 
 
 def test_calibrate_large_epsilon_buys_cheaper_exits():
     logits, y = _logits()
-    cal = exits.calibrate(logits, y, {"a": 1.0, "final": 10.0}, criterion="entropy",
-                          epsilon=0.3)
+    cal = exits.calibrate(logits, y, {"a": 1.0, "final": 10.0}, criterion="entropy", epsilon=0.3)
     assert cal.val.accuracy >= 0.7 - 1e-9
     assert cal.val.rates["a"] == pytest.approx(0.75)
     assert cal.val.expected_cost < 10.0

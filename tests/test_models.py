@@ -37,8 +37,9 @@ def test_zoo_model_outputs_logits_for_every_exit_and_params_match_costs(name):
     assert set(out) == set(net.exit_names)  # pytrees sort dict keys; order by exit_names
     assert all(o.shape == (2, net.num_classes) for o in out.values())
     c = costs.of(net)
-    total = sum(x.params + x.state for x in c.layers) + sum(h.params + h.state
-                                                            for h in c.heads.values())
+    total = sum(x.params + x.state for x in c.layers) + sum(
+        h.params + h.state for h in c.heads.values()
+    )
     assert total == count_params(v)
 
 
@@ -71,8 +72,9 @@ def test_head_apply_matches_exit_logits_of_full_model():
     v = init(net, jax.random.key(0))
     x = jax.random.uniform(jax.random.key(3), (2, *net.input_shape))
     h = build(net).apply(v, x, stop=net.exits[0].after + 1, heads=False)["activation"]
-    np.testing.assert_allclose(head_apply(net, v, "exit_2", h), build(net).apply(v, x)["exit_2"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        head_apply(net, v, "exit_2", h), build(net).apply(v, x)["exit_2"], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_freeze_backbone_gives_zero_backbone_gradients():
@@ -81,8 +83,14 @@ def test_freeze_backbone_gives_zero_backbone_gradients():
     x = jax.random.uniform(jax.random.key(1), (4, *net.input_shape))
 
     def loss(params):
-        out, _ = build(net).apply({**v, "params": params}, x, train=True, freeze_backbone=True,
-                                  mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+        out, _ = build(net).apply(
+            {**v, "params": params},
+            x,
+            train=True,
+            freeze_backbone=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(0)},
+        )
         return sum(jnp.sum(out[e.name] ** 2) for e in net.exits)
 
     grads = jax.grad(loss)(v["params"])

@@ -8,9 +8,13 @@ from flexjax import spec
 from flexjax.models import MODELS, get_model
 from flexjax.spec import Exit, Layer, Net, SpecError
 
-SMALL = {"lenet_branchy": {}, "alexnet_branchy": {"width": 0.25},
-         "vgg16": {"width": 0.125}, "inception_v3": {"width": 0.125},
-         "resnet": {"depth": 20, "width": 0.5}}
+SMALL = {
+    "lenet_branchy": {},
+    "alexnet_branchy": {"width": 0.25},
+    "vgg16": {"width": 0.125},
+    "inception_v3": {"width": 0.125},
+    "resnet": {"depth": 20, "width": 0.5},
+}
 
 
 def _tiny(exits=()):

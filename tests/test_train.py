@@ -18,10 +18,18 @@ from conftest import ROOT, SMOKE, run_job
 
 def test_multi_exit_smoke_writes_report_metrics_checkpoints(smoke_workdir):
     files = set(os.listdir(smoke_workdir))
-    assert {"config.json", "net.json", "metrics.jsonl", "report.json", "checkpoints",
-            "tensorboard"} <= files
-    assert any(f.startswith("events.out.tfevents") for f in
-               os.listdir(os.path.join(smoke_workdir, "tensorboard")))
+    assert {
+        "config.json",
+        "net.json",
+        "metrics.jsonl",
+        "report.json",
+        "checkpoints",
+        "tensorboard",
+    } <= files
+    assert any(
+        f.startswith("events.out.tfevents")
+        for f in os.listdir(os.path.join(smoke_workdir, "tensorboard"))
+    )
     report = json.load(open(os.path.join(smoke_workdir, "report.json")))
     for key in ("final_accuracy", "expected_flops", "backbone_flops"):
         assert isinstance(report[key], (int, float))
@@ -31,8 +39,11 @@ def test_multi_exit_smoke_writes_report_metrics_checkpoints(smoke_workdir):
         assert {"name", "position", "accuracy", "exit_rate", "flops"} <= set(row)
     assert sum(r["exit_rate"] for r in report["exits"]) == pytest.approx(1.0)
     assert report["final_accuracy"] > 0.3  # 2 tiny epochs, but it learned something
-    steps = [r["step"] for r in read_jsonl(os.path.join(smoke_workdir, "metrics.jsonl"))
-             if "train/loss" in r]
+    steps = [
+        r["step"]
+        for r in read_jsonl(os.path.join(smoke_workdir, "metrics.jsonl"))
+        if "train/loss" in r
+    ]
     assert steps == sorted(steps) and steps[-1] == report["train"]["steps"]
 
 
@@ -45,8 +56,9 @@ def test_checkpoint_round_trips_net_and_variables(smoke_workdir):
 
 def test_rerun_finished_workdir_resumes_without_training(smoke_workdir):
     before = json.load(open(os.path.join(smoke_workdir, "report.json")))
-    proc = run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={smoke_workdir}",
-                   check=True)
+    proc = run_job(
+        "train.multi_exit", f"--config={SMOKE}", f"--workdir={smoke_workdir}", check=True
+    )
     after = json.load(open(os.path.join(smoke_workdir, "report.json")))
     assert after["final_accuracy"] == before["final_accuracy"]
     assert "final accuracy" in proc.stdout
@@ -54,17 +66,25 @@ def test_rerun_finished_workdir_resumes_without_training(smoke_workdir):
 
 def test_kill_9_mid_run_then_rerun_resumes_from_last_checkpoint(tmp_path):
     workdir = str(tmp_path / "w")
-    args = [f"--config={SMOKE}", f"--workdir={workdir}", "--config.train.num_epochs=60",
-            "--config.train.checkpoint_every=20"]
+    args = [
+        f"--config={SMOKE}",
+        f"--workdir={workdir}",
+        "--config.train.num_epochs=60",
+        "--config.train.checkpoint_every=20",
+    ]
     env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, "-m", "train.multi_exit", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.multi_exit", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt = os.path.join(workdir, "checkpoints")
     deadline = time.time() + 120
     try:
         while time.time() < deadline:
-            steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) \
-                else []
+            steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
             if steps and max(steps) >= 40:
                 break
             time.sleep(0.2)
@@ -78,15 +98,17 @@ def test_kill_9_mid_run_then_rerun_resumes_from_last_checkpoint(tmp_path):
     run_job("train.multi_exit", *args, check=True)
     report = json.load(open(os.path.join(workdir, "report.json")))
     assert report["train"]["resumed_from"] >= killed_at > 0
-    steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-             if "train/loss" in r]
+    steps = [
+        r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r
+    ]
     assert len(steps) == len(set(steps)), "metrics after the resume point must not repeat"
     assert steps[-1] == report["train"]["steps"]
 
 
 def test_unknown_config_override_exits_nonzero(tmp_path):
-    proc = run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={tmp_path}/w",
-                   "--config.train.lrr=1")
+    proc = run_job(
+        "train.multi_exit", f"--config={SMOKE}", f"--workdir={tmp_path}/w", "--config.train.lrr=1"
+    )
     assert proc.returncode != 0
     assert "lrr" in proc.stderr
     assert not os.path.exists(f"{tmp_path}/w")
@@ -94,12 +116,14 @@ def test_unknown_config_override_exits_nonzero(tmp_path):
 
 def test_unknown_key_in_config_file_is_one_clear_line(tmp_path):
     cfg = tmp_path / "bad.py"
-    cfg.write_text("from flexjax.config import defaults\n"
-                   "def get_config(arg=None):\n"
-                   "    c = defaults()\n"
-                   "    c.train.unlock()\n"
-                   "    c.train.epochs = 3\n"
-                   "    return c\n")
+    cfg.write_text(
+        "from flexjax.config import defaults\n"
+        "def get_config(arg=None):\n"
+        "    c = defaults()\n"
+        "    c.train.unlock()\n"
+        "    c.train.epochs = 3\n"
+        "    return c\n"
+    )
     proc = run_job("train.multi_exit", f"--config={cfg}", f"--workdir={tmp_path}/w")
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
@@ -108,8 +132,13 @@ def test_unknown_key_in_config_file_is_one_clear_line(tmp_path):
 
 
 def test_missing_dataset_path_is_one_clear_line_and_writes_nothing(tmp_path):
-    proc = run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={tmp_path}/w",
-                   "--config.data.name=cifar10", "--config.data.path=/no/such/dir")
+    proc = run_job(
+        "train.multi_exit",
+        f"--config={SMOKE}",
+        f"--workdir={tmp_path}/w",
+        "--config.data.name=cifar10",
+        "--config.data.path=/no/such/dir",
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert "/no/such/dir" in proc.stderr
@@ -127,8 +156,12 @@ def _snapshot(directory):
 
 def test_checkpoint_of_another_net_is_refused_and_left_intact(smoke_workdir):
     before = _snapshot(os.path.join(smoke_workdir, "checkpoints"))
-    proc = run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={smoke_workdir}",
-                   "--config.model.kwargs.width=1.0")
+    proc = run_job(
+        "train.multi_exit",
+        f"--config={SMOKE}",
+        f"--workdir={smoke_workdir}",
+        "--config.model.kwargs.width=1.0",
+    )
     assert proc.returncode == 1
     assert "different net" in proc.stderr.strip().splitlines()[-1]
     assert _snapshot(os.path.join(smoke_workdir, "checkpoints")) == before
@@ -136,10 +169,16 @@ def test_checkpoint_of_another_net_is_refused_and_left_intact(smoke_workdir):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoints(tmp_path):
     workdir = str(tmp_path / "w")
-    proc = run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={workdir}",
-                   "--config.train.optimizer=sgd", "--config.train.learning_rate=1e30",
-                   "--config.train.schedule=constant", "--config.train.log_every=1",
-                   "--config.train.checkpoint_every=1")
+    proc = run_job(
+        "train.multi_exit",
+        f"--config={SMOKE}",
+        f"--workdir={workdir}",
+        "--config.train.optimizer=sgd",
+        "--config.train.learning_rate=1e30",
+        "--config.train.schedule=constant",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=1",
+    )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: loss became") and "learning_rate" in last
@@ -147,30 +186,44 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoints(tmp_path):
     if step is not None:  # whatever was saved is finite
         _, variables = checkpoint.load(workdir)
         import jax
+
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
 
 
 def test_exits_only_training_keeps_backbone_bit_exact(smoke_workdir, tmp_path):
     workdir = str(tmp_path / "exits")
-    run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={workdir}",
-            "--config.train.mode=exits_only", f"--config.train.init_from={smoke_workdir}",
-            "--config.train.num_epochs=1", check=True)
+    run_job(
+        "train.multi_exit",
+        f"--config={SMOKE}",
+        f"--workdir={workdir}",
+        "--config.train.mode=exits_only",
+        f"--config.train.init_from={smoke_workdir}",
+        "--config.train.num_epochs=1",
+        check=True,
+    )
     _, base = checkpoint.load(smoke_workdir)
     _, tuned = checkpoint.load(workdir)
     for k in base["params"]:
-        same = all(np.array_equal(a, b) for a, b in
-                   zip(_leaves(base["params"][k]), _leaves(tuned["params"][k])))
+        same = all(
+            np.array_equal(a, b)
+            for a, b in zip(_leaves(base["params"][k]), _leaves(tuned["params"][k]))
+        )
         assert same == (not k.startswith("exit_")), k
 
 
 def _leaves(tree):
     import jax
+
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
 def test_exits_only_without_init_from_is_clear_error(tmp_path):
-    proc = run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={tmp_path}/w",
-                   "--config.train.mode=exits_only")
+    proc = run_job(
+        "train.multi_exit",
+        f"--config={SMOKE}",
+        f"--workdir={tmp_path}/w",
+        "--config.train.mode=exits_only",
+    )
     assert proc.returncode == 1
     assert "train.init_from" in proc.stderr.strip().splitlines()[-1]
 
@@ -201,10 +254,19 @@ print(json.dumps({"devices": jax.local_device_count(),
 
 
 def _dp_run(devices: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": ROOT,
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    proc = subprocess.run([sys.executable, "-c", _DP_SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _DP_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -219,22 +281,33 @@ def test_data_parallel_two_devices_matches_one_device():
 
 def test_job_runs_data_parallel_on_two_devices(tmp_path):
     workdir = str(tmp_path / "dp")
-    run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={workdir}",
-            "--config.train.num_epochs=1",
-            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, check=True)
+    run_job(
+        "train.multi_exit",
+        f"--config={SMOKE}",
+        f"--workdir={workdir}",
+        "--config.train.num_epochs=1",
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        check=True,
+    )
     report = json.load(open(os.path.join(workdir, "report.json")))
     assert report["train"]["devices"] == 2
 
 
-OTHER_CONFIGS = ["mnist_alexnet_branchy", "cifar10_alexnet_branchy", "cifar10_vgg16",
-                 "cifar10_inception_v3", "cifar10_resnet"]
+OTHER_CONFIGS = [
+    "mnist_alexnet_branchy",
+    "cifar10_alexnet_branchy",
+    "cifar10_vgg16",
+    "cifar10_inception_v3",
+    "cifar10_resnet",
+]
 
 
 @pytest.mark.parametrize("name", OTHER_CONFIGS)
 def test_every_config_smoke_trains_end_to_end(name, tmp_path):
     workdir = str(tmp_path / name)
-    run_job("train.multi_exit", f"--config=configs/{name}.py:smoke", f"--workdir={workdir}",
-            check=True)
+    run_job(
+        "train.multi_exit", f"--config=configs/{name}.py:smoke", f"--workdir={workdir}", check=True
+    )
     report = json.load(open(os.path.join(workdir, "report.json")))
     assert report["exits"][-1]["name"] == "final"
     assert sum(r["exit_rate"] for r in report["exits"]) == pytest.approx(1.0)
@@ -243,8 +316,14 @@ def test_every_config_smoke_trains_end_to_end(name, tmp_path):
 
 def test_throughput_benchmark_job_runs_and_writes_json(tmp_path):
     out = str(tmp_path / "thr.json")
-    run_job("train.throughput", f"--config={SMOKE}", "--steps=3", "--warmup=1", f"--json={out}",
-            check=True)
+    run_job(
+        "train.throughput",
+        f"--config={SMOKE}",
+        "--steps=3",
+        "--warmup=1",
+        f"--json={out}",
+        check=True,
+    )
     (row,) = json.load(open(out))["results"]
     assert row["steps"] == 3 and row["images_per_sec"] > 0
 

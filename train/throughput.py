@@ -47,17 +47,26 @@ def main(argv: list[str]) -> None:
         for spec in FLAGS.config:
             row = training.measure_throughput(_load_config(spec), FLAGS.steps, FLAGS.warmup)
             rows.append({"config": spec, **row})
-            print(f"{spec:<45} {row['images_per_sec']:>10.1f} images/s  (batch "
-                  f"{row['batch_size']}, {row['steps']} steps, {row['devices']} "
-                  f"{row['platform']} device(s), {row['backbone_flops'] / 1e6:.1f} MFLOPs/img)")
+            print(
+                f"{spec:<45} {row['images_per_sec']:>10.1f} images/s  (batch "
+                f"{row['batch_size']}, {row['steps']} steps, {row['devices']} "
+                f"{row['platform']} device(s), {row['backbone_flops'] / 1e6:.1f} MFLOPs/img)"
+            )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if FLAGS.json:
-        write_json_atomic(FLAGS.json, {"machine": {"cpus": os.cpu_count(),
-                                                   "processor": platform.processor(),
-                                                   "python": platform.python_version()},
-                                       "results": rows})
+        write_json_atomic(
+            FLAGS.json,
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "processor": platform.processor(),
+                    "python": platform.python_version(),
+                },
+                "results": rows,
+            },
+        )
     print(json.dumps({r["config"]: round(r["images_per_sec"], 1) for r in rows}))
 
 

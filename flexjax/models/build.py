@@ -33,7 +33,7 @@ def _lrn(x: jax.Array, layer: Layer) -> jax.Array:
     sq = jnp.square(x)
     padded = jnp.pad(sq, [(0, 0)] * (x.ndim - 1) + [(half, size - 1 - half)])
     c = x.shape[-1]
-    window = sum(padded[..., k:k + c] for k in range(size))
+    window = sum(padded[..., k : k + c] for k in range(size))
     return x / jnp.power(layer["bias"] + (layer["alpha"] / size) * window, layer["beta"])
 
 
@@ -43,8 +43,9 @@ class _LowRankConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         lay = self.layer
-        x = nn.Conv(lay["rank"], lay["kernel"], lay["stride"], lay["padding"], use_bias=False,
-                    name="u")(x)
+        x = nn.Conv(
+            lay["rank"], lay["kernel"], lay["stride"], lay["padding"], use_bias=False, name="u"
+        )(x)
         return nn.Conv(lay["features"], (1, 1), use_bias=lay["use_bias"], name="v")(x)
 
 
@@ -77,9 +78,15 @@ def apply_layer(layer: Layer, x: jax.Array, *, train: bool, name: str) -> jax.Ar
     """Applies one layer; must be called inside a compact Flax method."""
     k = layer.kind
     if k == "conv":
-        return nn.Conv(layer["features"], layer["kernel"], layer["stride"], layer["padding"],
-                       feature_group_count=layer["groups"], use_bias=layer["use_bias"],
-                       name=name)(x)
+        return nn.Conv(
+            layer["features"],
+            layer["kernel"],
+            layer["stride"],
+            layer["padding"],
+            feature_group_count=layer["groups"],
+            use_bias=layer["use_bias"],
+            name=name,
+        )(x)
     if k == "dense":
         return nn.Dense(layer["features"], use_bias=layer["use_bias"], name=name)(x)
     if k == "low_rank_conv":
@@ -99,8 +106,12 @@ def apply_layer(layer: Layer, x: jax.Array, *, train: bool, name: str) -> jax.Ar
     if k == "lrn":
         return _lrn(x, layer)
     if k == "batch_norm":
-        return nn.BatchNorm(use_running_average=not train, momentum=layer["momentum"],
-                            epsilon=layer["epsilon"], name=name)(x)
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=layer["momentum"],
+            epsilon=layer["epsilon"],
+            name=name,
+        )(x)
     if k == "dropout":
         return nn.Dropout(layer["rate"], deterministic=not train)(x)
     if k in ("residual", "inception"):
@@ -137,8 +148,16 @@ class MultiExitModel(nn.Module):
     net: Net
 
     @nn.compact
-    def __call__(self, x, train: bool = False, *, start: int = 0, stop: int | None = None,
-                 heads: bool = True, freeze_backbone: bool = False):
+    def __call__(
+        self,
+        x,
+        train: bool = False,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        heads: bool = True,
+        freeze_backbone: bool = False,
+    ):
         net = self.net
         stop = len(net.layers) if stop is None else stop
         backbone_train = train and not freeze_backbone

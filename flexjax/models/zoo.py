@@ -38,8 +38,9 @@ def _w(base: int, width: float) -> int:
     return max(1, int(round(base * width)))
 
 
-def branchy_head(in_shape: tuple[int, ...], num_classes: int, features: int = 32
-                 ) -> tuple[Layer, ...]:
+def branchy_head(
+    in_shape: tuple[int, ...], num_classes: int, features: int = 32
+) -> tuple[Layer, ...]:
     """A BranchyNet-style exit: conv 3x3 (+ pooling on large maps), relu, dense."""
     if len(in_shape) == 1:
         return (dense(num_classes),)
@@ -51,19 +52,29 @@ def branchy_head(in_shape: tuple[int, ...], num_classes: int, features: int = 32
     return tuple(layers)
 
 
-def _attach(layers: Sequence[Layer], input_shape, num_classes: int, positions: Sequence[int],
-            name: str, head_features: int = 32) -> Net:
+def _attach(
+    layers: Sequence[Layer],
+    input_shape,
+    num_classes: int,
+    positions: Sequence[int],
+    name: str,
+    head_features: int = 32,
+) -> Net:
     backbone = Net(tuple(input_shape), num_classes, tuple(layers), (), name)
     shapes = backbone.shapes()
-    exits = tuple(Exit(p, branchy_head(shapes[p][1], num_classes, head_features))
-                  for p in sorted(positions))
+    exits = tuple(
+        Exit(p, branchy_head(shapes[p][1], num_classes, head_features)) for p in sorted(positions)
+    )
     return backbone.replace(exits=exits)
 
 
 def _default_positions(layers: Sequence[Layer], fractions: Sequence[float]) -> list[int]:
     """Block boundaries (after relu / pool / composite) closest to depth fractions."""
-    candidates = [i for i, layer in enumerate(layers[:-1])
-                  if layer.kind in ("relu", "max_pool", "residual", "inception")]
+    candidates = [
+        i
+        for i, layer in enumerate(layers[:-1])
+        if layer.kind in ("relu", "max_pool", "residual", "inception")
+    ]
     picked: list[int] = []
     for f in fractions:
         target = f * (len(layers) - 1)
@@ -73,12 +84,26 @@ def _default_positions(layers: Sequence[Layer], fractions: Sequence[float]) -> l
     return sorted(picked)
 
 
-def lenet_branchy(input_shape=(28, 28, 1), num_classes: int = 10, width: float = 1.0,
-                  exits: Sequence[int] | None = None) -> Net:
+def lenet_branchy(
+    input_shape=(28, 28, 1),
+    num_classes: int = 10,
+    width: float = 1.0,
+    exits: Sequence[int] | None = None,
+) -> Net:
     """BranchyNet's LeNet (MNIST): one side exit after the first conv block."""
-    layers = [conv(_w(20, width), 5, padding="VALID"), max_pool(2), relu(),
-              conv(_w(50, width), 5, padding="VALID"), max_pool(2), relu(),
-              flatten(), dense(_w(500, width)), relu(), dropout(0.3), dense(num_classes)]
+    layers = [
+        conv(_w(20, width), 5, padding="VALID"),
+        max_pool(2),
+        relu(),
+        conv(_w(50, width), 5, padding="VALID"),
+        max_pool(2),
+        relu(),
+        flatten(),
+        dense(_w(500, width)),
+        relu(),
+        dropout(0.3),
+        dense(num_classes),
+    ]
     backbone = Net(tuple(input_shape), num_classes, tuple(layers), (), "lenet_branchy")
     positions = [2] if exits is None else exits
     shapes = backbone.shapes()
@@ -87,15 +112,30 @@ def lenet_branchy(input_shape=(28, 28, 1), num_classes: int = 10, width: float =
         shape = shapes[p][1]
         if len(shape) == 3 and p == 2:
             # BranchyNet's LeNet branch: conv 3x3, pool, relu, linear.
-            heads.append(Exit(p, (conv(_w(10, width), 3), max_pool(2, padding="SAME"), relu(),
-                                  flatten(), dense(num_classes))))
+            heads.append(
+                Exit(
+                    p,
+                    (
+                        conv(_w(10, width), 3),
+                        max_pool(2, padding="SAME"),
+                        relu(),
+                        flatten(),
+                        dense(num_classes),
+                    ),
+                )
+            )
         else:
             heads.append(Exit(p, branchy_head(shape, num_classes, _w(16, width))))
     return backbone.replace(exits=tuple(heads))
 
 
-def alexnet_branchy(input_shape=(32, 32, 3), num_classes: int = 10, width: float = 1.0,
-                    use_lrn: bool = True, exits: Sequence[int] | None = None) -> Net:
+def alexnet_branchy(
+    input_shape=(32, 32, 3),
+    num_classes: int = 10,
+    width: float = 1.0,
+    use_lrn: bool = True,
+    exits: Sequence[int] | None = None,
+) -> Net:
     """Edgent's BranchyNet AlexNet (CIFAR-10 layout) with five exit points.
 
     Edgent trains "AlexNet with five exit points": four side exits, after
@@ -103,28 +143,55 @@ def alexnet_branchy(input_shape=(32, 32, 3), num_classes: int = 10, width: float
     (exit point 5, `FINAL`). Also builds at 28x28x1 for MNIST.
     """
     norm = [lrn()] if use_lrn else []
-    layers = ([conv(_w(64, width), 5), relu(), max_pool(3, 2, "SAME")] + norm
-              + [conv(_w(192, width), 5), relu(), max_pool(3, 2, "SAME")] + norm
-              + [conv(_w(384, width), 3), relu(),
-                 conv(_w(256, width), 3), relu(),
-                 conv(_w(256, width), 3), relu(), max_pool(3, 2, "SAME"),
-                 flatten(), dense(_w(384, width)), relu(), dropout(0.5),
-                 dense(_w(192, width)), relu(), dropout(0.5), dense(num_classes)])
+    layers = (
+        [conv(_w(64, width), 5), relu(), max_pool(3, 2, "SAME")]
+        + norm
+        + [conv(_w(192, width), 5), relu(), max_pool(3, 2, "SAME")]
+        + norm
+        + [
+            conv(_w(384, width), 3),
+            relu(),
+            conv(_w(256, width), 3),
+            relu(),
+            conv(_w(256, width), 3),
+            relu(),
+            max_pool(3, 2, "SAME"),
+            flatten(),
+            dense(_w(384, width)),
+            relu(),
+            dropout(0.5),
+            dense(_w(192, width)),
+            relu(),
+            dropout(0.5),
+            dense(num_classes),
+        ]
+    )
     if exits is None:
         # Outputs of block 1 and 2 (after pool/LRN), conv3 and conv4 (after relu).
         b1 = 3 if use_lrn else 2
         b2 = b1 + 4 if use_lrn else b1 + 3
         exits = [b1, b2, b2 + 2, b2 + 4]
-    return _attach(layers, input_shape, num_classes, exits, "alexnet_branchy",
-                   _w(32, width) if width < 1 else 32)
+    return _attach(
+        layers,
+        input_shape,
+        num_classes,
+        exits,
+        "alexnet_branchy",
+        _w(32, width) if width < 1 else 32,
+    )
 
 
 def _conv_bn(features: int, kernel: Any = 3, stride: Any = 1) -> list[Layer]:
     return [conv(features, kernel, stride, use_bias=False), batch_norm(), relu()]
 
 
-def vgg16(input_shape=(32, 32, 3), num_classes: int = 10, width: float = 1.0,
-          exits: Sequence[int] | None = None, dense_features: int = 512) -> Net:
+def vgg16(
+    input_shape=(32, 32, 3),
+    num_classes: int = 10,
+    width: float = 1.0,
+    exits: Sequence[int] | None = None,
+    dense_features: int = 512,
+) -> Net:
     """VGG-16 (13 conv + classifier), BN after every conv; one position per op.
 
     Default side exits: BranchyNet-style heads at about 1/3 and 2/3 of the depth.
@@ -134,55 +201,78 @@ def vgg16(input_shape=(32, 32, 3), num_classes: int = 10, width: float = 1.0,
         for _ in range(n):
             layers += _conv_bn(_w(features, width))
         layers.append(max_pool(2, padding="SAME"))
-    layers += [flatten(), dense(_w(dense_features, width)), relu(), dropout(0.5),
-               dense(num_classes)]
+    layers += [
+        flatten(),
+        dense(_w(dense_features, width)),
+        relu(),
+        dropout(0.5),
+        dense(num_classes),
+    ]
     positions = _default_positions(layers, (1 / 3, 2 / 3)) if exits is None else exits
     return _attach(layers, input_shape, num_classes, positions, "vgg16")
 
 
 def _inception_a(width: float, pool_features: int) -> Layer:
-    return inception(_conv_bn(_w(64, width), 1),
-                     _conv_bn(_w(48, width), 1) + _conv_bn(_w(64, width), 5),
-                     _conv_bn(_w(64, width), 1) + _conv_bn(_w(96, width), 3)
-                     + _conv_bn(_w(96, width), 3),
-                     [max_pool(3, 1, "SAME")] + _conv_bn(_w(pool_features, width), 1))
+    return inception(
+        _conv_bn(_w(64, width), 1),
+        _conv_bn(_w(48, width), 1) + _conv_bn(_w(64, width), 5),
+        _conv_bn(_w(64, width), 1) + _conv_bn(_w(96, width), 3) + _conv_bn(_w(96, width), 3),
+        [max_pool(3, 1, "SAME")] + _conv_bn(_w(pool_features, width), 1),
+    )
 
 
 def _reduction_b(width: float) -> Layer:
-    return inception(_conv_bn(_w(384, width), 3, 2),
-                     _conv_bn(_w(64, width), 1) + _conv_bn(_w(96, width), 3)
-                     + _conv_bn(_w(96, width), 3, 2),
-                     [max_pool(3, 2, "SAME")])
+    return inception(
+        _conv_bn(_w(384, width), 3, 2),
+        _conv_bn(_w(64, width), 1) + _conv_bn(_w(96, width), 3) + _conv_bn(_w(96, width), 3, 2),
+        [max_pool(3, 2, "SAME")],
+    )
 
 
 def _inception_c(width: float, c7: int, k: int) -> Layer:
-    return inception(_conv_bn(_w(192, width), 1),
-                     _conv_bn(_w(c7, width), 1) + _conv_bn(_w(c7, width), (1, k))
-                     + _conv_bn(_w(192, width), (k, 1)),
-                     _conv_bn(_w(c7, width), 1) + _conv_bn(_w(c7, width), (k, 1))
-                     + _conv_bn(_w(c7, width), (1, k)) + _conv_bn(_w(c7, width), (k, 1))
-                     + _conv_bn(_w(192, width), (1, k)),
-                     [max_pool(3, 1, "SAME")] + _conv_bn(_w(192, width), 1))
+    return inception(
+        _conv_bn(_w(192, width), 1),
+        _conv_bn(_w(c7, width), 1)
+        + _conv_bn(_w(c7, width), (1, k))
+        + _conv_bn(_w(192, width), (k, 1)),
+        _conv_bn(_w(c7, width), 1)
+        + _conv_bn(_w(c7, width), (k, 1))
+        + _conv_bn(_w(c7, width), (1, k))
+        + _conv_bn(_w(c7, width), (k, 1))
+        + _conv_bn(_w(192, width), (1, k)),
+        [max_pool(3, 1, "SAME")] + _conv_bn(_w(192, width), 1),
+    )
 
 
 def _reduction_d(width: float) -> Layer:
-    return inception(_conv_bn(_w(192, width), 1) + _conv_bn(_w(320, width), 3, 2),
-                     _conv_bn(_w(192, width), 1) + _conv_bn(_w(192, width), (1, 7))
-                     + _conv_bn(_w(192, width), (7, 1)) + _conv_bn(_w(192, width), 3, 2),
-                     [max_pool(3, 2, "SAME")])
+    return inception(
+        _conv_bn(_w(192, width), 1) + _conv_bn(_w(320, width), 3, 2),
+        _conv_bn(_w(192, width), 1)
+        + _conv_bn(_w(192, width), (1, 7))
+        + _conv_bn(_w(192, width), (7, 1))
+        + _conv_bn(_w(192, width), 3, 2),
+        [max_pool(3, 2, "SAME")],
+    )
 
 
 def _inception_e(width: float) -> Layer:
-    return inception(_conv_bn(_w(320, width), 1),
-                     _conv_bn(_w(384, width), 1) + _conv_bn(_w(384, width), (1, 3)),
-                     _conv_bn(_w(384, width), 1) + _conv_bn(_w(384, width), (3, 1)),
-                     _conv_bn(_w(448, width), 1) + _conv_bn(_w(384, width), 3)
-                     + _conv_bn(_w(384, width), (1, 3)),
-                     [max_pool(3, 1, "SAME")] + _conv_bn(_w(192, width), 1))
+    return inception(
+        _conv_bn(_w(320, width), 1),
+        _conv_bn(_w(384, width), 1) + _conv_bn(_w(384, width), (1, 3)),
+        _conv_bn(_w(384, width), 1) + _conv_bn(_w(384, width), (3, 1)),
+        _conv_bn(_w(448, width), 1)
+        + _conv_bn(_w(384, width), 3)
+        + _conv_bn(_w(384, width), (1, 3)),
+        [max_pool(3, 1, "SAME")] + _conv_bn(_w(192, width), 1),
+    )
 
 
-def inception_v3(input_shape=(32, 32, 3), num_classes: int = 10, width: float = 1.0,
-                 exits: Sequence[int] | None = None) -> Net:
+def inception_v3(
+    input_shape=(32, 32, 3),
+    num_classes: int = 10,
+    width: float = 1.0,
+    exits: Sequence[int] | None = None,
+) -> Net:
     """Inception-V3 at small resolution: stem, 3xA, B, 4xC, D, 2xE, classifier.
 
     Every inception block is ONE position. The stem keeps stride 1 (the
@@ -190,19 +280,38 @@ def inception_v3(input_shape=(32, 32, 3), num_classes: int = 10, width: float = 
     factorized convolutions and the E block's split 1x3/3x1 are kept (E's
     split branches are four parallel branches here).
     """
-    layers: list[Layer] = (_conv_bn(_w(32, width), 3) + _conv_bn(_w(32, width), 3)
-                           + _conv_bn(_w(64, width), 3) + [max_pool(3, 2, "SAME")])
-    layers += [_inception_a(width, 32), _inception_a(width, 64), _inception_a(width, 64),
-               _reduction_b(width)]
+    layers: list[Layer] = (
+        _conv_bn(_w(32, width), 3)
+        + _conv_bn(_w(32, width), 3)
+        + _conv_bn(_w(64, width), 3)
+        + [max_pool(3, 2, "SAME")]
+    )
+    layers += [
+        _inception_a(width, 32),
+        _inception_a(width, 64),
+        _inception_a(width, 64),
+        _reduction_b(width),
+    ]
     layers += [_inception_c(width, c7, 7) for c7 in (128, 160, 160, 192)]
-    layers += [_reduction_d(width), _inception_e(width), _inception_e(width),
-               global_pool(), dropout(0.2), dense(num_classes)]
+    layers += [
+        _reduction_d(width),
+        _inception_e(width),
+        _inception_e(width),
+        global_pool(),
+        dropout(0.2),
+        dense(num_classes),
+    ]
     positions = _default_positions(layers, (1 / 3, 2 / 3)) if exits is None else exits
     return _attach(layers, input_shape, num_classes, positions, "inception_v3")
 
 
-def resnet(input_shape=(32, 32, 3), num_classes: int = 10, depth: int = 20,
-           width: float = 1.0, exits: Sequence[int] | None = None) -> Net:
+def resnet(
+    input_shape=(32, 32, 3),
+    num_classes: int = 10,
+    depth: int = 20,
+    width: float = 1.0,
+    exits: Sequence[int] | None = None,
+) -> Net:
     """CIFAR ResNet (depth = 6n + 2; 110 is BranchyNet's ResNet-110)."""
     if (depth - 2) % 6:
         raise ValueError(f"resnet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
@@ -213,10 +322,18 @@ def resnet(input_shape=(32, 32, 3), num_classes: int = 10, depth: int = 20,
         features = _w(base, width)
         for b in range(n):
             stride = 2 if stage > 0 and b == 0 else 1
-            body = [conv(features, 3, stride, use_bias=False), batch_norm(), relu(),
-                    conv(features, 3, use_bias=False), batch_norm()]
-            short = ([conv(features, 1, stride, use_bias=False), batch_norm()]
-                     if stride != 1 or features != in_features else [])
+            body = [
+                conv(features, 3, stride, use_bias=False),
+                batch_norm(),
+                relu(),
+                conv(features, 3, use_bias=False),
+                batch_norm(),
+            ]
+            short = (
+                [conv(features, 1, stride, use_bias=False), batch_norm()]
+                if stride != 1 or features != in_features
+                else []
+            )
             layers.append(residual(body, short))
             in_features = features
     layers += [global_pool(), dense(num_classes)]
