@@ -111,7 +111,3 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     full = defaults()
     full.update(config)  # nested update keeps defaults for keys the config omits
     return full
-
-
-def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return config.to_dict()

@@ -39,6 +39,9 @@ def test_multi_exit_smoke_writes_report_metrics_checkpoints(smoke_workdir):
         assert {"name", "position", "accuracy", "exit_rate", "flops"} <= set(row)
     assert sum(r["exit_rate"] for r in report["exits"]) == pytest.approx(1.0)
     assert report["final_accuracy"] > 0.3  # 2 tiny epochs, but it learned something
+    video = report["video"]  # the smoke config films 10 clips of 10 frames from the test split
+    assert video["frames"] == 100 and len(video["by_difficulty"]) == 5
+    assert sum(video["exit_rates"].values()) == pytest.approx(1.0)
     steps = [
         r["step"]
         for r in read_jsonl(os.path.join(smoke_workdir, "metrics.jsonl"))

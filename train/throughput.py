@@ -35,6 +35,17 @@ def _load_config(spec: str):
     return module.get_config(arg or None)
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str]) -> None:
     del argv
     if not FLAGS["verbosity"].present:
@@ -61,7 +72,7 @@ def main(argv: list[str]) -> None:
             {
                 "machine": {
                     "cpus": os.cpu_count(),
-                    "processor": platform.processor(),
+                    "processor": _cpu_model(),
                     "python": platform.python_version(),
                 },
                 "results": rows,

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flexjax.spec import FINAL, Layer, Net
+from flexjax.spec import FINAL, PARAMETRIC, Layer, Net
 
 
 def layer_name(position: int) -> str:
@@ -201,7 +201,5 @@ def count_params(tree: dict) -> int:
 
 def param_names(net: Net) -> Sequence[str]:
     """Top-level parameter names of `net`, in execution order."""
-    from flexjax.spec import PARAMETRIC
-
     names = [layer_name(i) for i, layer in enumerate(net.layers) if layer.kind in PARAMETRIC]
     return names + [e.name for e in net.exits]
