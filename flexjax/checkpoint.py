@@ -26,7 +26,10 @@ class CheckpointMismatchError(ValueError):
 
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    # cleanup_tmp_directories: a save torn by kill -9 leaves a tmp dir; drop it on restart.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+    )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 

@@ -552,6 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if "train" in old:
                 report["train"] = old["train"]
     write_json_atomic(os.path.join(workdir, "report.json"), report)
+    plot_tradeoff(report, os.path.join(workdir, "tradeoff.png"))
     return report
 
 
@@ -656,7 +657,7 @@ def evaluate_and_report(
 ) -> dict:
     """Per-exit accuracy, calibrated thresholds (val) and their effect (test)."""
     nc = costs.of(net)
-    cal, test, test_acc = _calibrate_and_test(
+    cal, test, test_acc, sweep = _calibrate_and_test(
         net, variables, splits.val, splits.test, nc, config, sharding
     )
     rows = []
@@ -695,27 +696,89 @@ def evaluate_and_report(
             "backbone_flops": backbone,
             "flops_ratio": test.expected_cost / backbone,
             "calibration": cal.to_dict(),
+            "tradeoff": sweep,
             **({"video": video} if video else {}),
         }
     )
 
 
+SWEEP_EPSILONS = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
 def _calibrate_and_test(net, variables, val, test, nc, config, sharding):
+    """Calibrates on `val`, measures on `test`; also sweeps epsilon for the trade-off curve."""
     bs = config.train.eval_batch_size
     val_logits = predict(net, variables, val.x, bs, sharding)
     test_logits = predict(net, variables, test.x, bs, sharding)
-    cal = exits.calibrate(
-        val_logits,
-        val.y,
-        nc.exit_flops,
-        criterion=config.exits.criterion,
-        epsilon=config.exits.epsilon,
-        names=net.exit_names,
-    )
-    stats = exits.simulate(
-        test_logits, test.y, cal.thresholds, cal.criterion, nc.exit_flops, net.exit_names
-    )
-    return cal, stats, accuracies(test_logits, test.y)
+
+    def at(epsilon):
+        cal = exits.calibrate(
+            val_logits,
+            val.y,
+            nc.exit_flops,
+            criterion=config.exits.criterion,
+            epsilon=epsilon,
+            names=net.exit_names,
+        )
+        stats = exits.simulate(
+            test_logits, test.y, cal.thresholds, cal.criterion, nc.exit_flops, net.exit_names
+        )
+        return cal, stats
+
+    cal, stats = at(config.exits.epsilon)
+    sweep = []
+    for eps in sorted({*SWEEP_EPSILONS, config.exits.epsilon}):
+        c, st = at(eps)
+        sweep.append(
+            {
+                "epsilon": eps,
+                "thresholds": c.thresholds,
+                "val_accuracy": c.val.accuracy,
+                "accuracy": st.accuracy,
+                "expected_flops": st.expected_cost,
+                "flops_ratio": st.expected_cost / nc.backbone_flops,
+            }
+        )
+    return cal, stats, accuracies(test_logits, test.y), sweep
+
+
+def plot_tradeoff(report: Mapping[str, Any], path: str) -> None:
+    """Accuracy vs expected FLOPs from the epsilon sweeps (test split, and video if present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = [("test split", report)]
+    if "video" in report:
+        series.append(("video stream", report["video"]))
+    for (label, part), color in zip(series, ("tab:blue", "tab:orange")):
+        pts = part["tradeoff"]
+        ax.plot(
+            [p["flops_ratio"] for p in pts],
+            [p["accuracy"] for p in pts],
+            "o-",
+            color=color,
+            label=f"early exits, {label}",
+        )
+        ax.axhline(part["final_accuracy"], color=color, ls="--", lw=1, label=f"backbone, {label}")
+        labels: dict[tuple[float, float], list[str]] = {}
+        for p in pts:  # several epsilons can land on the same thresholds
+            labels.setdefault((p["flops_ratio"], p["accuracy"]), []).append(f"{p['epsilon']:g}")
+        for xy, eps in labels.items():
+            text = f"ε={eps[0]}" if len(eps) == 1 else f"ε={eps[0]}…{eps[-1]}"
+            ax.annotate(text, xy, fontsize=6, xytext=(3, -8), textcoords="offset points")
+    ax.set_xlabel("expected FLOPs / backbone FLOPs")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{report['net']} on {report['dataset']}: {report['criterion']} thresholds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _video_report(net, variables, splits, nc, config, sharding) -> dict:
@@ -727,7 +790,7 @@ def _video_report(net, variables, splits, nc, config, sharding) -> dict:
             num_clips=v.num_clips, frames_per_clip=v.frames_per_clip, seed=v.seed + offset
         )
         streams[split] = data_lib.make_stream(getattr(splits, split), vcfg)
-    cal, stats, acc = _calibrate_and_test(
+    cal, stats, acc, sweep = _calibrate_and_test(
         net,
         variables,
         streams["val"].as_dataset(),
@@ -764,6 +827,7 @@ def _video_report(net, variables, splits, nc, config, sharding) -> dict:
         "expected_flops": stats.expected_cost,
         "flops_ratio": stats.expected_cost / nc.backbone_flops,
         "by_difficulty": by_difficulty,
+        "tradeoff": sweep,
     }
 
 

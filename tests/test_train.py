@@ -39,6 +39,10 @@ def test_multi_exit_smoke_writes_report_metrics_checkpoints(smoke_workdir):
         assert {"name", "position", "accuracy", "exit_rate", "flops"} <= set(row)
     assert sum(r["exit_rate"] for r in report["exits"]) == pytest.approx(1.0)
     assert report["final_accuracy"] > 0.3  # 2 tiny epochs, but it learned something
+    assert os.path.getsize(os.path.join(smoke_workdir, "tradeoff.png")) > 1000
+    final_val = report["calibration"]["final_accuracy"]
+    for row in report["tradeoff"]:  # the calibration constraint holds at every epsilon
+        assert row["val_accuracy"] >= final_val - row["epsilon"] - 1e-9
     video = report["video"]  # the smoke config films 10 clips of 10 frames from the test split
     assert video["frames"] == 100 and len(video["by_difficulty"]) == 5
     assert sum(video["exit_rates"].values()) == pytest.approx(1.0)
@@ -131,6 +135,19 @@ def test_unknown_key_in_config_file_is_one_clear_line(tmp_path):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unknown config key 'train.epochs'")
+    assert not os.path.exists(f"{tmp_path}/w")
+
+
+def test_unknown_model_name_is_one_clear_line_listing_models(tmp_path):
+    proc = run_job(
+        "train.multi_exit",
+        f"--config={SMOKE}",
+        f"--workdir={tmp_path}/w",
+        "--config.model.name=lenet",
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown model 'lenet'; valid: alexnet_branchy")
     assert not os.path.exists(f"{tmp_path}/w")
 
 
