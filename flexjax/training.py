@@ -495,7 +495,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     logger = _Logger(workdir)
-    train_seconds, compile_seconds, images = 0.0, 0.0, 0
     with checkpoint.manager(ckpt_dir, t.max_to_keep) as mgr:
         start = mgr.latest_step()
         if start is not None:
@@ -509,30 +508,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 os.remove(metrics_path)
         state = jax.device_put(state, replicated)
         step_fn = jit_train_step(net, tx, weights, t, data_sharding, replicated, freeze=freeze)
-        rng = jax.random.key(config.seed + 1)
-        eval_every = t.eval_every or steps_per_epoch
-        train_seconds, compile_seconds, images = _train_loop(
+        state, train_seconds, compile_seconds, images = _train_loop(
             state,
             step_fn,
-            splits,
-            t,
-            config,
-            net,
-            start,
-            total_steps,
-            steps_per_epoch,
-            eval_every,
-            rng,
-            mgr,
-            logger,
-            data_sharding,
+            setup,
+            start=start,
+            total_steps=total_steps,
+            mgr=mgr,
+            logger=logger,
+            sharding=data_sharding,
         )
         mgr.wait_until_finished()
-        last = mgr.latest_step()
     logger.close()
-    _, variables = checkpoint.load(workdir, last) if last is not None else (net, None)
-    if variables is None:
-        variables = state.variables()
+    variables = jax.device_get(state.variables())
     report = evaluate_and_report(net, variables, splits, config, data_sharding)
     if images and train_seconds > 0:
         report["train"] = {
@@ -556,23 +544,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return report
 
 
-def _train_loop(
-    state,
-    step_fn,
-    splits,
-    t,
-    config,
-    net,
-    start,
-    total_steps,
-    steps_per_epoch,
-    eval_every,
-    rng,
-    mgr,
-    logger,
-    data_sharding,
-):
+def _train_loop(state, step_fn, setup: _Setup, *, start, total_steps, mgr, logger, sharding):
+    """Runs steps ``start..total_steps``; returns the final state and timing."""
     from tqdm import tqdm
+
+    config, net, splits = setup.config, setup.net, setup.splits
+    t = config.train
+    steps_per_epoch = len(splits.train) // t.batch_size
+    eval_every = t.eval_every or steps_per_epoch
+    rng = jax.random.key(config.seed + 1)
 
     names = net.exit_names
     timed_images, timed_seconds, compile_seconds = 0, 0.0, 0.0
@@ -604,8 +584,8 @@ def _train_loop(
             )
             for x, y in itertools.islice(it, offset, None):
                 t0 = time.perf_counter()
-                xs = jax.device_put(x, data_sharding)
-                ys = jax.device_put(y.astype(np.int32), data_sharding)
+                xs = jax.device_put(x, sharding)
+                ys = jax.device_put(y.astype(np.int32), sharding)
                 state, metrics = step_fn(state, xs, ys, rng)
                 step += 1
                 if step == start + 1:  # first step compiles; keep it out of throughput
@@ -627,7 +607,7 @@ def _train_loop(
                 if step % eval_every == 0 or step == total_steps:
                     v = jax.device_get(state.variables())
                     val = accuracies(
-                        predict(net, v, splits.val.x, t.eval_batch_size, data_sharding),
+                        predict(net, v, splits.val.x, t.eval_batch_size, sharding),
                         splits.val.y,
                     )
                     logger.write(step, {f"val/accuracy_{n}": a for n, a in val.items()})
@@ -645,7 +625,7 @@ def _train_loop(
             timed_seconds = time.perf_counter() - t_start
     finally:
         bar.close()
-    return timed_seconds, compile_seconds, timed_images
+    return state, timed_seconds, compile_seconds, timed_images
 
 
 def evaluate_and_report(
