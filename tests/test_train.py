@@ -341,11 +341,19 @@ def test_throughput_benchmark_job_runs_and_writes_json(tmp_path):
         f"--config={SMOKE}",
         "--steps=3",
         "--warmup=1",
+        "--set=train.batch_size=16",
         f"--json={out}",
         check=True,
     )
     (row,) = json.load(open(out))["results"]
     assert row["steps"] == 3 and row["images_per_sec"] > 0
+    assert row["batch_size"] == 16 and row["overrides"] == ["train.batch_size=16"]
+
+
+def test_throughput_unknown_set_key_is_clear_error():
+    proc = run_job("train.throughput", f"--config={SMOKE}", "--set=train.lr=1", "--steps=1")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: unknown config key 'train.lr' in --set"
 
 
 def test_throughput_missing_config_file_is_clear_error():

@@ -9,6 +9,7 @@ that include compilation) on each config's training batches.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -21,18 +22,42 @@ flags.DEFINE_multi_string("config", None, "Config file(s) (configs/*.py[:arg])."
 flags.DEFINE_integer("steps", 100, "Timed steps per config.")
 flags.DEFINE_integer("warmup", 5, "Untimed steps first (the first one compiles).")
 flags.DEFINE_string("json", "", "Also write the results here.")
+flags.DEFINE_multi_string(
+    "set",
+    [],
+    "Override a config value in every config, e.g. --set=data.name=digits "
+    "--set=data.image_size=32 (values are parsed as Python literals, else strings).",
+)
 flags.mark_flag_as_required("config")
 FLAGS = flags.FLAGS
 
 
-def _load_config(spec: str):
+def _load_config(spec: str, overrides: list[str]):
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path} does not exist")
     module_spec = importlib.util.spec_from_file_location("_bench_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    config = module.get_config(arg or None)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            if name not in node:
+                raise ValueError(f"unknown config key {key!r} in --set")
+            node = node[name]
+        if leaf not in node and parents != ["model", "kwargs"]:
+            raise ValueError(f"unknown config key {key!r} in --set")
+        node[leaf] = value
+    return config
 
 
 def _cpu_model() -> str:
@@ -56,14 +81,15 @@ def main(argv: list[str]) -> None:
     rows = []
     try:
         for spec in FLAGS.config:
-            row = training.measure_throughput(_load_config(spec), FLAGS.steps, FLAGS.warmup)
-            rows.append({"config": spec, **row})
+            config = _load_config(spec, FLAGS.set)
+            row = training.measure_throughput(config, FLAGS.steps, FLAGS.warmup)
+            rows.append({"config": spec, "overrides": FLAGS.set, **row})
             print(
-                f"{spec:<45} {row['images_per_sec']:>10.1f} images/s  (batch "
+                f"{spec:<40} {row['images_per_sec']:>10.1f} images/s  (batch "
                 f"{row['batch_size']}, {row['steps']} steps, {row['devices']} "
                 f"{row['platform']} device(s), {row['backbone_flops'] / 1e6:.1f} MFLOPs/img)"
             )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if FLAGS.json:
