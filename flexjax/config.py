@@ -81,6 +81,18 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def check_key(key: str) -> None:
+    """Raises ValueError (listing the valid keys of its section) if `key` is not in the schema."""
+    schema = _flat(defaults())
+    if key in schema or any(key.startswith(f + ".") for f in FREE_FORM):
+        return
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    valid = sorted(k for k in schema if "." in k and k.rsplit(".", 1)[0] == section)
+    if not valid:  # a top-level key or an unknown section: list the top level
+        valid = sorted({k.split(".", 1)[0] for k in schema})
+    raise ValueError(f"unknown config key '{key}'; valid keys here: {', '.join(valid)}")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks keys against `defaults()`; returns a full config (defaults filled in).
 
@@ -91,14 +103,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     schema = _flat(defaults())
     given = _flat(config)
     for key, value in given.items():
-        if key not in schema:
-            section = key.rsplit(".", 1)[0] if "." in key else ""
-            valid = sorted(
-                k
-                for k in schema
-                if k.rsplit(".", 1)[0] == section or (not section and "." not in k)
-            )
-            raise ValueError(f"unknown config key '{key}'; valid keys here: {', '.join(valid)}")
+        check_key(key)
         default = schema[key]
         if (
             isinstance(default, bool) != isinstance(value, bool)

@@ -112,12 +112,20 @@ def test_kill_9_mid_run_then_rerun_resumes_from_last_checkpoint(tmp_path):
     assert steps[-1] == report["train"]["steps"]
 
 
-def test_unknown_config_override_exits_nonzero(tmp_path):
-    proc = run_job(
-        "train.multi_exit", f"--config={SMOKE}", f"--workdir={tmp_path}/w", "--config.train.lrr=1"
-    )
-    assert proc.returncode != 0
-    assert "lrr" in proc.stderr
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.train.lrr=1", "error: unknown config key 'train.lrr'; valid keys here: "),
+        ("--config.foo=1", "error: unknown config key 'foo'; valid keys here: data, exits"),
+        ("--config=configs/nope.py", "error: config file configs/nope.py does not exist"),
+        (f"--config={SMOKE[:-6]}:bogus", "error: unknown config argument 'bogus'; valid: smoke"),
+    ],
+)
+def test_bad_command_line_is_one_clear_line_and_writes_nothing(tmp_path, flag, message):
+    proc = run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={tmp_path}/w", flag)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
+    assert proc.stderr.strip().startswith(message)
     assert not os.path.exists(f"{tmp_path}/w")
 
 

@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train._cli import fail, parse_flags
+
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -35,10 +37,9 @@ def main(argv: list[str]) -> None:
     try:
         report = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
     print(training.format_report(report))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -14,9 +14,10 @@ import importlib.util
 import json
 import os
 import platform
-import sys
 
 from absl import app, flags, logging
+
+from train._cli import fail, parse_flags
 
 flags.DEFINE_multi_string("config", None, "Config file(s) (configs/*.py[:arg]).")
 flags.DEFINE_integer("steps", 100, "Timed steps per config.")
@@ -90,8 +91,7 @@ def main(argv: list[str]) -> None:
                 f"{row['platform']} device(s), {row['backbone_flops'] / 1e6:.1f} MFLOPs/img)"
             )
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
     if FLAGS.json:
         write_json_atomic(
             FLAGS.json,
@@ -108,4 +108,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
