@@ -11,7 +11,7 @@ The `smoke` variant trains on scikit-learn's digits resized to 32x32x3 so tests
 run it without CIFAR-10.
 """
 
-from flexjax.config import defaults
+from flexjax.config import defaults, smoke_on_digits
 
 
 def get_config(arg: str | None = None):
@@ -32,16 +32,7 @@ def get_config(arg: str | None = None):
     config.exits.epsilon = 0.01
     if arg == "smoke":
         config.model.kwargs.width = 0.0625
-        config.data.name = "digits"
-        config.data.path = ""
-        config.data.image_size = 32
-        config.data.channels = 3
-        config.data.limit = 256
-        config.train.batch_size = 32
-        config.train.num_epochs = 1
-        config.train.warmup_steps = 0
-        config.train.log_every = 2
-        config.train.eval_batch_size = 64
+        smoke_on_digits(config)
     elif arg:
         raise ValueError(f"unknown config argument '{arg}'; valid: smoke")
     return config

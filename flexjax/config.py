@@ -69,6 +69,25 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def smoke_on_digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a CIFAR-size config for tests: 256 digits at 32x32x3, one tiny epoch.
+
+    The `smoke` variants of configs whose real data is not bundled use this,
+    so tests exercise the same model and training code on data that ships.
+    """
+    config.data.name = "digits"
+    config.data.path = ""
+    config.data.image_size = 32
+    config.data.channels = 3
+    config.data.limit = 256
+    config.train.batch_size = 32
+    config.train.num_epochs = 1
+    config.train.warmup_steps = 0
+    config.train.log_every = 2
+    config.train.eval_batch_size = 64
+    return config
+
+
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     out = {}
     items = d.items() if hasattr(d, "items") else []

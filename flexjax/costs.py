@@ -153,10 +153,6 @@ class NetCosts:
     def backbone_flops(self) -> int:
         return self.backbone.flops
 
-    def flops_through(self, position: int) -> int:
-        """Backbone FLOPs of positions ``0..position`` inclusive."""
-        return sum(c.flops for c in self.layers[: position + 1])
-
     def expected_flops(self, exit_rates: Mapping[str, float]) -> float:
         """Expected FLOPs per input given the fraction of inputs leaving at each exit."""
         unknown = set(exit_rates) - set(self.exit_flops)

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from flexjax import costs
-from flexjax.models import MODELS, build, count_params, get_model, head_apply, init
+from flexjax.models import (
+    MODELS,
+    build,
+    count_params,
+    get_model,
+    head_apply,
+    init,
+    param_names,
+)
 
 from test_spec import SMALL
 
@@ -25,6 +33,7 @@ def test_lenet_param_names_follow_positions():
     net = get_model("lenet_branchy")
     v = jax.eval_shape(lambda r: init(net, r), jax.random.key(0))
     assert sorted(v["params"]) == ["exit_2", "layer_00", "layer_03", "layer_07", "layer_10"]
+    assert list(param_names(net)) == ["layer_00", "layer_03", "layer_07", "layer_10", "exit_2"]
     assert sorted(v["params"]["exit_2"]) == ["layer_00", "layer_04"]
 
 
