@@ -467,3 +467,10 @@ def test_data_package_imports_without_heavy_dependencies():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
     assert data.__all__ and all(hasattr(data, name) for name in data.__all__)
+
+
+def test_load_cifar10_truncated_batch_is_clear_value_error(tmp_path):
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (tmp_path / name).write_bytes(b"\x80\x04garbage")
+    with pytest.raises(ValueError, match="not a readable CIFAR-10 batch"):
+        load("cifar10", path=str(tmp_path))

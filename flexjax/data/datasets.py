@@ -150,8 +150,12 @@ def _load_digits(path: str, image_size: int | None, channels: int | None) -> _Ra
 def _read_cifar_batch(file: str) -> tuple[np.ndarray, np.ndarray]:
     with open(file, "rb") as f:
         # CIFAR-10's pickles were written by Python 2; "bytes" keeps the keys
-        # as b"data" / b"labels" instead of failing to decode them.
-        batch = pickle.load(f, encoding="bytes")
+        # as b"data" / b"labels" instead of failing to decode them. These are
+        # the user's local files, never bytes received over a network.
+        try:
+            batch = pickle.load(f, encoding="bytes")
+        except Exception as e:  # truncated or not a pickle at all
+            raise ValueError(f"cifar10: {file} is not a readable CIFAR-10 batch ({e})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise ValueError(f"cifar10: {file} is not a CIFAR-10 batch (no b'data' / b'labels' keys)")
     data = np.asarray(batch[b"data"], dtype=np.uint8)
