@@ -418,15 +418,11 @@ def _initial_state(net: Net, tx, seed: int, init_variables: dict | None) -> Trai
     variables = jax.jit(lambda r: init(net, r))(jax.random.key(seed))
     params = dict(variables["params"])
     batch_stats = dict(variables.get("batch_stats", {}))
-    if init_variables is not None:  # exits_only: copy the trained backbone in
-        for k, v in init_variables["params"].items():
-            if not k.startswith("exit_") or k not in params:
-                params[k] = v
-        for k, v in init_variables.get("batch_stats", {}).items():
-            if not k.startswith("exit_") or k not in batch_stats:
-                batch_stats[k] = v
-        params = {k: params[k] for k in variables["params"]}
-        batch_stats = {k: batch_stats[k] for k in variables.get("batch_stats", {})}
+    if init_variables is not None:  # exits_only: the trained backbone, fresh heads
+        heads = {e.name for e in net.exits}
+        params = {k: v if k in heads else init_variables["params"][k] for k, v in params.items()}
+        trained_stats = init_variables.get("batch_stats", {})
+        batch_stats = {k: v if k in heads else trained_stats[k] for k, v in batch_stats.items()}
     params = jax.tree.map(jnp.asarray, params)
     batch_stats = jax.tree.map(jnp.asarray, batch_stats)
     return TrainState(
