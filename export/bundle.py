@@ -1,0 +1,469 @@
+"""Exports a trained workdir as a bundle: one multi-signature .tflite + manifest.
+
+  python -m export.bundle --workdir=runs/lenet --out=bundles/lenet [--precision=fp32|fp16|dynamic|int8]
+      [--sparsity] [--overwrite]
+
+Steps: restore ``(net, variables)`` and the training config; convert
+(`export.convert`); check GPU-delegate compatibility by reading the
+flatbuffer (`runtime.tflite_model`); check parity against JAX in the LiteRT
+interpreter (fails the export if it does not hold); calibrate exit
+thresholds on the exported model's own validation outputs (still images and,
+if the config has video, a validation-split video stream) for several
+epsilons; write ``manifest.json`` with every file's sha256. The bundle is
+assembled in a temporary sibling directory and renamed into place, so a
+failed export leaves nothing half-written and never touches an existing
+bundle unless ``--overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from export import convert
+from flexjax import costs as costs_lib
+from flexjax import exits as exits_lib
+from flexjax.io import jsonable
+from flexjax.spec import FINAL, Net
+from runtime import tflite_model
+from runtime.bundle import MANIFEST, MANIFEST_DIGEST, SCHEMA_VERSION, sha256_file
+from runtime.executor import EarlyExitExecutor
+
+MODEL_FILE = "model.tflite"
+DEFAULT_EPSILONS = (0.0, 0.005, 0.01, 0.02, 0.05)
+FP32_TOLERANCE = 1e-4  # max |delta logit| vs JAX
+AGREEMENT_TARGET = 0.99  # top-1 agreement vs JAX for fp16 / dynamic / int8
+
+
+class ExportError(RuntimeError):
+    """The export cannot produce a bundle that keeps its promises (e.g. parity fails)."""
+
+
+def load_workdir(workdir: str):
+    """``(config, net, variables)`` of a `train.multi_exit` workdir."""
+    import ml_collections
+
+    from flexjax import checkpoint
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} has no config.json (not a training workdir)")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    net, variables = checkpoint.load(workdir)
+    return config, net, variables
+
+
+class _Staged:
+    """A bundle directory being assembled next to its destination."""
+
+    def __init__(self, out: str, overwrite: bool):
+        out = os.path.abspath(out)
+        if os.path.exists(out) and not overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        parent = os.path.dirname(out)
+        os.makedirs(parent, exist_ok=True)
+        self.out = out
+        self.dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+
+    def commit(self) -> None:
+        old = None
+        if os.path.exists(self.out):
+            old = tempfile.mkdtemp(
+                prefix=f".{os.path.basename(self.out)}.old-", dir=os.path.dirname(self.out)
+            )
+            os.rename(self.out, os.path.join(old, "bundle"))
+        os.rename(self.dir, self.out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def chain_logits(executor: EarlyExitExecutor, xs: np.ndarray) -> dict[str, np.ndarray]:
+    """Logits of every exit for every frame, computed through the bundle's signatures."""
+    names = executor.exit_names
+    out = {n: np.zeros((len(xs), executor.bundle.num_classes), np.float32) for n in names}
+    for j in range(len(xs)):
+        h = executor.frame(xs[j])
+        for i, st in enumerate(executor.stages):
+            h = st.segment(h)
+            if i == len(executor.stages) - 1:
+                out[st.name][j] = h[0]
+            else:
+                out[st.name][j] = st.head(h)[0]
+    return out
+
+
+def _signature_costs(net: Net, plan: convert.SignaturePlan, nc: costs_lib.NetCosts) -> dict:
+    if plan.kind == "head":
+        c = nc.heads[plan.exit]
+    else:
+        c = costs_lib._sum(nc.layers[plan.start : plan.stop])
+    return {
+        "flops": c.flops,
+        "param_bytes": c.param_bytes,
+        "input_bytes": int(np.prod(plan.input_shape)) * 4,
+        "output_bytes": int(np.prod(plan.output_shape)) * 4,
+    }
+
+
+def _parity(net, variables, plans, model, precision, test, parity_examples, executor):
+    """Runs every signature in LiteRT against JAX; raises ExportError if parity fails."""
+    k = min(64, len(test.x))
+    inputs = convert.representative_inputs(net, variables, plans, test.x[:k])
+    per_sig = {}
+    for plan in plans:
+        ref = convert.jax_outputs(net, variables, plan, inputs[plan.name])
+        sig = model.signature(plan.name)
+        got = np.concatenate([sig(np.ascontiguousarray(x[None])) for x in inputs[plan.name]])
+        diff = float(np.abs(got - ref).max())
+        scale = float(max(1.0, np.abs(ref).max()))
+        per_sig[plan.name] = {"examples": k, "max_abs_diff": diff, "scale": scale}
+    xs = test.x[:parity_examples]
+    from flexjax import training
+
+    ref_logits = training.predict(net, variables, xs)
+    got_logits = chain_logits(executor, xs)
+    full_sig = model.signature(convert.FULL)
+    full = np.concatenate([full_sig(np.ascontiguousarray(x[None])) for x in xs])
+    chain = {}
+    for name in net.exit_names:
+        chain[name] = {
+            "max_abs_diff": float(np.abs(got_logits[name] - ref_logits[name]).max()),
+            "top1_agreement": float(
+                (got_logits[name].argmax(-1) == ref_logits[name].argmax(-1)).mean()
+            ),
+        }
+    chain[convert.FULL] = {
+        "max_abs_diff": float(np.abs(full - ref_logits[FINAL]).max()),
+        "top1_agreement": float((full.argmax(-1) == ref_logits[FINAL].argmax(-1)).mean()),
+    }
+    failures = []
+    if precision == "fp32":
+        for name, r in per_sig.items():
+            if r["max_abs_diff"] > FP32_TOLERANCE * r["scale"]:
+                failures.append(f"{name} max|d|={r['max_abs_diff']:.2e}")
+        for name, r in chain.items():
+            if r["max_abs_diff"] > FP32_TOLERANCE:
+                failures.append(f"{name} logits max|d|={r['max_abs_diff']:.2e}")
+    else:
+        for name, r in chain.items():
+            if r["top1_agreement"] < AGREEMENT_TARGET:
+                failures.append(f"{name} top-1 agreement {r['top1_agreement']:.3f}")
+    result = {
+        "precision": precision,
+        "examples": len(xs),
+        "split": "test",
+        "criterion": (
+            f"max |delta logit| <= {FP32_TOLERANCE} (activations: relative to max(1, |ref|))"
+            if precision == "fp32"
+            else f"top-1 agreement with JAX >= {AGREEMENT_TARGET}"
+        ),
+        "signatures": per_sig,
+        "exits": chain,
+        "passed": not failures,
+    }
+    if failures:
+        raise ExportError(f"{precision} parity with JAX failed: {'; '.join(failures)}")
+    return result, got_logits
+
+
+def _calibrations(logits, labels, net, nc, criterion, epsilons, source):
+    rows = []
+    for eps in epsilons:
+        cal = exits_lib.calibrate(
+            logits, labels, nc.exit_flops, criterion=criterion, epsilon=eps, names=net.exit_names
+        )
+        row = {"source": source, **cal.to_dict()}
+        row["val_flops_ratio"] = cal.val.expected_cost / nc.backbone_flops
+        row["examples"] = int(len(labels))
+        rows.append(row)
+    return rows
+
+
+def export_bundle(
+    workdir: str,
+    out: str,
+    *,
+    precision: str = "fp32",
+    sparsity: bool = False,
+    overwrite: bool = False,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    parity_examples: int = 1000,
+    num_calibration: int = 200,
+    log=print,
+) -> dict:
+    """Exports `workdir` into the bundle directory `out`; returns the manifest.
+
+    Raises:
+      FileNotFoundError / FileExistsError / ValueError: bad arguments or workdir.
+      ExportError: parity with JAX failed (nothing is written).
+    """
+    if precision not in convert.PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(convert.PRECISIONS)}")
+    for eps in epsilons:
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"epsilon must be in [0, 1) (0.01 = 1 point); got {eps}")
+    if parity_examples < 1:
+        raise ValueError(f"parity_examples must be >= 1; got {parity_examples}")
+    t0 = time.perf_counter()
+    config, net, variables = load_workdir(workdir)
+    staged = _Staged(out, overwrite)
+    try:
+        manifest = _export(
+            config, net, variables, staged.dir, precision, sparsity, epsilons,
+            parity_examples, num_calibration, workdir, log,
+        )  # fmt: skip
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
+    log(f"bundle written to {staged.out} in {time.perf_counter() - t0:.1f} s")
+    return manifest
+
+
+def _export(
+    config, net, variables, tmp, precision, sparsity, epsilons, parity_examples,
+    num_calibration, workdir, log,
+) -> dict:  # fmt: skip
+    from flexjax import data as data_lib
+    from flexjax import training
+    from runtime.bundle import Bundle
+
+    splits = training.load_data(config)
+    plans = convert.plan_signatures(net)
+    nc = costs_lib.of(net)
+    rep = None
+    if precision == "int8":
+        rep = convert.representative_inputs(net, variables, plans, splits.train.x[:num_calibration])
+    t = time.perf_counter()
+    buf = convert.to_tflite(
+        net, variables, plans, precision=precision, sparsity=sparsity, representative=rep,
+        num_calibration=num_calibration,
+    )  # fmt: skip
+    convert_s = time.perf_counter() - t
+    log(f"converted {len(plans)} signatures ({precision}) in {convert_s:.1f} s: {len(buf):,} bytes")
+    model_path = os.path.join(tmp, MODEL_FILE)
+    with open(model_path, "wb") as f:
+        f.write(buf)
+    sig_info = tflite_model.gpu_report(buf)
+    gpu_bad = {n: list(s.gpu_offending) for n, s in sig_info.items() if not s.gpu_compatible}
+
+    criterion = config.exits.criterion
+    default_eps = float(config.exits.epsilon)
+    epsilons = sorted({*map(float, epsilons), default_eps})
+    signatures = {}
+    for plan in plans:
+        info = sig_info[plan.name]
+        signatures[plan.name] = {
+            **plan.to_dict(),
+            **_signature_costs(net, plan, nc),
+            "ops": info.ops,
+            "gpu_compatible": info.gpu_compatible,
+            "gpu_offending": list(info.gpu_offending),
+        }
+    exits = []
+    for plan in plans:
+        if plan.kind == "segment":
+            head = next((p.name for p in plans if p.kind == "head" and p.exit == plan.exit), None)
+            after = net.get_exit(plan.exit).after if plan.exit != FINAL else len(net.layers) - 1
+            exits.append(
+                {
+                    "name": plan.exit,
+                    "after": after,
+                    "segment": plan.name,
+                    "head": head,
+                    "flops": nc.exit_flops[plan.exit],
+                }
+            )
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "format": "flexjax-bundle",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"workdir": os.path.abspath(workdir), "exporter": "flexjax export.bundle"},
+        "model": MODEL_FILE,
+        "net": net.to_dict(),
+        "precision": precision,
+        "sparsity": bool(sparsity),
+        "input": {
+            "name": "x",
+            "shape": [1, *net.input_shape],
+            "dtype": "float32",
+            "layout": "NHWC",
+            "range": [0.0, 1.0],
+            "normalization": "pixel / 255 (no mean or std); grayscale has 1 channel",
+        },
+        "data": config.data.to_dict(),
+        "video": config.video.to_dict(),
+        "signatures": signatures,
+        "exits": exits,
+        "criterion": criterion,
+        "calibration": {"epsilon": default_eps, "thresholds": {}},  # filled below
+        "costs": nc.to_dict(),
+        "gpu": {"compatible": not gpu_bad, "offending": gpu_bad},
+        "convert_seconds": convert_s,
+        "files": {},
+    }
+    # A provisional manifest lets the runtime open the staged model for parity and calibration.
+    _write_manifest(tmp, manifest)
+    bundle = Bundle.from_dir(tmp)
+    executor = EarlyExitExecutor(bundle, num_threads=1)
+
+    parity, test_logits = _parity(
+        net, variables, plans, executor.model, precision, splits.test, parity_examples, executor
+    )
+    log(
+        "parity: "
+        + ", ".join(
+            f"{n} agree={r['top1_agreement']:.4f} max|d|={r['max_abs_diff']:.1e}"
+            for n, r in parity["exits"].items()
+        )
+    )
+    val_logits = chain_logits(executor, splits.val.x)
+    rows = _calibrations(val_logits, splits.val.y, net, nc, criterion, epsilons, "val")
+    if config.video.enabled:
+        v = config.video
+        vcfg = data_lib.VideoConfig(
+            num_clips=v.num_clips, frames_per_clip=v.frames_per_clip, seed=v.seed + 1000
+        )
+        stream = data_lib.make_stream(splits.val, vcfg)
+        vlogits = chain_logits(executor, stream.x)
+        rows += _calibrations(vlogits, stream.y, net, nc, criterion, epsilons, "video_val")
+    default = next(r for r in rows if r["source"] == "val" and r["epsilon"] == default_eps)
+    tested = exits_lib.simulate(
+        {n: test_logits[n] for n in net.exit_names},
+        splits.test.y[:parity_examples],
+        default["thresholds"],
+        criterion,
+        nc.exit_flops,
+        net.exit_names,
+    )
+    for e in exits:
+        e["threshold"] = default["thresholds"].get(e["name"])
+        e["val_accuracy"] = float((val_logits[e["name"]].argmax(-1) == splits.val.y).mean())
+        e["test_accuracy"] = float(
+            (test_logits[e["name"]].argmax(-1) == splits.test.y[:parity_examples]).mean()
+        )
+    manifest["calibration"] = default
+    manifest["calibrations"] = rows
+    manifest["test"] = {
+        "examples": int(len(tested.correct)),
+        "accuracy": tested.accuracy,
+        "final_accuracy": float(
+            tested.correct.size
+            and (test_logits[FINAL].argmax(-1) == splits.test.y[:parity_examples]).mean()
+        ),
+        "exit_rates": tested.rates,
+        "expected_flops": tested.expected_cost,
+        "flops_ratio": tested.expected_cost / nc.backbone_flops,
+    }
+    manifest["parity"] = parity
+    _write_manifest(tmp, manifest)
+    Bundle.from_dir(tmp)  # the final bundle verifies
+    return manifest
+
+
+def _write_manifest(directory: str, manifest: dict) -> None:
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        if name in (MANIFEST, MANIFEST_DIGEST):
+            continue
+        p = os.path.join(directory, name)
+        files[name] = {"sha256": sha256_file(p), "bytes": os.path.getsize(p)}
+    manifest["files"] = files
+    raw = (json.dumps(jsonable(manifest), indent=1, sort_keys=False) + "\n").encode()
+    with open(os.path.join(directory, MANIFEST), "wb") as f:
+        f.write(raw)
+    with open(os.path.join(directory, MANIFEST_DIGEST), "w") as f:
+        f.write(f"{hashlib.sha256(raw).hexdigest()}  {MANIFEST}\n")
+
+
+def format_manifest(manifest: Mapping[str, Any]) -> str:
+    """A short human-readable summary of a bundle."""
+    lines = [
+        f"precision {manifest['precision']}{' +sparsity' if manifest['sparsity'] else ''}, "
+        f"model {manifest['files'][manifest['model']]['bytes']:,} bytes, "
+        f"GPU-delegate compatible: {manifest['gpu']['compatible']}",
+        f"{'signature':<16}{'flops':>14}{'gpu':>6}  ops",
+    ]
+    for name, s in manifest["signatures"].items():
+        ops = ",".join(f"{k}x{v}" for k, v in sorted(s["ops"].items()))
+        lines.append(
+            f"{name:<16}{s['flops']:>14,}{'yes' if s['gpu_compatible'] else 'NO':>6}  {ops}"
+        )
+    cal = manifest["calibration"]
+    lines.append(
+        f"calibrated on val ({cal['criterion']}, eps={cal['epsilon']}): "
+        + ", ".join(
+            f"{n}: {'never' if t is None else f'{t:.3g}'}" for n, t in cal["thresholds"].items()
+        )
+    )
+    t = manifest["test"]
+    lines.append(
+        f"test ({t['examples']}): early-exit accuracy {t['accuracy']:.4f} "
+        f"(final {t['final_accuracy']:.4f}), FLOPs {t['flops_ratio']:.3f}x of the backbone, "
+        "exit rates " + ", ".join(f"{n} {r:.2f}" for n, r in t["exit_rates"].items())
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    from train._cli import fail
+
+    f = flags.FLAGS
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not f.workdir or not f.out:
+        fail("--workdir and --out are required")
+    try:
+        epsilons = [float(e) for e in f.epsilons]
+        manifest = export_bundle(
+            f.workdir, f.out, precision=f.precision, sparsity=f.sparsity, overwrite=f.overwrite,
+            epsilons=epsilons, parity_examples=f.parity_examples,
+            num_calibration=f.num_calibration,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:
+        fail(str(e))
+    print(format_manifest(manifest))
+    if not manifest["gpu"]["compatible"]:
+        print(
+            f"warning: not GPU-delegate compatible: {manifest['gpu']['offending']}", file=sys.stderr
+        )
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "train.multi_exit workdir to export")
+    flags.DEFINE_string("out", None, "bundle directory to create")
+    flags.DEFINE_enum("precision", "fp32", list(convert.PRECISIONS), "weight/activation precision")
+    flags.DEFINE_bool("sparsity", False, "store (magnitude-pruned) weights in sparse form")
+    flags.DEFINE_bool("overwrite", False, "replace an existing bundle at --out")
+    flags.DEFINE_list("epsilons", [str(e) for e in DEFAULT_EPSILONS], "calibration epsilons")
+    flags.DEFINE_integer("parity_examples", 1000, "test examples checked against JAX")
+    flags.DEFINE_integer("num_calibration", 200, "training images for int8 calibration")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from train._cli import parse_flags
+
+    _define_flags()
+    app.run(main, flags_parser=parse_flags)

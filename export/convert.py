@@ -1,0 +1,267 @@
+"""`(net, variables)` -> one multi-signature TFLite flatbuffer.
+
+Signatures are derived from the net's exits (see `plan_signatures`):
+
+* ``segment_<k>``: backbone positions from just after the previous exit up to
+  and including the position exit ``<k>`` hangs off (input: the image or the
+  previous segment's activation; output ``activation``);
+* ``exit_<k>``: the head of that exit (input: the activation; output ``logits``);
+* ``segment_final``: the rest of the backbone (output ``logits``);
+* ``full``: the whole backbone in one graph, the input-agnostic baseline.
+
+`<k>` is the exit's name without its ``exit_`` prefix, so the default exit
+``exit_3`` gives ``segment_3`` and ``exit_3``. Every signature has static
+batch 1 (REFERENCE.md: a polymorphic batch adds SHAPE/GATHER ops and keeps
+BatchNorm unfolded).
+
+Route (REFERENCE.md): `jax2tf.convert` (native serialization) -> a SavedModel
+whose signatures are a ``{name: concrete_function}`` dict -> `TFLiteConverter`.
+Parameters are `tf.Variable`s shared by every signature, so a weight used by
+``segment_3`` and ``full`` is stored once in the flatbuffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from flexjax import models
+from flexjax.spec import FINAL, PARAMETRIC, Net
+
+PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
+FULL = "full"
+
+
+@dataclasses.dataclass(frozen=True)
+class SignaturePlan:
+    """What one signature computes.
+
+    Attributes:
+      name: signature name in the flatbuffer.
+      kind: ``segment`` (backbone positions [start, stop)), ``head`` (the head
+        of `exit`) or ``full`` (positions [0, L) as one graph).
+      start, stop: backbone positions covered (for a head: the exit's position
+        + 1 for both, i.e. no backbone).
+      exit: the exit this signature leads to (`FINAL` for the last segment and
+        ``full``).
+      input_name, output_name: tensor names in the signature.
+      input_shape, output_shape: shapes without the batch dimension.
+    """
+
+    name: str
+    kind: str
+    start: int
+    stop: int
+    exit: str
+    input_name: str
+    output_name: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["input_shape"] = [1, *self.input_shape]
+        d["output_shape"] = [1, *self.output_shape]
+        return d
+
+
+def exit_key(exit_name: str) -> str:
+    """``exit_3`` -> ``3``; any other name is kept as is."""
+    return exit_name[len("exit_") :] if exit_name.startswith("exit_") else exit_name
+
+
+def plan_signatures(net: Net) -> list[SignaturePlan]:
+    """The signatures of `net`'s bundle, in execution order, then ``full``."""
+    shapes = net.shapes()
+    input_shape = tuple(net.input_shape)
+
+    def in_shape(pos: int) -> tuple[int, ...]:
+        return input_shape if pos == 0 else tuple(shapes[pos - 1][1])
+
+    plans: list[SignaturePlan] = []
+    start = 0
+    for e in net.exits:
+        stop = e.after + 1
+        key = exit_key(e.name)
+        act = tuple(shapes[e.after][1])
+        plans.append(
+            SignaturePlan(
+                f"segment_{key}", "segment", start, stop, e.name,
+                "x", "activation", in_shape(start), act,
+            )
+        )  # fmt: skip
+        plans.append(
+            SignaturePlan(
+                e.name if e.name.startswith("exit_") else f"exit_{key}", "head", stop, stop,
+                e.name, "activation", "logits", act, (net.num_classes,),
+            )
+        )  # fmt: skip
+        start = stop
+    n = len(net.layers)
+    logits = (net.num_classes,)
+    plans.append(
+        SignaturePlan(f"segment_{FINAL}", "segment", start, n, FINAL, "x", "logits",
+                      in_shape(start), logits)
+    )  # fmt: skip
+    plans.append(SignaturePlan(FULL, "full", 0, n, FINAL, "x", "logits", input_shape, logits))
+    names = [p.name for p in plans]
+    if len(set(names)) != len(names):
+        raise ValueError(f"exit names give clashing signature names: {names}")
+    return plans
+
+
+def _subset(net: Net, variables: Mapping[str, Any], plan: SignaturePlan) -> dict:
+    """The variables a signature reads (so unrelated weights are not captured)."""
+    if plan.kind == "head":
+        keys = {plan.exit}
+    else:
+        keys = {
+            models.layer_name(i)
+            for i in range(plan.start, plan.stop)
+            if net.layers[i].kind in PARAMETRIC or net.layers[i].kind in ("residual", "inception")
+        }
+    out: dict = {}
+    for col, tree in variables.items():
+        sub = {k: v for k, v in tree.items() if k in keys}
+        if sub:
+            out[col] = sub
+    return out
+
+
+def signature_fn(net: Net, plan: SignaturePlan) -> Callable[[dict, jax.Array], jax.Array]:
+    """A pure JAX function ``(variables, x) -> output`` for one signature."""
+    model = models.build(net)
+    if plan.kind == "head":
+
+        def run_head(variables, x):
+            return models.head_apply(net, variables, plan.exit, x)
+
+        return run_head
+
+    def run_segment(variables, x):
+        out = model.apply(variables, x, False, start=plan.start, stop=plan.stop, heads=False)
+        return out[FINAL] if plan.stop == len(net.layers) else out["activation"]
+
+    return run_segment
+
+
+def jax_outputs(
+    net: Net, variables: Mapping[str, Any], plan: SignaturePlan, x: np.ndarray, batch: int = 128
+) -> np.ndarray:
+    """Runs one signature's computation in JAX (jit, inference mode) on a batch of inputs."""
+    fn = jax.jit(signature_fn(net, plan))
+    sub = _subset(net, variables, plan)
+    outs = [np.asarray(fn(sub, x[i : i + batch])) for i in range(0, len(x), batch)]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def _converter_options(converter, precision: str, sparsity: bool, representative) -> None:
+    import tensorflow as tf
+
+    opts = []
+    if precision == "fp16":
+        opts = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif precision == "dynamic":
+        opts = [tf.lite.Optimize.DEFAULT]
+    elif precision == "int8":
+        if representative is None:
+            raise ValueError("int8 export needs a representative dataset")
+        opts = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+    elif precision != "fp32":
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if sparsity:
+        opts.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
+    converter.optimizations = opts
+
+
+def to_tflite(
+    net: Net,
+    variables: Mapping[str, Any],
+    plans: Sequence[SignaturePlan],
+    *,
+    precision: str = "fp32",
+    sparsity: bool = False,
+    representative: Mapping[str, np.ndarray] | None = None,
+    num_calibration: int = 100,
+) -> bytes:
+    """Converts `net` into one TFLite flatbuffer with a signature per plan.
+
+    Args:
+      representative: signature name -> [N, ...] real inputs of that signature
+        (int8 only): the activation ranges of every signature are calibrated on
+        inputs it will really see.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    np_vars = jax.tree.map(lambda a: np.asarray(a, np.float32), dict(variables))
+    module = tf.Module()
+    module.params = jax.tree.map(lambda a: tf.Variable(a, trainable=False), np_vars)
+
+    signatures = {}
+    for plan in plans:
+        sub_np = _subset(net, np_vars, plan)
+        # The same tf.Variable objects, picked by the same keys.
+        sub_tf = {c: {k: module.params[c][k] for k in t} for c, t in sub_np.items()}
+        converted = jax2tf.convert(signature_fn(net, plan), with_gradient=False)
+
+        spec = tf.TensorSpec((1, *plan.input_shape), tf.float32, name=plan.input_name)
+        fn = tf.function(
+            _closure(converted, sub_tf, plan.output_name), input_signature=[spec], autograph=False
+        )
+        signatures[plan.name] = fn.get_concrete_function()
+        setattr(module, f"fn_{len(signatures)}", fn)
+
+    rep_fn = None
+    if precision == "int8":
+        if not representative:
+            raise ValueError("int8 export needs representative inputs for every signature")
+
+        def rep_fn():
+            for plan in plans:
+                xs = representative[plan.name][:num_calibration]
+                for x in xs:
+                    yield plan.name, {plan.input_name: x[None].astype(np.float32)}
+
+    with tempfile.TemporaryDirectory(prefix="flexjax_savedmodel_") as tmp:
+        path = os.path.join(tmp, "model")
+        tf.saved_model.save(module, path, signatures=signatures)
+        converter = tf.lite.TFLiteConverter.from_saved_model(path, signature_keys=list(signatures))
+        _converter_options(converter, precision, sparsity, rep_fn)
+        return bytes(converter.convert())
+
+
+def _closure(fn: Callable, variables: dict, output_name: str) -> Callable:
+    # A closure, not default arguments: tf.function would treat those as inputs.
+    def wrapped(x):
+        return {output_name: fn(variables, x)}
+
+    return wrapped
+
+
+def representative_inputs(
+    net: Net, variables: Mapping[str, Any], plans: Iterable[SignaturePlan], x: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Real inputs of every signature, from images `x` run through the JAX model."""
+    out: dict[str, np.ndarray] = {}
+    acts: dict[int, np.ndarray] = {0: x.astype(np.float32)}
+    for plan in plans:
+        if plan.kind == "full":
+            out[plan.name] = acts[0]
+        elif plan.kind == "segment":
+            out[plan.name] = acts[plan.start]
+            if plan.stop < len(net.layers):
+                acts[plan.stop] = jax_outputs(net, variables, plan, acts[plan.start])
+        else:
+            out[plan.name] = acts[plan.start]
+    return out

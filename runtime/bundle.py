@@ -1,0 +1,213 @@
+"""A bundle on disk: ``manifest.json`` + ``manifest.sha256`` + the model files.
+
+`Bundle.from_dir` verifies everything before any byte reaches the
+interpreter: the manifest's own digest, its schema version and required
+fields, the size and sha256 of every file it lists, and that the flatbuffer
+parses and holds the signatures the manifest promises with the shapes it
+promises. A truncated, bit-flipped or swapped file is a `BundleError` with one
+clear line, never a crash inside LiteRT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.sha256"
+_REQUIRED = (
+    "schema_version",
+    "format",
+    "model",
+    "net",
+    "precision",
+    "input",
+    "signatures",
+    "exits",
+    "criterion",
+    "calibration",
+    "files",
+)
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, corrupt or does not match its manifest."""
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitInfo:
+    """One exit as the runtime sees it (execution order; the last is ``final``).
+
+    Attributes:
+      name: exit name (``final`` for the end of the backbone).
+      after: backbone position it hangs off (last position for ``final``).
+      segment: signature computing the backbone up to this exit.
+      head: signature of the exit head; None for ``final`` (its segment ends in logits).
+      threshold: calibrated threshold in natural units; None = never exits early.
+    """
+
+    name: str
+    after: int
+    segment: str
+    head: str | None
+    threshold: float | None
+
+
+class Bundle:
+    """A verified bundle. Construct with `Bundle.from_dir`."""
+
+    def __init__(self, path: str, manifest: Mapping[str, Any]):
+        self.path = path
+        self.manifest = manifest
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path: str) -> Bundle:
+        """Opens and verifies a bundle directory.
+
+        Raises:
+          BundleError: anything missing, corrupt or inconsistent (one line).
+        """
+        if not os.path.isdir(path):
+            raise BundleError(f"bundle {path} does not exist or is not a directory")
+        mpath = os.path.join(path, MANIFEST)
+        dpath = os.path.join(path, MANIFEST_DIGEST)
+        for p in (mpath, dpath):
+            if not os.path.isfile(p):
+                raise BundleError(f"bundle {path} has no {os.path.basename(p)}")
+        with open(mpath, "rb") as f:
+            raw = f.read()
+        with open(dpath, encoding="ascii", errors="replace") as f:
+            expected = f.read().split()[0] if os.path.getsize(dpath) else ""
+        if hashlib.sha256(raw).hexdigest() != expected:
+            raise BundleError(f"{mpath} does not match its checksum in {MANIFEST_DIGEST} (corrupt)")
+        try:
+            manifest = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{mpath} is not valid JSON: {e}") from None
+        bundle = cls(path, manifest)
+        bundle._check_manifest()
+        bundle._check_files()
+        bundle._check_model()
+        return bundle
+
+    def _check_manifest(self) -> None:
+        m = self.manifest
+        if not isinstance(m, dict):
+            raise BundleError(f"{self.path}/{MANIFEST} is not a JSON object")
+        version = m.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"bundle {self.path} has schema version {version!r}; this runtime reads "
+                f"version {SCHEMA_VERSION} (re-export it with this flexjax)"
+            )
+        missing = [k for k in _REQUIRED if k not in m]
+        if missing:
+            raise BundleError(f"{self.path}/{MANIFEST} lacks {', '.join(missing)}")
+        if m["model"] not in m["files"]:
+            raise BundleError(f"manifest model file {m['model']!r} is not among its files")
+        for e in m["exits"]:
+            for key in ("segment", "head"):
+                sig = e.get(key)
+                if sig is not None and sig not in m["signatures"]:
+                    raise BundleError(f"exit {e.get('name')!r} names unknown signature {sig!r}")
+
+    def _check_files(self) -> None:
+        for name, meta in self.manifest["files"].items():
+            if os.path.basename(name) != name or name in (MANIFEST, MANIFEST_DIGEST):
+                raise BundleError(f"manifest lists an invalid file name {name!r}")
+            p = os.path.join(self.path, name)
+            if not os.path.isfile(p):
+                raise BundleError(f"bundle file {p} is missing")
+            size = os.path.getsize(p)
+            if size != meta.get("bytes"):
+                raise BundleError(
+                    f"bundle file {p} has {size} bytes, manifest says {meta.get('bytes')} "
+                    "(truncated or replaced)"
+                )
+            if sha256_file(p) != meta.get("sha256"):
+                raise BundleError(f"bundle file {p} does not match its sha256 (corrupt)")
+
+    def _check_model(self) -> None:
+        from runtime import tflite_model
+
+        with open(self.model_path, "rb") as f:
+            data = f.read()
+        try:
+            sigs = tflite_model.read_model(data)
+        except tflite_model.ModelFormatError as e:
+            raise BundleError(f"{self.model_path}: {e}") from None
+        for name, meta in self.manifest["signatures"].items():
+            if name not in sigs:
+                raise BundleError(f"{self.model_path} lacks signature {name!r} (wrong model file)")
+            info = sigs[name]
+            got = tuple(info.inputs[0].shape) if info.inputs else ()
+            if got != tuple(meta["input_shape"]):
+                raise BundleError(
+                    f"{self.model_path} signature {name!r} takes {got}, manifest says "
+                    f"{tuple(meta['input_shape'])} (wrong model file)"
+                )
+
+    # -- accessors ---------------------------------------------------------------------------
+
+    @property
+    def model_path(self) -> str:
+        return os.path.join(self.path, self.manifest["model"])
+
+    @property
+    def criterion(self) -> str:
+        return self.manifest["criterion"]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["input"]["shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["net"]["num_classes"])
+
+    @property
+    def exits(self) -> tuple[ExitInfo, ...]:
+        thresholds = self.manifest["calibration"]["thresholds"]
+        return tuple(
+            ExitInfo(e["name"], e["after"], e["segment"], e["head"], thresholds.get(e["name"]))
+            for e in self.manifest["exits"]
+        )
+
+    @property
+    def exit_names(self) -> tuple[str, ...]:
+        return tuple(e["name"] for e in self.manifest["exits"])
+
+    def thresholds(self, epsilon: float | None = None) -> dict[str, float | None]:
+        """Calibrated thresholds, by default for the bundle's own epsilon.
+
+        Raises:
+          BundleError: no calibration for that epsilon (the error lists those there are).
+        """
+        if epsilon is None:
+            return dict(self.manifest["calibration"]["thresholds"])
+        for cal in self.manifest.get("calibrations", []):
+            if abs(cal["epsilon"] - epsilon) < 1e-9:
+                return dict(cal["thresholds"])
+        have = sorted(c["epsilon"] for c in self.manifest.get("calibrations", []))
+        raise BundleError(f"bundle has no calibration for epsilon={epsilon}; it has {have}")
+
+    def load(self, num_threads: int = 1):
+        """The interpreter for this bundle's model (`runtime.lite.Model`)."""
+        from runtime.lite import Model
+
+        return Model(self.model_path, num_threads=num_threads)
