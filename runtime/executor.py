@@ -105,6 +105,7 @@ class EarlyExitExecutor:
     def run(self, x: np.ndarray) -> ExitResult:
         """Classifies one frame, leaving at the first confident exit."""
         h = self.frame(x)
+        crit = self.criterion
         last = len(self.stages) - 1
         for i, st in enumerate(self.stages):
             h = st.segment(h)
@@ -112,7 +113,7 @@ class EarlyExitExecutor:
                 return ExitResult(st.name, i, int(h.argmax()), h)
             if st.head is not None:
                 logits = st.head(h)
-                if criteria.score(logits, self.criterion)[0] >= st.score_threshold:
+                if criteria.score_one(logits, crit) >= st.score_threshold:
                     return ExitResult(st.name, i, int(logits.argmax()), logits)
         raise AssertionError("unreachable")  # pragma: no cover
 

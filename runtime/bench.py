@@ -1,0 +1,349 @@
+"""Benchmarks a bundle: accuracy, exit histogram and time per frame, vs `full`, in one run.
+
+  python -m runtime.bench --bundle=BUNDLE --data=mnist5k:test --target=local --threads=1 --json=OUT
+  python -m runtime.bench --bundle=BUNDLE --data=video:mnist5k --target=adb:SERIAL \\
+      --benchmark-binary=/path/to/benchmark_model [--use-gpu] [--energy]
+
+Local target: every frame is timed (wall clock, batch 1) in four modes,
+interleaved round by round so drift hits all of them alike:
+
+* ``early_exit``: the executor with the bundle's calibrated thresholds;
+* ``full``: the ``full`` signature (the whole backbone as one graph);
+* ``segments_only``: every segment, no heads (pure split overhead);
+* ``never_exit``: every segment and every head, thresholds that never pass
+  (the worst case of an early-exit model).
+
+plus ``batched`` (the executor's stage-by-stage batch mode; mean time per
+frame only). Ratios are against ``full`` from the same run.
+
+adb target: runs the user's ``benchmark_model`` on the phone for every
+signature (`runtime.adb`), and combines the per-signature times with the exit
+rates (measured on ``--data`` on this host with the same model, or the
+bundle's validation rates without ``--data``) into an expected time per frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from runtime import data as data_lib
+from runtime.bundle import Bundle, BundleError
+from runtime.executor import EarlyExitExecutor
+
+MODES = ("early_exit", "full", "segments_only", "never_exit")
+
+
+def _stats(ns: Sequence[int]) -> dict:
+    ms = np.asarray(ns, np.float64) / 1e6
+    return {
+        "mean_ms": float(ms.mean()),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "frames": int(ms.size),
+    }
+
+
+def pick_thresholds(bundle: Bundle, kind: str, epsilon: float | None, source: str) -> tuple:
+    """Thresholds for the run: calibrated on `source` (auto: video_val for video) at `epsilon`."""
+    rows = bundle.manifest.get("calibrations", [])
+    if source == "auto":
+        has_video = any(r["source"] == "video_val" for r in rows)
+        source = "video_val" if kind == "video" and has_video else "val"
+    eps = bundle.manifest["calibration"]["epsilon"] if epsilon is None else epsilon
+    for r in rows:
+        if r["source"] == source and abs(r["epsilon"] - eps) < 1e-9:
+            return r, source
+    have = sorted({(r["source"], r["epsilon"]) for r in rows})
+    raise BundleError(f"bundle has no calibration for source={source} epsilon={eps}; has {have}")
+
+
+def expected_time(
+    exits: Sequence[Mapping], rates: Mapping[str, float], sig_time: Mapping[str, float]
+) -> float:
+    """Expected time per frame from per-signature times and exit rates.
+
+    A frame leaving at exit k ran every segment up to k and every head up to k
+    (the heads before k did not pass; k's own head did). A frame reaching
+    ``final`` ran all segments and all side heads.
+    """
+    total, spent = 0.0, 0.0
+    for e in exits:
+        spent += sig_time[e["segment"]]
+        if e.get("head"):
+            spent += sig_time[e["head"]]
+        total += rates.get(e["name"], 0.0) * spent
+    return total
+
+
+def run_local(
+    bundle: Bundle,
+    frames: data_lib.Frames,
+    thresholds: Mapping[str, float | None],
+    *,
+    threads: int = 1,
+    rounds: int = 3,
+    warmup: int = 20,
+) -> dict:
+    ex = EarlyExitExecutor(bundle, num_threads=threads, thresholds=thresholds)
+    never = EarlyExitExecutor.never_exit(bundle, model=ex.model)
+    seg_only = EarlyExitExecutor(bundle, heads=False, model=ex.model)
+    xs = [ex.frame(x) for x in frames.x]
+    fns = {
+        "early_exit": ex.run,
+        "full": ex.run_full,
+        "segments_only": seg_only.run,
+        "never_exit": never.run,
+    }
+    for fn in fns.values():
+        for x in xs[:warmup]:
+            fn(x)
+    times: dict[str, list[int]] = {m: [] for m in MODES}
+    results = []
+    full_pred = np.zeros(len(xs), np.int64)
+    clock = time.perf_counter_ns
+    for r in range(rounds):
+        for mode in MODES:
+            fn, ts = fns[mode], times[mode]
+            for j, x in enumerate(xs):
+                t0 = clock()
+                out = fn(x)
+                ts.append(clock() - t0)
+                if r == 0 and mode == "early_exit":
+                    results.append(out)
+                elif r == 0 and mode == "full":
+                    full_pred[j] = int(out.argmax())
+    t0 = clock()
+    batch_logits, batch_where = ex.run_batch(frames.x)
+    batched_ns = clock() - t0
+
+    y = frames.y
+    pred = np.array([res.prediction for res in results])
+    where = np.array([res.index for res in results])
+    names = ex.exit_names
+    counts = {n: int((where == i).sum()) for i, n in enumerate(names)}
+    per_exit_acc = {
+        n: float((pred[where == i] == y[where == i]).mean()) if counts[n] else None
+        for i, n in enumerate(names)
+    }
+    if not (np.array_equal(batch_where, where) and np.array_equal(batch_logits.argmax(-1), pred)):
+        raise AssertionError("batched and per-frame execution disagree")  # a runtime bug
+    flops = {e["name"]: e["flops"] for e in bundle.manifest["exits"]}
+    backbone = bundle.manifest["costs"]["backbone_flops"]
+    modes = {m: _stats(times[m]) for m in MODES}
+    modes["batched"] = {"mean_ms": batched_ns / 1e6 / len(xs), "frames": len(xs)}
+    full_mean = modes["full"]["mean_ms"]
+    report = {
+        "frames": len(xs),
+        "accuracy": float((pred == y).mean()),
+        "full_accuracy": float((full_pred == y).mean()),
+        "exit_histogram": counts,
+        "exit_rates": {n: c / len(xs) for n, c in counts.items()},
+        "exit_accuracy": per_exit_acc,
+        "expected_flops_ratio": float(np.mean([flops[names[i]] for i in where]) / backbone),
+        "time_per_frame": modes,
+        "ratio_vs_full": {m: modes[m]["mean_ms"] / full_mean for m in modes},
+        "ratio_vs_full_p50": {m: modes[m]["p50_ms"] / modes["full"]["p50_ms"] for m in MODES},
+        "rounds": rounds,
+    }
+    if frames.difficulty is not None:
+        report["by_difficulty"] = _by_difficulty(
+            frames.difficulty, where, pred == y, times, len(xs)
+        )
+    return report
+
+
+def _by_difficulty(difficulty, where, correct, times, n) -> list[dict]:
+    edges = np.quantile(difficulty, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    bins = np.clip(np.searchsorted(edges, difficulty, side="right") - 1, 0, 4)
+    early = np.asarray(times["early_exit"], np.float64).reshape(-1, n).mean(0) / 1e6
+    full = np.asarray(times["full"], np.float64).reshape(-1, n).mean(0) / 1e6
+    rows = []
+    for b in range(5):
+        m = bins == b
+        rows.append(
+            {
+                "difficulty": [float(edges[b]), float(edges[b + 1])],
+                "frames": int(m.sum()),
+                "accuracy": float(correct[m].mean()) if m.any() else None,
+                "mean_exit_index": float(where[m].mean()) if m.any() else None,
+                "early_exit_ms": float(early[m].mean()) if m.any() else None,
+                "full_ms": float(full[m].mean()) if m.any() else None,
+            }
+        )
+    return rows
+
+
+def run_adb(
+    bundle: Bundle,
+    target: str,
+    binary: str,
+    rates: Mapping[str, float],
+    *,
+    threads: int,
+    use_gpu: bool,
+    num_runs: int,
+    warmup_runs: int,
+    energy: bool,
+) -> dict:
+    from runtime.adb import AdbTarget
+
+    serial = target.partition(":")[2] or None
+    adb = AdbTarget(serial, binary)
+    used = adb.check()
+    sigs = list(bundle.manifest["signatures"])
+    timings = adb.benchmark_all(
+        bundle.model_path,
+        sigs,
+        num_threads=threads,
+        use_gpu=use_gpu,
+        num_runs=num_runs,
+        warmup_runs=warmup_runs,
+        energy=energy,
+    )
+    ms = {s: t.avg_us / 1000.0 for s, t in timings.items()}
+    exits = bundle.manifest["exits"]
+    early = expected_time(exits, rates, ms)
+    final_rates = {exits[-1]["name"]: 1.0}
+    report = {
+        "serial": used,
+        "signature_ms": ms,
+        "signatures": {s: t.to_dict() for s, t in timings.items()},
+        "time_per_frame": {
+            "early_exit": {"mean_ms": early},
+            "full": {"mean_ms": ms["full"]},
+            "segments_only": {"mean_ms": sum(ms[e["segment"]] for e in exits)},
+            "never_exit": {"mean_ms": expected_time(exits, final_rates, ms)},
+        },
+        "exit_rates": dict(rates),
+        "note": "per-signature benchmark_model averages combined with the exit rates",
+    }
+    report["ratio_vs_full"] = {
+        m: v["mean_ms"] / ms["full"] for m, v in report["time_per_frame"].items()
+    }
+    if energy:
+        joules = {s: t.energy.get("energy_per_inference_j") for s, t in timings.items() if t.energy}
+        if joules and all(v is not None for v in joules.values()):
+            report["energy_per_frame_j"] = {
+                "early_exit": expected_time(exits, rates, joules),
+                "full": joules["full"],
+            }
+    return report
+
+
+def format_report(rep: Mapping) -> str:
+    lines = [
+        f"bundle {rep['bundle']} ({rep['precision']}) on {rep['target']}, "
+        f"threads={rep['threads']}, data={rep['data']} ({rep.get('frames', '-')} frames)",
+    ]
+    if "accuracy" in rep:
+        lines.append(
+            f"accuracy: early exit {rep['accuracy']:.4f}, full {rep['full_accuracy']:.4f}; "
+            f"expected FLOPs {rep['expected_flops_ratio']:.3f}x"
+        )
+    lines.append(
+        "exits: "
+        + ", ".join(
+            f"{n} {rep['exit_rates'][n]:.3f}"
+            + (f" ({rep['exit_histogram'][n]})" if "exit_histogram" in rep else "")
+            for n in rep["exit_rates"]
+        )
+    )
+    lines.append(f"{'mode':<15}{'mean ms':>10}{'p50 ms':>10}{'p95 ms':>10}{'x full':>9}")
+    for m, s in rep["time_per_frame"].items():
+        p50 = f"{s['p50_ms']:>10.4f}" if "p50_ms" in s else f"{'':>10}"
+        p95 = f"{s['p95_ms']:>10.4f}" if "p95_ms" in s else f"{'':>10}"
+        lines.append(f"{m:<15}{s['mean_ms']:>10.4f}{p50}{p95}{rep['ratio_vs_full'][m]:>9.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", default=None, help="DATASET:SPLIT, video:DATASET or npz:PATH")
+    p.add_argument("--target", default="local", help="local or adb[:SERIAL]")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N frames")
+    p.add_argument("--rounds", type=int, default=3, help="timed passes over the frames (local)")
+    p.add_argument("--epsilon", type=float, default=None, help="calibration to use")
+    p.add_argument("--calibration", default="auto", choices=("auto", "val", "video_val"))
+    p.add_argument("--benchmark-binary", default=None, help="benchmark_model for --target=adb")
+    p.add_argument("--use-gpu", action="store_true", help="adb: run with the GPU delegate")
+    p.add_argument("--num-runs", type=int, default=50, help="adb: timed runs per signature")
+    p.add_argument("--warmup-runs", type=int, default=5, help="adb: warmup runs per signature")
+    p.add_argument("--energy", action="store_true", help="adb: sample battery current/voltage")
+    args = p.parse_args(argv)
+    try:
+        return _main(args)
+    except (BundleError, ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+
+
+def _main(args) -> int:
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {args.threads}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1; got {args.rounds}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise FileNotFoundError(f"directory of --json={args.json} does not exist")
+    bundle = Bundle.from_dir(args.bundle)
+    frames = data_lib.load(args.data, bundle.manifest, args.limit) if args.data else None
+    kind = frames.kind if frames else "images"
+    cal, source = pick_thresholds(bundle, kind, args.epsilon, args.calibration)
+    rep: dict = {
+        "bundle": os.path.abspath(args.bundle),
+        "precision": bundle.manifest["precision"],
+        "target": args.target,
+        "threads": args.threads,
+        "data": args.data,
+        "calibration": {"source": source, "epsilon": cal["epsilon"], **cal["thresholds"]},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count()},
+    }  # fmt: skip
+    if args.target == "local":
+        if frames is None:
+            raise ValueError("--target=local needs --data")
+        rep.update(run_local(bundle, frames, cal["thresholds"], threads=args.threads,
+                             rounds=args.rounds))  # fmt: skip
+    elif args.target == "adb" or args.target.startswith("adb:"):
+        if not args.benchmark_binary:
+            raise ValueError("--target=adb needs --benchmark-binary=PATH (TFLite benchmark_model)")
+        if not os.path.isfile(args.benchmark_binary):
+            raise FileNotFoundError(f"benchmark binary {args.benchmark_binary} does not exist")
+        if frames is not None:  # exit rates on these frames, measured with the same model here
+            local = EarlyExitExecutor(bundle, thresholds=cal["thresholds"])
+            _, where = local.run_batch(frames.x)
+            rates = {n: float((where == i).mean()) for i, n in enumerate(local.exit_names)}
+            rep["frames"] = len(frames.x)
+            rep["exit_rates_from"] = f"{args.data} (host run of the same model)"
+        else:
+            rates = cal["val_exit_rates"]
+            rep["exit_rates_from"] = f"bundle calibration ({source})"
+        rep.update(
+            run_adb(bundle, args.target, args.benchmark_binary, rates, threads=args.threads,
+                    use_gpu=args.use_gpu, num_runs=args.num_runs, warmup_runs=args.warmup_runs,
+                    energy=args.energy)
+        )  # fmt: skip
+    else:
+        raise ValueError(f"unknown --target={args.target}; valid: local, adb, adb:SERIAL")
+    print(format_report(rep))
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(rep, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
