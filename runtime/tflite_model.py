@@ -429,6 +429,7 @@ class _Op:
     inputs: list[_Tensor | None]  # None: optional input left out (index -1)
     outputs: list[_Tensor]
     options: Any  # flatbuffers Table of the builtin options, or None
+    options_type: int  # its BuiltinOptions union tag
 
 
 def _check_header(data: bytes) -> None:
@@ -527,7 +528,7 @@ def _read_ops(
             r.table(options, "builtin options")
         ins = _tensor_refs(r, op, "Inputs", tensors, "operator inputs")
         outs = [t for t in _tensor_refs(r, op, "Outputs", tensors, "operator outputs") if t]
-        ops.append(_Op(op_names[idx], ins, outs, options))
+        ops.append(_Op(op_names[idx], ins, outs, options, op.BuiltinOptionsType()))
     return ops
 
 
@@ -595,8 +596,8 @@ def _parse(data: bytes) -> dict[str, SignatureInfo]:
 
 
 def _opts(op: _Op, cls: Any) -> Any:
-    """The op's builtin options as `cls`, or None when absent."""
-    if op.options is None:
+    """The op's builtin options as `cls`, or None when absent or of another type."""
+    if op.options is None or op.options_type != getattr(_fb.BuiltinOptions, cls.__name__):
         return None
     obj = cls()
     obj.Init(op.options.Bytes, op.options.Pos)
@@ -762,8 +763,10 @@ def _op_problem(op: _Op, fp16_consts: set[int]) -> str | None:
             return f"{name} (needs 1 runtime input and constant axes)"
     elif name == "SOFTMAX":
         opts = _opts(op, _fb.SoftmaxOptions)
-        if opts is None or opts.Beta() != 1.0:
-            return f"{name} (beta != 1)"
+        if opts is None:
+            return f"{name} (no options)"
+        if opts.Beta() != 1.0:
+            return f"{name} (beta {opts.Beta():g} != 1)"
     elif name == "STRIDED_SLICE":
         opts = _opts(op, _fb.StridedSliceOptions)
         if opts is None:

@@ -36,3 +36,11 @@ def smoke_workdir(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("smoke") / "lenet")
     run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={workdir}", check=True)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def smoke_bundle(smoke_workdir, tmp_path_factory) -> str:
+    """The smoke workdir exported (fp32) once through the CLI."""
+    out = str(tmp_path_factory.mktemp("bundles") / "lenet_fp32")
+    run_job("export.bundle", f"--workdir={smoke_workdir}", f"--out={out}", check=True)
+    return out

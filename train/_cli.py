@@ -42,6 +42,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as e:
         # config_flags wraps errors raised by get_config(arg); keep the innermost message.
+        if "--config" not in str(e):
+            fail(str(e))
         inner: BaseException = e
         while (inner.__cause__ or inner.__context__) is not None:
             inner = inner.__cause__ or inner.__context__
