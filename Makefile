@@ -16,11 +16,19 @@ $(STAMP): setup.cfg pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[train,dev]"
 	touch $(STAMP)
 
-# Quickstart on bundled data: train a multi-exit LeNet on MNIST-5k, calibrate its
-# exits, print the per-exit table. Re-running resumes from (or re-reports) the workdir.
+# Quickstart on bundled data: train a multi-exit LeNet on MNIST-5k and calibrate its
+# exits, export it as a TFLite bundle (parity + GPU-op check), then benchmark the
+# bundle with the LiteRT runtime on the test split and on video streams.
+# Re-running resumes from (or re-reports) the workdir and re-exports the bundle.
 demo: $(STAMP)
 	$(BIN)/python -m train.multi_exit --config=configs/mnist_lenet_branchy.py \
 	  --workdir=$(RUNS)/demo/lenet_branchy
+	$(BIN)/python -m export.bundle --workdir=$(RUNS)/demo/lenet_branchy \
+	  --out=$(RUNS)/demo/bundle --overwrite
+	$(BIN)/python -m runtime.bench --bundle=$(RUNS)/demo/bundle --data=mnist5k:test \
+	  --json=$(RUNS)/demo/bench_test.json
+	$(BIN)/python -m runtime.bench --bundle=$(RUNS)/demo/bundle --data=video:mnist5k \
+	  --json=$(RUNS)/demo/bench_video.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests

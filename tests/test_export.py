@@ -18,7 +18,9 @@ from runtime import Bundle, tflite_model
 from conftest import ROOT, run_job
 
 CONFIGS = sorted(
-    f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py") and f != "__init__.py"
+    f[:-3]
+    for f in os.listdir(os.path.join(ROOT, "configs"))
+    if f.endswith(".py") and f != "__init__.py"
 )
 
 
@@ -65,7 +67,9 @@ def test_fp32_conversion_matches_jax_per_signature_and_stores_weights_once():
     inputs = convert.representative_inputs(net, v, plans, x)
     for p in plans:
         run = it.get_signature_runner(p.name)
-        got = np.concatenate([run(**{p.input_name: a[None]})[p.output_name] for a in inputs[p.name]])
+        got = np.concatenate(
+            [run(**{p.input_name: a[None]})[p.output_name] for a in inputs[p.name]]
+        )
         ref = convert.jax_outputs(net, v, p, inputs[p.name])
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
@@ -140,7 +144,11 @@ def test_int8_export_uses_representative_data_and_is_smaller(smoke_workdir, smok
     # The smoke model is barely trained (small logit margins), so agreement is
     # checked at 0.9 here; the default 0.99 holds on the trained demo model.
     m = export_bundle(
-        smoke_workdir, str(tmp_path / "b8"), precision="int8", min_agreement=0.9, log=lambda *_: None
+        smoke_workdir,
+        str(tmp_path / "b8"),
+        precision="int8",
+        min_agreement=0.9,
+        log=lambda *_: None,
     )
     fp32 = _manifest(smoke_bundle)["files"]["model.tflite"]["bytes"]
     assert m["files"]["model.tflite"]["bytes"] < 0.4 * fp32
