@@ -121,6 +121,16 @@ def _signature_costs(net: Net, plan: convert.SignaturePlan, nc: costs_lib.NetCos
     }
 
 
+def _weight_stats(variables: Mapping[str, Any]) -> dict:
+    """How many parameters there are and how many are exactly zero (pruned)."""
+    import jax
+
+    leaves = [np.asarray(a) for a in jax.tree.leaves(variables.get("params", {}))]
+    count = int(sum(a.size for a in leaves))
+    zeros = int(sum((a == 0).sum() for a in leaves))
+    return {"count": count, "zeros": zeros, "zero_fraction": zeros / max(count, 1)}
+
+
 def _parity(net, variables, plans, model, precision, test, parity_examples, executor, tol, agree):
     """Runs every signature in LiteRT against JAX; raises ExportError if parity fails."""
     k = min(64, len(test.x))
@@ -320,6 +330,7 @@ def _export(
         "criterion": criterion,
         "calibration": {"epsilon": default_eps, "thresholds": {}},  # filled below
         "costs": nc.to_dict(),
+        "weights": _weight_stats(variables),
         "gpu": {"compatible": not gpu_bad, "offending": gpu_bad},
         "convert_seconds": convert_s,
         "files": {},

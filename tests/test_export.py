@@ -131,13 +131,14 @@ def test_bundle_manifest_records_what_the_runtime_needs(smoke_bundle, smoke_work
     Bundle.from_dir(smoke_bundle)
 
 
-def test_fp16_export_records_top1_agreement(smoke_workdir, tmp_path):
+def test_fp16_export_records_top1_agreement(smoke_workdir, smoke_bundle, tmp_path):
     m = export_bundle(smoke_workdir, str(tmp_path / "b16"), precision="fp16", log=lambda *_: None)
     assert m["precision"] == "fp16" and m["parity"]["passed"]
     for r in m["parity"]["exits"].values():
         assert r["top1_agreement"] >= 0.99
-    size32 = m["files"]["model.tflite"]["bytes"]
-    assert size32 > 0
+    fp32 = _manifest(smoke_bundle)["files"]["model.tflite"]["bytes"]
+    assert m["files"]["model.tflite"]["bytes"] < 0.6 * fp32
+    assert m["weights"]["count"] > 0 and 0.0 <= m["weights"]["zero_fraction"] < 0.1
 
 
 def test_int8_export_uses_representative_data_and_is_smaller(smoke_workdir, smoke_bundle, tmp_path):
@@ -192,3 +193,26 @@ def test_existing_out_needs_overwrite(smoke_workdir, smoke_bundle):
 
 def test_config_defaults_are_exportable():
     assert defaults().exits.criterion in ("entropy", "max_softmax")
+
+
+def test_sparsity_stores_pruned_weights_compressed_with_identical_outputs():
+    net, v = _net_and_vars("lenet_branchy", input_shape=(28, 28, 1), num_classes=10, width=0.5)
+
+    def prune(a):  # 90% magnitude pruning of every kernel
+        a = np.asarray(a)
+        if a.ndim < 2:
+            return a
+        return np.where(np.abs(a) >= np.quantile(np.abs(a), 0.9), a, 0).astype(np.float32)
+
+    pruned = jax.tree.map(prune, v)
+    plans = convert.plan_signatures(net)
+    dense = convert.to_tflite(net, pruned, plans)
+    sparse = convert.to_tflite(net, pruned, plans, sparsity=True)
+    assert len(sparse) < 0.4 * len(dense)
+    from ai_edge_litert.interpreter import Interpreter
+
+    x = np.random.default_rng(1).random((1, *net.input_shape), np.float32)
+    a = Interpreter(model_content=dense).get_signature_runner("full")(x=x)["logits"]
+    b = Interpreter(model_content=sparse).get_signature_runner("full")(x=x)["logits"]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert all(s.gpu_compatible for s in tflite_model.gpu_report(sparse).values())
