@@ -92,7 +92,8 @@ def main(argv=None) -> int:
         f"batch-1 time per frame ({res['frames']} frames x {res['rounds']} rounds): "
         f"JAX jit ({res['jax_backend']}) p50 {res['jax_jit']['p50_ms']:.4f} ms, "
         f"LiteRT full p50 {res['litert_full']['p50_ms']:.4f} ms "
-        f"-> LiteRT/JAX {res['litert_over_jax_p50']:.3f}; top-1 agreement {res['top1_agreement']:.3f}"
+        f"-> LiteRT/JAX {res['litert_over_jax_p50']:.3f}; "
+        f"top-1 agreement {res['top1_agreement']:.3f}"
     )
     if a.json:
         with open(a.json, "w") as f:
