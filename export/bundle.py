@@ -112,7 +112,7 @@ def _signature_costs(net: Net, plan: convert.SignaturePlan, nc: costs_lib.NetCos
     if plan.kind == "head":
         c = nc.heads[plan.exit]
     else:
-        c = costs_lib._sum(nc.layers[plan.start : plan.stop])
+        c = costs_lib.total(nc.layers[plan.start : plan.stop])
     return {
         "flops": c.flops,
         "param_bytes": c.param_bytes,
@@ -381,10 +381,7 @@ def _export(
     manifest["test"] = {
         "examples": int(len(tested.correct)),
         "accuracy": tested.accuracy,
-        "final_accuracy": float(
-            tested.correct.size
-            and (test_logits[FINAL].argmax(-1) == splits.test.y[:parity_examples]).mean()
-        ),
+        "final_accuracy": next(e["test_accuracy"] for e in exits if e["name"] == FINAL),
         "exit_rates": tested.rates,
         "expected_flops": tested.expected_cost,
         "flops_ratio": tested.expected_cost / nc.backbone_flops,

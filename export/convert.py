@@ -116,8 +116,8 @@ def plan_signatures(net: Net) -> list[SignaturePlan]:
     return plans
 
 
-def _subset(net: Net, variables: Mapping[str, Any], plan: SignaturePlan) -> dict:
-    """The variables a signature reads (so unrelated weights are not captured)."""
+def signature_variables(net: Net, variables: Mapping[str, Any], plan: SignaturePlan) -> dict:
+    """The variables one signature reads (so it captures no unrelated weights)."""
     if plan.kind == "head":
         keys = {plan.exit}
     else:
@@ -156,7 +156,7 @@ def jax_outputs(
 ) -> np.ndarray:
     """Runs one signature's computation in JAX (jit, inference mode) on a batch of inputs."""
     fn = jax.jit(signature_fn(net, plan))
-    sub = _subset(net, variables, plan)
+    sub = signature_variables(net, variables, plan)
     outs = [np.asarray(fn(sub, x[i : i + batch])) for i in range(0, len(x), batch)]
     return np.concatenate(outs).astype(np.float32)
 
@@ -210,7 +210,7 @@ def to_tflite(
 
     signatures = {}
     for plan in plans:
-        sub_np = _subset(net, np_vars, plan)
+        sub_np = signature_variables(net, np_vars, plan)
         # The same tf.Variable objects, picked by the same keys.
         sub_tf = {c: {k: module.params[c][k] for k in t} for c, t in sub_np.items()}
         converted = jax2tf.convert(signature_fn(net, plan), with_gradient=False)

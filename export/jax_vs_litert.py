@@ -33,7 +33,7 @@ def measure(workdir: str, bundle_dir: str, frames: int = 500, rounds: int = 3, t
     xs = training.load_data(config).test.x[:frames]
     plan = next(p for p in convert.plan_signatures(net) if p.name == convert.FULL)
     fn = jax.jit(convert.signature_fn(net, plan))
-    sub = convert._subset(net, variables, plan)
+    sub = convert.signature_variables(net, variables, plan)
     ex = EarlyExitExecutor(bundle, num_threads=threads)
     batch1 = [np.ascontiguousarray(x[None]) for x in xs]
     jax_in = [jax.device_put(x) for x in batch1]

@@ -49,11 +49,12 @@ class LayerCost:
         return dataclasses.asdict(self)
 
 
-def _sum(costs: Sequence[LayerCost]) -> LayerCost:
-    total = LayerCost()
+def total(costs: Sequence[LayerCost]) -> LayerCost:
+    """The summed cost of a sequence of layers (e.g. one export segment)."""
+    out = LayerCost()
     for c in costs:
-        total = total + c
-    return total
+        out = out + c
+    return out
 
 
 def _counts(layer: Layer, in_shape: Shape, out_shape: Shape) -> tuple[int, int, int]:
@@ -95,7 +96,7 @@ def _counts(layer: Layer, in_shape: Shape, out_shape: Shape) -> tuple[int, int, 
         flops = params = state = 0
         for branch in layer.branches:
             if branch:
-                c = _sum(sequence_costs(branch, in_shape))
+                c = total(sequence_costs(branch, in_shape))
                 flops, params, state = flops + c.flops, params + c.params, state + c.state
         if k == "residual":
             flops += n_out * (2 if layer["activation"] == "relu" else 1)
@@ -147,7 +148,7 @@ class NetCosts:
 
     @property
     def backbone(self) -> LayerCost:
-        return _sum(self.layers)
+        return total(self.layers)
 
     @property
     def backbone_flops(self) -> int:
@@ -174,7 +175,7 @@ def of(net: Net, *, bytes_per_param: int = 4, bytes_per_activation: int = 4) -> 
     kw = dict(bytes_per_param=bytes_per_param, bytes_per_activation=bytes_per_activation)
     layers = tuple(sequence_costs(net.layers, net.input_shape, **kw))
     shapes = net.shapes()
-    heads = {e.name: _sum(sequence_costs(e.layers, shapes[e.after][1], **kw)) for e in net.exits}
+    heads = {e.name: total(sequence_costs(e.layers, shapes[e.after][1], **kw)) for e in net.exits}
     exit_flops: dict[str, int] = {}
     spent_on_heads = 0
     for e in net.exits:

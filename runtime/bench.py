@@ -306,7 +306,9 @@ def _main(args) -> int:
         "target": args.target,
         "threads": args.threads,
         "data": args.data,
-        "calibration": {"source": source, "epsilon": cal["epsilon"], **cal["thresholds"]},
+        "calibration": {
+            "source": source, "epsilon": cal["epsilon"], "thresholds": cal["thresholds"]
+        },
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count()},
     }  # fmt: skip

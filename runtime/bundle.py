@@ -118,13 +118,37 @@ class Bundle:
         missing = [k for k in _REQUIRED if k not in m]
         if missing:
             raise BundleError(f"{self.path}/{MANIFEST} lacks {', '.join(missing)}")
+        try:
+            self._check_structure(m)
+        except (TypeError, KeyError, AttributeError, ValueError) as e:
+            raise BundleError(
+                f"{self.path}/{MANIFEST} is malformed: {type(e).__name__} {e}"
+            ) from None
+
+    def _check_structure(self, m: dict) -> None:
         if m["model"] not in m["files"]:
             raise BundleError(f"manifest model file {m['model']!r} is not among its files")
+        for name, meta in m["files"].items():
+            if not (isinstance(meta["bytes"], int) and isinstance(meta["sha256"], str)):
+                raise TypeError(f"files[{name!r}] needs an int 'bytes' and a str 'sha256'")
+        for name, sig in m["signatures"].items():
+            if not all(isinstance(d, int) for d in sig["input_shape"]):
+                raise TypeError(f"signatures[{name!r}].input_shape must be ints")
+        if not m["exits"] or m["exits"][-1]["head"] is not None:
+            raise ValueError("exits must be non-empty and end with the backbone's final exit")
         for e in m["exits"]:
+            if not isinstance(e["name"], str) or not isinstance(e["after"], int):
+                raise TypeError("every exit needs a str 'name' and an int 'after'")
             for key in ("segment", "head"):
-                sig = e.get(key)
+                sig = e[key]
                 if sig is not None and sig not in m["signatures"]:
-                    raise BundleError(f"exit {e.get('name')!r} names unknown signature {sig!r}")
+                    raise BundleError(f"exit {e['name']!r} names unknown signature {sig!r}")
+        thresholds = m["calibration"]["thresholds"]
+        for name, t in thresholds.items():
+            if t is not None and not isinstance(t, (int, float)):
+                raise TypeError(f"threshold of {name!r} must be a number or null")
+        if len(m["input"]["shape"]) != 4:
+            raise ValueError("input.shape must be [1, H, W, C]")
 
     def _check_files(self) -> None:
         for name, meta in self.manifest["files"].items():

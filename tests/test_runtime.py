@@ -52,6 +52,16 @@ def _flip(path, offset):
         (lambda b: os.remove(os.path.join(b, "model.tflite")), "missing"),
         (lambda b: _rewrite_manifest(b, lambda m: m.update(schema_version=99)), "schema version"),
         (lambda b: _rewrite_manifest(b, lambda m: m.pop("exits")), "lacks exits"),
+        (lambda b: _rewrite_manifest(b, lambda m: m.update(exits=["a"])), "malformed"),
+        (lambda b: _rewrite_manifest(b, lambda m: m.update(exits=[])), "malformed"),
+        (lambda b: _rewrite_manifest(b, lambda m: m["files"].clear()), "not among its files"),
+        (
+            lambda b: _rewrite_manifest(
+                b, lambda m: m["calibration"].update(thresholds={"exit_2": "high"})
+            ),
+            "malformed",
+        ),
+        (lambda b: open(os.path.join(b, MANIFEST), "w").write("{"), "checksum"),
         (
             lambda b: _rewrite_manifest(
                 b, lambda m: m["signatures"]["full"].update(input_shape=[1, 32, 32, 3])
