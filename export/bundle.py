@@ -36,7 +36,7 @@ from flexjax import exits as exits_lib
 from flexjax.io import jsonable
 from flexjax.spec import FINAL, Net
 from runtime import tflite_model
-from runtime.bundle import MANIFEST, MANIFEST_DIGEST, SCHEMA_VERSION, sha256_file
+from runtime.bundle import MANIFEST, MANIFEST_DIGEST, SCHEMA_VERSION, sha256_file, summary
 from runtime.executor import EarlyExitExecutor
 
 MODEL_FILE = "model.tflite"
@@ -407,35 +407,6 @@ def _write_manifest(directory: str, manifest: dict) -> None:
         f.write(f"{hashlib.sha256(raw).hexdigest()}  {MANIFEST}\n")
 
 
-def format_manifest(manifest: Mapping[str, Any]) -> str:
-    """A short human-readable summary of a bundle."""
-    lines = [
-        f"precision {manifest['precision']}{' +sparsity' if manifest['sparsity'] else ''}, "
-        f"model {manifest['files'][manifest['model']]['bytes']:,} bytes, "
-        f"GPU-delegate compatible: {manifest['gpu']['compatible']}",
-        f"{'signature':<16}{'flops':>14}{'gpu':>6}  ops",
-    ]
-    for name, s in manifest["signatures"].items():
-        ops = ",".join(f"{k}x{v}" for k, v in sorted(s["ops"].items()))
-        lines.append(
-            f"{name:<16}{s['flops']:>14,}{'yes' if s['gpu_compatible'] else 'NO':>6}  {ops}"
-        )
-    cal = manifest["calibration"]
-    lines.append(
-        f"calibrated on val ({cal['criterion']}, eps={cal['epsilon']}): "
-        + ", ".join(
-            f"{n}: {'never' if t is None else f'{t:.3g}'}" for n, t in cal["thresholds"].items()
-        )
-    )
-    t = manifest["test"]
-    lines.append(
-        f"test ({t['examples']}): early-exit accuracy {t['accuracy']:.4f} "
-        f"(final {t['final_accuracy']:.4f}), FLOPs {t['flops_ratio']:.3f}x of the backbone, "
-        "exit rates " + ", ".join(f"{n} {r:.2f}" for n, r in t["exit_rates"].items())
-    )
-    return "\n".join(lines)
-
-
 def main(argv: list[str]) -> None:
     from absl import flags, logging
 
@@ -458,7 +429,7 @@ def main(argv: list[str]) -> None:
         )  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:
         fail(str(e))
-    print(format_manifest(manifest))
+    print(summary(manifest))
     if not manifest["gpu"]["compatible"]:
         print(
             f"warning: not GPU-delegate compatible: {manifest['gpu']['offending']}", file=sys.stderr

@@ -287,3 +287,13 @@ def test_runtime_runs_where_jax_and_tensorflow_cannot_be_imported(smoke_bundle, 
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "blocked ok" in proc.stdout and json.load(open(out))["frames"] == 30
+
+
+def test_verify_cli_verifies_and_summarises(smoke_bundle, bundle_copy):
+    proc = run_job("runtime.verify", smoke_bundle)
+    assert proc.returncode == 0, proc.stderr
+    assert "verified" in proc.stdout and "segment_2" in proc.stdout and "GPU" in proc.stdout
+    _flip(os.path.join(bundle_copy, "model.tflite"), 777)
+    proc = run_job("runtime.verify", bundle_copy)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error:")
+    assert len(proc.stderr.strip().splitlines()) == 1
