@@ -20,9 +20,7 @@ from runtime.bundle import Bundle, BundleError, summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m runtime.verify", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m runtime.verify", description=__doc__.split("\n")[0])
     p.add_argument("bundle")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     args = p.parse_args(argv)

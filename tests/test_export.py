@@ -43,8 +43,24 @@ def test_signatures_cover_the_backbone_contiguously():
     assert plans[-1].kind == "full" and plans[-1].start == 0
 
 
-def test_custom_exit_names_keep_their_head_signature_and_clash_is_refused():
-    assert convert.exit_key("exit_7") == "7" and convert.exit_key("early") == "early"
+def test_custom_exit_names_name_their_signatures_and_clashes_are_refused():
+    import dataclasses
+
+    net = models.get_model("alexnet_branchy", input_shape=(28, 28, 1), num_classes=10, width=0.25)
+    renamed = dataclasses.replace(
+        net, exits=(dataclasses.replace(net.exits[0], name="early"), *net.exits[1:])
+    )
+    names = [p.name for p in convert.plan_signatures(renamed)]
+    assert names[:3] == ["segment_early", "exit_early", "segment_7"]
+    clash = dataclasses.replace(
+        net,
+        exits=(
+            dataclasses.replace(net.exits[0], name="exit_a"),
+            dataclasses.replace(net.exits[1], name="a"),
+        ),
+    )
+    with pytest.raises(ValueError, match="clashing signature names"):
+        convert.plan_signatures(clash)
 
 
 def _net_and_vars(name, **kw):
@@ -78,9 +94,7 @@ def test_fp32_conversion_matches_jax_per_signature_and_stores_weights_once():
 def test_every_config_model_exports_gpu_compatible(config_name):
     import importlib
 
-    cfg = importlib.import_module(f"configs.{config_name}").get_config("smoke")
-    kw = dict(cfg.model.kwargs)
-    # The net of the real config, at the data's shape; smoke only shrinks width.
+    # The net of the real config (not smoke), at its data's shape, random weights.
     full_cfg = importlib.import_module(f"configs.{config_name}").get_config()
     kw = dict(full_cfg.model.kwargs)
     size = full_cfg.data.image_size or (28 if full_cfg.data.name == "mnist5k" else 32)
