@@ -93,21 +93,6 @@ class _Staged:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def chain_logits(executor: EarlyExitExecutor, xs: np.ndarray) -> dict[str, np.ndarray]:
-    """Logits of every exit for every frame, computed through the bundle's signatures."""
-    names = executor.exit_names
-    out = {n: np.zeros((len(xs), executor.bundle.num_classes), np.float32) for n in names}
-    for j in range(len(xs)):
-        h = executor.frame(xs[j])
-        for i, st in enumerate(executor.stages):
-            h = st.segment(h)
-            if i == len(executor.stages) - 1:
-                out[st.name][j] = h[0]
-            else:
-                out[st.name][j] = st.head(h)[0]
-    return out
-
-
 def _signature_costs(net: Net, plan: convert.SignaturePlan, nc: costs_lib.NetCosts) -> dict:
     if plan.kind == "head":
         c = nc.heads[plan.exit]
@@ -147,7 +132,7 @@ def _parity(net, variables, plans, model, precision, test, parity_examples, exec
     from flexjax import training
 
     ref_logits = training.predict(net, variables, xs)
-    got_logits = chain_logits(executor, xs)
+    got_logits = executor.all_logits(xs)
     full_sig = model.signature(convert.FULL)
     full = np.concatenate([full_sig(np.ascontiguousarray(x[None])) for x in xs])
     chain = {}
@@ -351,7 +336,7 @@ def _export(
             for n, r in parity["exits"].items()
         )
     )
-    val_logits = chain_logits(executor, splits.val.x)
+    val_logits = executor.all_logits(splits.val.x)
     rows = _calibrations(val_logits, splits.val.y, net, nc, criterion, epsilons, "val")
     if config.video.enabled:
         v = config.video
@@ -359,7 +344,7 @@ def _export(
             num_clips=v.num_clips, frames_per_clip=v.frames_per_clip, seed=v.seed + 1000
         )
         stream = data_lib.make_stream(splits.val, vcfg)
-        vlogits = chain_logits(executor, stream.x)
+        vlogits = executor.all_logits(stream.x)
         rows += _calibrations(vlogits, stream.y, net, nc, criterion, epsilons, "video_val")
     default = next(r for r in rows if r["source"] == "val" and r["epsilon"] == default_eps)
     tested = exits_lib.simulate(

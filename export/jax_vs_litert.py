@@ -25,6 +25,7 @@ def measure(workdir: str, bundle_dir: str, frames: int = 500, rounds: int = 3, t
     from export.bundle import load_workdir
     from flexjax import training
     from runtime import Bundle, EarlyExitExecutor
+    from runtime.bench import time_stats
 
     config, net, variables = load_workdir(workdir)
     bundle = Bundle.from_dir(bundle_dir)
@@ -55,17 +56,13 @@ def measure(workdir: str, bundle_dir: str, frames: int = 500, rounds: int = 3, t
                 agree += int(np.argmax(z) == np.argmax(np.asarray(fn(sub, jax_in[j]))))
     del y
 
-    def stats(ns):
-        ms = np.asarray(ns) / 1e6
-        return {"mean_ms": float(ms.mean()), "p50_ms": float(np.median(ms))}
-
     res = {
         "frames": len(xs),
         "rounds": rounds,
         "threads_litert": threads,
         "jax_backend": jax.default_backend(),
-        "jax_jit": stats(t_jax),
-        "litert_full": stats(t_lite),
+        "jax_jit": time_stats(t_jax),
+        "litert_full": time_stats(t_lite),
         "top1_agreement": agree / len(xs),
     }
     res["litert_over_jax_p50"] = res["litert_full"]["p50_ms"] / res["jax_jit"]["p50_ms"]

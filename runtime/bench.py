@@ -41,7 +41,8 @@ from runtime.executor import EarlyExitExecutor
 MODES = ("early_exit", "full", "segments_only", "never_exit")
 
 
-def _stats(ns: Sequence[int]) -> dict:
+def time_stats(ns: Sequence[int]) -> dict:
+    """Mean / p50 / p95 in ms of per-frame times given in ns."""
     ms = np.asarray(ns, np.float64) / 1e6
     return {
         "mean_ms": float(ms.mean()),
@@ -53,16 +54,11 @@ def _stats(ns: Sequence[int]) -> dict:
 
 def pick_thresholds(bundle: Bundle, kind: str, epsilon: float | None, source: str) -> tuple:
     """Thresholds for the run: calibrated on `source` (auto: video_val for video) at `epsilon`."""
-    rows = bundle.manifest.get("calibrations", [])
     if source == "auto":
+        rows = bundle.manifest.get("calibrations", [])
         has_video = any(r["source"] == "video_val" for r in rows)
         source = "video_val" if kind == "video" and has_video else "val"
-    eps = bundle.manifest["calibration"]["epsilon"] if epsilon is None else epsilon
-    for r in rows:
-        if r["source"] == source and abs(r["epsilon"] - eps) < 1e-9:
-            return r, source
-    have = sorted({(r["source"], r["epsilon"]) for r in rows})
-    raise BundleError(f"bundle has no calibration for source={source} epsilon={eps}; has {have}")
+    return bundle.calibration(source, epsilon), source
 
 
 def expected_time(
@@ -137,7 +133,7 @@ def run_local(
         raise AssertionError("batched and per-frame execution disagree")  # a runtime bug
     flops = {e["name"]: e["flops"] for e in bundle.manifest["exits"]}
     backbone = bundle.manifest["costs"]["backbone_flops"]
-    modes = {m: _stats(times[m]) for m in MODES}
+    modes = {m: time_stats(times[m]) for m in MODES}
     modes["batched"] = {"mean_ms": batched_ns / 1e6 / len(xs), "frames": len(xs)}
     full_mean = modes["full"]["mean_ms"]
     report = {

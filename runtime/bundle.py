@@ -197,10 +197,6 @@ class Bundle:
         return self.manifest["criterion"]
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["input"]["shape"])
-
-    @property
     def num_classes(self) -> int:
         return int(self.manifest["net"]["num_classes"])
 
@@ -212,23 +208,24 @@ class Bundle:
             for e in self.manifest["exits"]
         )
 
-    @property
-    def exit_names(self) -> tuple[str, ...]:
-        return tuple(e["name"] for e in self.manifest["exits"])
+    def calibration(self, source: str = "val", epsilon: float | None = None) -> dict:
+        """The calibration row (thresholds, val accuracy, exit rates) for `source` and `epsilon`.
 
-    def thresholds(self, epsilon: float | None = None) -> dict[str, float | None]:
-        """Calibrated thresholds, by default for the bundle's own epsilon.
+        `source` is ``val`` (still images) or ``video_val``; `epsilon` defaults to
+        the bundle's own.
 
         Raises:
-          BundleError: no calibration for that epsilon (the error lists those there are).
+          BundleError: no such calibration (the error lists those there are).
         """
-        if epsilon is None:
-            return dict(self.manifest["calibration"]["thresholds"])
-        for cal in self.manifest.get("calibrations", []):
-            if abs(cal["epsilon"] - epsilon) < 1e-9:
-                return dict(cal["thresholds"])
-        have = sorted(c["epsilon"] for c in self.manifest.get("calibrations", []))
-        raise BundleError(f"bundle has no calibration for epsilon={epsilon}; it has {have}")
+        rows = self.manifest.get("calibrations", [])
+        eps = self.manifest["calibration"]["epsilon"] if epsilon is None else epsilon
+        for r in rows:
+            if r["source"] == source and abs(r["epsilon"] - eps) < 1e-9:
+                return r
+        have = sorted({(r["source"], r["epsilon"]) for r in rows})
+        raise BundleError(
+            f"bundle has no calibration for source={source} epsilon={eps}; has {have}"
+        )
 
     def load(self, num_threads: int = 1):
         """The interpreter for this bundle's model (`runtime.lite.Model`)."""

@@ -123,6 +123,20 @@ class EarlyExitExecutor:
             self._full = self.model.signature("full")
         return self._full(self.frame(x))
 
+    def all_logits(self, xs: np.ndarray) -> dict[str, np.ndarray]:
+        """Logits of every exit for every frame (no early exit: every segment and head runs).
+
+        What calibration and parity checks need: ``{exit name: [N, C]}``.
+        """
+        out = {n: np.zeros((len(xs), self.bundle.num_classes), np.float32) for n in self.exit_names}
+        last = len(self.stages) - 1
+        for j, x in enumerate(xs):
+            h = self.frame(x)
+            for i, st in enumerate(self.stages):
+                h = st.segment(h)
+                out[st.name][j] = h[0] if i == last else st.head(h)[0]
+        return out
+
     def run_batch(self, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Classifies many frames stage by stage, dropping exited frames between segments.
 

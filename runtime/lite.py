@@ -47,17 +47,6 @@ class Signature:
         self._wrapper.Invoke(self._sub)
         return self._wrapper.GetTensor(self._out, self._sub)
 
-    def checked(self, x: np.ndarray) -> np.ndarray:
-        """Like calling it, but first checks shape and dtype with a clear error."""
-        x = np.asarray(x)
-        if x.shape != self.input_shape:
-            raise ValueError(
-                f"signature {self.name!r} expects input shape {self.input_shape}, got {x.shape}"
-            )
-        if x.dtype != self.input_dtype:
-            x = x.astype(self.input_dtype)
-        return self(np.ascontiguousarray(x))
-
 
 class Model:
     """A loaded .tflite with lazily created `Signature`s."""

@@ -117,9 +117,7 @@ def test_executor_single_and_batched_agree_and_match_offline_rule(smoke_bundle):
     ex = EarlyExitExecutor(b)
     frames = _test_frames(b)
     # A threshold that splits the frames, so both exits are used.
-    from export.bundle import chain_logits
-
-    logits = chain_logits(ex, frames.x)
+    logits = ex.all_logits(frames.x)
     h = float(np.median(-criteria.score(logits["exit_2"], "entropy")))
     ex = EarlyExitExecutor(b, thresholds={"exit_2": h})
     results = [ex.run(x) for x in frames.x]
