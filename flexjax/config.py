@@ -66,6 +66,27 @@ def defaults() -> ml_collections.ConfigDict:
     c.video.num_clips = 50
     c.video.frames_per_clip = 40
     c.video.seed = 0
+
+    # FlexDNN (python -m train.flexdnn): exit architecture search and insertion plan.
+    # Ignored by train.multi_exit. Validated by flexjax.flexdnn.validate.
+    c.flexdnn = ml_collections.ConfigDict()
+    c.flexdnn.backbone_workdir = ""  # train.multi_exit workdir; "" = train one in <workdir>
+    c.flexdnn.positions = ()  # candidate exit positions; () = every block boundary
+    c.flexdnn.head_features = 64  # filters of each over-parameterized exit conv
+    c.flexdnn.head_convs = 3  # conv layers per over-parameterized exit
+    c.flexdnn.exit_epochs = 3  # training epochs of the candidate exits (frozen backbone)
+    c.flexdnn.delta = 0.01  # search: allowed exit accuracy drop (fraction, val split)
+    c.flexdnn.prune_fraction = 0.5  # search: filters removed per pruning step
+    c.flexdnn.min_filters = 2  # search: never prune a conv below this many filters
+    c.flexdnn.finetune_steps = 100  # search: fine-tuning steps after each step
+    c.flexdnn.finetune_lr = 1e-3
+    c.flexdnn.max_trials = 16  # search: tried architectures per exit
+    c.flexdnn.timing_rounds = 5  # latency measurement: interleaved rounds
+    c.flexdnn.timing_calls = 50  # latency measurement: calls per signature per round
+    c.flexdnn.lossy_widths = (0.5, 0.75)  # input-agnostic lossy baselines (x backbone width)
+    c.flexdnn.branchy_positions = ()  # BranchyNet baseline exits; () = the paper's places
+    c.flexdnn.bench_rounds = 3  # final benchmark: interleaved rounds over the frames
+    c.flexdnn.bench_frames = 0  # final benchmark: frames per data source (0 = all)
     return c
 
 
