@@ -335,7 +335,6 @@ def search_exit(
 
     import jax
 
-    from flexjax.finetune import finetune
     from flexjax.transforms import TransformError, drop_layer, filter_norms, prune_filters
     from flexjax.transforms import prunable_sites as sites_of
 
@@ -358,6 +357,8 @@ def search_exit(
                             "accepted": False})  # fmt: skip
             return False
         if finetune_steps:
+            from flexjax.finetune import finetune
+
             vars2 = finetune(
                 net2, vars2, xt, yt, steps=finetune_steps, batch_size=min(batch_size, len(xt)),
                 learning_rate=learning_rate, seed=seed + trials,
