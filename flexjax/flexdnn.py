@@ -155,12 +155,16 @@ def candidate_head(
 ) -> tuple[Layer, ...]:
     """An over-parameterized exit: ``convs`` x (conv 3x3 + relu [+ pool]) + dense.
 
-    A 2x2 max pool follows a conv while the map is larger than 4x4 (at most
-    two pools, as in the exits FlexDNN ends up with); the classifier reads the
-    flattened map.
+    A map larger than 8x8 is max-pooled first (an exit must stay cheap next to
+    the backbone it hangs off); a 2x2 max pool then follows a conv while the
+    map is larger than 4x4 (at most two, as in the exits FlexDNN ends up
+    with); the classifier reads the flattened map.
     """
     h = int(in_shape[0])
     layers: list[Layer] = []
+    if h > 8:
+        layers.append(max_pool(2, padding="SAME"))
+        h = -(-h // 2)
     pools = 0
     for _ in range(convs):
         layers += [conv(features, 3), relu()]

@@ -275,7 +275,7 @@ def test_job_report_plan_bundle_and_resume(tmp_path):
     before = rep
     proc = run_job("train.flexdnn", f"--config={SMOKE}", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "training" not in proc.stderr and "searching" not in proc.stderr
+    assert "] training" not in proc.stderr and "searching" not in proc.stderr
     with open(os.path.join(workdir, "report.json")) as f:
         after = json.load(f)
     assert after["plan"] == before["plan"]

@@ -786,8 +786,13 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     from flexjax.checkpoint import CheckpointMismatchError
 
+    import time
+
+    t0 = time.monotonic()
+
     def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+        m, sec = divmod(int(time.monotonic() - t0), 60)
+        print(f"[{m:02d}:{sec:02d}] {msg}", file=sys.stderr, flush=True)
 
     try:
         report = run(FLAGS.config, FLAGS.workdir, log)
