@@ -30,6 +30,7 @@ import copy
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -434,7 +435,7 @@ def benchmark(systems: dict, sources: dict, criterion, epsilon, rounds, log) -> 
     from runtime.bench import time_stats
 
     out: dict = {}
-    clock = __import__("time").perf_counter_ns
+    clock = time.perf_counter_ns
     for src, (val, test) in sources.items():
         log(f"benchmark on {src}: {len(test.y)} frames, {len(systems)} systems, {rounds} rounds")
         rows: dict = {}
@@ -785,8 +786,6 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     from flexjax.checkpoint import CheckpointMismatchError
-
-    import time
 
     t0 = time.monotonic()
 
