@@ -16,19 +16,24 @@ $(STAMP): setup.cfg pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[train,dev]"
 	touch $(STAMP)
 
-# Quickstart on bundled data: train a multi-exit LeNet on MNIST-5k and calibrate its
-# exits, export it as a TFLite bundle (parity + GPU-op check), then benchmark the
-# bundle with the LiteRT runtime on the test split and on video streams.
-# Re-running resumes from (or re-reports) the workdir and re-exports the bundle.
+# Quickstart on bundled data (FlexDNN, issue 4): train an AlexNet-size backbone on
+# MNIST-5k, put an over-parameterized exit at each of its 5 block boundaries and
+# train them on the frozen backbone, search each exit (filter + layer pruning with
+# brief fine-tuning), keep the exits whose R > 1, export the result as a TFLite
+# bundle, and benchmark it against the backbone, a width-reduced backbone and
+# BranchyNet in one interleaved LiteRT run (test split + video streams). The demo
+# uses a SMALLER search than configs/mnist_flexdnn.py (the `:demo` variant: 6
+# backbone epochs, <= 5 search steps per exit of 40 fine-tuning steps, one lossy
+# width). Then the runtime's own verify + bench on the exported bundle.
+# Re-running resumes from runs/demo/flexdnn (finished stages are not redone).
 demo: $(STAMP)
-	$(BIN)/python -m train.multi_exit --config=configs/mnist_lenet_branchy.py \
-	  --workdir=$(RUNS)/demo/lenet_branchy
-	$(BIN)/python -m export.bundle --workdir=$(RUNS)/demo/lenet_branchy \
-	  --out=$(RUNS)/demo/bundle --overwrite
-	$(BIN)/python -m runtime.bench --bundle=$(RUNS)/demo/bundle --data=mnist5k:test \
-	  --json=$(RUNS)/demo/bench_test.json
-	$(BIN)/python -m runtime.bench --bundle=$(RUNS)/demo/bundle --data=video:mnist5k \
-	  --json=$(RUNS)/demo/bench_video.json
+	$(BIN)/python -m train.flexdnn --config=configs/mnist_flexdnn.py:demo \
+	  --workdir=$(RUNS)/demo/flexdnn
+	$(BIN)/python -m runtime.verify $(RUNS)/demo/flexdnn/bundles/flexdnn
+	$(BIN)/python -m runtime.bench --bundle=$(RUNS)/demo/flexdnn/bundles/flexdnn \
+	  --data=mnist5k:test --json=$(RUNS)/demo/bench_test.json
+	$(BIN)/python -m runtime.bench --bundle=$(RUNS)/demo/flexdnn/bundles/flexdnn \
+	  --data=video:mnist5k --json=$(RUNS)/demo/bench_video.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests

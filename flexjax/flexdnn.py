@@ -320,7 +320,8 @@ def search_exit(
         ``>= reference - delta`` (reference: the head before any pruning).
       prune_fraction: share of a layer's filters removed per pruning step; a
         layer whose step fails is not pruned again.
-      max_trials: architectures tried (each fine-tuned) at most.
+      max_trials: architectures tried (each fine-tuned) at most; up to a third
+        is kept for the layer drops.
 
     Returns:
       The last architecture before the accuracy dropped, with the history of
@@ -379,12 +380,15 @@ def search_exit(
             cur_net, cur_vars, cur_acc = net2, dict(vars2), acc
         return ok
 
-    # 1. Filters, round robin over the prunable layers until each one's step fails.
+    # 1. Filters, round robin over the prunable layers until each one's step fails,
+    # leaving a share of the budget for trying to drop each conv layer but one.
+    n_convs = sum(layer.kind == "conv" for layer in hnet.layers)
+    filter_budget = max_trials - min(max(n_convs - 1, 0), max_trials // 3)
     done: set[str] = set()
-    while trials < max_trials:
+    while trials < filter_budget:
         progressed = False
         for site in sites_of(cur_net):
-            if site in done or trials >= max_trials:
+            if site in done or trials >= filter_budget:
                 continue
             n = int(np.asarray(filter_norms(cur_net, cur_vars, site)).shape[0])
             keep = max(min_filters, int(round(n * (1.0 - prune_fraction))))
