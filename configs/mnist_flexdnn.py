@@ -19,6 +19,7 @@ def get_config(arg: str | None = None):
     config.model.name = "alexnet_branchy"
     config.model.kwargs.width = 0.25
     config.data.name = "mnist5k"
+    config.data.val_fraction = 0.2  # 1,000 val images: thresholds and R need the frames
     config.train.batch_size = 64
     config.train.num_epochs = 10
     config.train.learning_rate = 1e-3
@@ -37,7 +38,7 @@ def get_config(arg: str | None = None):
     f.delta = 0.01
     f.prune_fraction = 0.5
     f.finetune_steps = 50
-    f.max_trials = 8
+    f.max_trials = 10
     f.lossy_widths = (0.5, 0.75)
     if arg == "demo":  # make demo: fewer epochs, a smaller search, one lossy width
         config.train.num_epochs = 6

@@ -729,8 +729,9 @@ def plot(report: dict, path: str) -> None:
             c = colors.get(name, "tab:green")
             if "sweep" in row:
                 pts = row["sweep"]
+                label = f"{name} (threshold sweep; expected from signature times)"
                 ax.plot([p["expected_ms"] for p in pts], [p["accuracy"] for p in pts], "o-",
-                        color=c, ms=3, lw=1, label=f"{name} (threshold sweep)")  # fmt: skip
+                        color=c, ms=3, lw=1, label=label)  # fmt: skip
             t = row["time_per_frame"]["mean_ms"]
             ax.plot([t], [row["accuracy"]], "*", color=c, ms=12, label=f"{name} (measured)")
         ax.set_xlabel("time per frame (ms, LiteRT, 1 thread)")
