@@ -488,6 +488,8 @@ def passes_matrix(
             cols.append(np.zeros(len(s), bool))
         else:
             cols.append(s >= exits_lib.to_score(float(t), criterion))
+    if not cols:  # no side exit left
+        return np.zeros((len(next(iter(logits.values()))), 0), bool)
     return np.stack(cols, axis=1)
 
 

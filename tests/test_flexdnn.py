@@ -121,10 +121,23 @@ def test_plan_exits_keeps_the_exit_that_pays_and_calibrates_it():
     assert res.calibration.val.accuracy >= res.calibration.final_accuracy - 0.01
 
 
+def test_plan_exits_can_remove_every_exit():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 50)
+    undecided = _logits(np.ones(50, bool), y, np.zeros(50, bool))
+    logits = {"a": undecided, "b": undecided, FINAL: _logits(np.ones(50, bool), y, True)}
+    res = flexdnn.plan_exits(
+        logits, y, ["a", "b"], [0.1, 0.1], [1.0, 1.0, 1.0], criterion="entropy", epsilon=0.0
+    )
+    assert res.kept == () and res.removed == ("a", "b") and res.thresholds == {}
+    assert res.rounds[0]["R"] == {"a": 0.0, "b": 0.0}
+
+
 def test_passes_matrix_none_never_passes():
     logits = {"a": np.array([[5.0, 0.0], [0.0, 0.0]]), "b": np.array([[5.0, 0.0], [0.0, 0.0]])}
     p = flexdnn.passes_matrix(logits, ["a", "b"], {"a": 0.1, "b": None}, "entropy")
     np.testing.assert_array_equal(p, [[True, False], [False, False]])
+    assert flexdnn.passes_matrix(logits, [], {}, "entropy").shape == (2, 0)
 
 
 # ---------------------------------------------------------------------------
