@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
     config.data.image_size = 32
     config.data.channels = 3
     config.train.batch_size = 64
-    config.train.num_epochs = 6
+    config.train.num_epochs = 5
     config.train.optimizer = "adam"
     config.train.learning_rate = 1e-3
     config.train.augment_shift = 2
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
     f.exit_epochs = 2
     f.delta = 0.01
     f.finetune_steps = 40
-    f.max_trials = 6
+    f.max_trials = 4
     f.lossy_widths = (0.5,)
     f.timing_calls = 30
     if arg == "smoke":

@@ -757,7 +757,7 @@ def format_report(report: dict) -> str:
         kept = "yes" if c["kept"] else f"removed #{c['removed_at']}"
         lines.append(
             f"{c['name']:<10}{c['position']:>4}{c['flops'] / 1e6:>9.3f}{c['latency_ms']:>8.4f}"
-            f"{rs:>28}  {kept}"
+            f"  {rs:>26}  {kept}"
         )
     for src, b in report["benchmark"].items():
         lines.append(f"{src} ({b['frames']} frames, {b['rounds']} interleaved rounds):")
