@@ -192,6 +192,22 @@ def test_validate_rejects_out_of_range(key, value, match):
         flexdnn.validate(c)
 
 
+@pytest.mark.parametrize("name", ["mnist_flexdnn", "vgg16_flexdnn", "inception_flexdnn"])
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_configs_validate_and_their_positions_exist(name, arg):
+    import importlib
+
+    from flexjax import config as config_lib
+
+    c = config_lib.validate(importlib.import_module(f"configs.{name}").get_config(arg))
+    flexdnn.validate(c)
+    size = c.data.image_size or 28
+    kw = {k: v for k, v in c.model.kwargs.to_dict().items() if k != "exits"}
+    net = get_model(c.model.name, input_shape=(size, size, c.data.channels or 1), **kw, exits=[])
+    positions = flexdnn.check_positions(net, list(c.flexdnn.positions))
+    flexdnn.candidate_net(net, positions, c.flexdnn.head_features, c.flexdnn.head_convs)
+
+
 def test_head_net_round_trip_and_keep_exits():
     alex = get_model("alexnet_branchy", input_shape=(28, 28, 1), width=0.125, exits=[])
     cnet = flexdnn.candidate_net(alex, [3, 7], features=4, convs=2)
