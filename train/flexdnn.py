@@ -18,7 +18,7 @@ refused):
   branchy/       BranchyNet baseline (conv+dense heads, joint weighted training)
   lossy_w<w>/    width-reduced backbones (input-agnostic lossy baselines)
   bundles/       every model exported (export.bundle), runtime-verifiable
-  report.json, tradeoff.png, plan.png
+  report.json, tradeoff.png
 
 The benchmark times every system in one interleaved run with the LiteRT
 runtime on the test split and on a test-split video stream.
