@@ -150,7 +150,9 @@ def signature_fn(net: Net, plan: SignaturePlan) -> Callable[[dict, jax.Array], j
 
         def run_path(variables, x):
             if plan.stop > plan.start:
-                out = model.apply(variables, x, False, start=plan.start, stop=plan.stop, heads=False)
+                out = model.apply(
+                    variables, x, False, start=plan.start, stop=plan.stop, heads=False
+                )
                 x = out["activation"]
             return models.head_apply(net, variables, plan.exit, x)
 

@@ -170,7 +170,7 @@ def export_partitions(
 
     Raises:
       ValueError: int8 (partitions would need per-cut calibration data).
-      RuntimeError: a partition pair does not reproduce its exit's logits.
+      export.bundle.ExportError: a partition pair does not reproduce its exit's logits.
     """
     if precision == "int8":
         raise ValueError("partition signatures support fp32, fp16 and dynamic precision, not int8")
@@ -204,9 +204,15 @@ def _check_pairs(path, section, xs, ref, precision, tolerance) -> dict:
             want = ref[e["name"]][: len(xs)]
             diff = float(np.abs(got - want).max())
             worst = max(worst, diff)
-            bad = diff > tolerance if precision == "fp32" else (got.argmax(-1) != want.argmax(-1)).any()
+            bad = (
+                diff > tolerance
+                if precision == "fp32"
+                else (got.argmax(-1) != want.argmax(-1)).any()
+            )
             if bad:
-                raise RuntimeError(
+                from export.bundle import ExportError
+
+                raise ExportError(
                     f"partition {dev or 'input'} -> {edge} does not reproduce {e['name']}'s "
                     f"logits (max |d| = {diff:.2e})"
                 )

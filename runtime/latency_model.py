@@ -107,7 +107,9 @@ def check(model: Mapping[str, Any]) -> None:
             if m is None:
                 continue
             if len(m["coef"]) != len(m["variables"]):
-                raise LatencyModelError(f"{name}: {len(m['coef'])} coefficients for {m['variables']}")
+                raise LatencyModelError(
+                    f"{name}: {len(m['coef'])} coefficients for {m['variables']}"
+                )
             values = [float(v) for v in [*m["coef"], m["intercept"]]]
             if not all(math.isfinite(v) for v in values):
                 raise LatencyModelError(f"{name}: non-finite coefficients")
