@@ -232,7 +232,8 @@ def format_report(report: Mapping) -> str:
                 lines.append(f"{target:<8}{kind:<9}{'linear':<13}{r['train_mape']:>15.1f}*")
                 continue
             m = r["forms"][r["form"]]["heldout_mape"]
-            lines.append(f"{target:<8}{kind:<9}{r['form']:<13}{m:>16.1f}")
+            shown = "-" if m is None else f"{m:.1f}"
+            lines.append(f"{target:<8}{kind:<9}{r['form']:<13}{shown:>16}")
     if "paths" in report:
         p = report["paths"]
         lines.append(

@@ -290,18 +290,15 @@ class CoInference:
         self.pool, self.link = pool, link
         self.deadline_ms, self.margin, self.policy = deadline_ms, margin, policy
         self.out_shape = (1, bundle.num_classes)
-        with open(os.path.join(bundle.path, MANIFEST), "rb") as f:
-            self.digest = hashlib.sha256(f.read()).hexdigest()
         self.estimator = planner.BandwidthEstimator()
         self.rtt_s = 0.0
         self.cmap: list = []
         self.probe_every, self.probe_bytes = probe_every, probe_bytes
         self._since_sample = 0
-        self.problems: list[str] = []
 
-    def start(self) -> None:
-        """Pings the servers (base RTT, same bundle), builds the map, probes the link once."""
-        self.rtt_s, self.problems = self.pool.connect(self.digest)
+    def start(self, rtt_s: float) -> None:
+        """Builds the configuration map for base RTT `rtt_s` and probes the link once."""
+        self.rtt_s = rtt_s
         self.cmap = planner.config_map(self.opts, self.deadline_ms, rtt_ms=self.rtt_s * 1e3,
                                        margin=self.margin)  # fmt: skip
         self.link.restart()
@@ -455,16 +452,18 @@ def run(args) -> dict:
     pool = EdgePool(addresses, token=args.token, tls_ca=tls_ca,
                     tls_server_name=args.tls_server_name, cooldown_s=args.cooldown_s)  # fmt: skip
     try:
+        with open(os.path.join(bundle.path, MANIFEST), "rb") as f:
+            rtt_s, problems = pool.connect(hashlib.sha256(f.read()).hexdigest())
+        if all(not e.compatible or e.down_until > time.perf_counter() for e in pool.edges) and (
+            args.policy not in ("device-only", "right-sizing")
+        ):
+            raise RuntimeError(f"no edge server usable: {'; '.join(problems)}")
+        for p in problems:
+            print(f"warning: {p}", file=sys.stderr)
         client = CoInference(bundle, pool, link, deadline_ms=args.deadline_ms, policy=args.policy,
                              margin=args.margin, device=device, probe_every=args.probe_every,
                              probe_bytes=args.probe_bytes)  # fmt: skip
-        client.start()
-        if all(not e.compatible or e.down_until > time.perf_counter() for e in pool.edges) and (
-            args.policy != "device-only" and args.policy != "right-sizing"
-        ):
-            raise RuntimeError(f"no edge server usable: {'; '.join(client.problems)}")
-        for p in client.problems:
-            print(f"warning: {p}", file=sys.stderr)
+        client.start(rtt_s)
         rows, changed = [], False
         for i in range(args.frames):
             j = i % len(frames.x)
