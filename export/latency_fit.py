@@ -19,7 +19,7 @@ BUNDLE). For each target and regression kind (`runtime.latency_model`):
    are MAPEs over layers spanning three orders of magnitude);
 3. ``--form=auto`` keeps, per kind, the form with the lower held-out MAPE;
    the kept form is refitted on all samples and stored;
-4. model loading: ``ms = a * bytes + b`` on the loading models.
+4. model loading: ``ms = a * bytes + b`` on the loading models (same 1/t^2 weights).
 
 The manifest gains ``latency_models`` (coefficients the runtime evaluates
 with numpy) and ``latency_fit`` (held-out MAPE per kind and, with partition
@@ -114,7 +114,7 @@ def fit_target(profile: Mapping, form: str = "auto") -> tuple[dict, dict]:
 
         x = np.array([[m["bytes"]] for m in profile["loading"]], np.float64)
         y = np.array([m["median_ms"] for m in profile["loading"]])
-        reg = LinearRegression().fit(x, y)
+        reg = LinearRegression().fit(x, y, sample_weight=1.0 / np.maximum(y, 1e-3) ** 2)
         loading = {"variables": ["x"], "coef": [float(reg.coef_[0])],
                    "intercept": float(reg.intercept_), "samples": int(len(y))}  # fmt: skip
         report["loading"] = {"train_mape": mape(reg.predict(x), y)}

@@ -411,6 +411,9 @@ def summarize(rows: Sequence[Mapping], deadline_ms: float) -> dict:
         "frames": len(rows),
         "deadline_ms": deadline_ms,
         "deadline_met": float(np.mean([r["met"] for r in rows])),
+        # Misses by plan: device-only frames miss only when the device itself ran late.
+        "missed_remote": int(sum(not r["met"] and r["partition"] is not None for r in rows)),
+        "missed_device_only": int(sum(not r["met"] and r["partition"] is None for r in rows)),
         "accuracy": float(np.mean([r["correct"] for r in rows])),
         "mean_ms": float(ms.mean()),
         "p50_ms": float(np.percentile(ms, 50)),

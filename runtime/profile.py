@@ -14,12 +14,17 @@
 
 Targets. ``local:threads=N`` runs the LiteRT interpreter here with N threads.
 One machine stands in for both Edgent machines: the **device** is
-``local:threads=1:slowdown=S``. After each signature call that took ``t``,
-the device sleeps ``(S - 1) * t``, so it behaves as a CPU S times slower than
-this one (a Raspberry Pi 3 runs AlexNet-class layers ~10-20x slower than a
-desktop core). The same `Target` object runs the device side in
-`runtime.coinfer`, so profile and co-inference see the same device. The
-**edge** is ``local:threads=1`` (no slowdown). ``adb[:SERIAL]`` times every
+``local:threads=1:slowdown=S``, a dedicated CPU S times slower than one core
+here (a Raspberry Pi 3 runs AlexNet-class layers ~10-20x slower than a
+desktop core). A call whose computation used ``c`` seconds of this thread's
+CPU time (``time.thread_time``; LiteRT with one thread computes in the
+calling thread) returns ``S * c`` seconds after it started: the interpreter
+really runs, then the device sleeps for the rest. CPU time rather than wall
+time, because a dedicated device does not wait for the other tenants of this
+shared VM (wall time under contention would be amplified S times). The same
+`Target` runs the device side in `runtime.coinfer`, so profile and
+co-inference see the same device. The **edge** is ``local:threads=1`` (no
+slowdown, wall time: the edge server shares this machine for real). ``adb[:SERIAL]`` times every
 signature on a phone with TFLite's ``benchmark_model`` (`runtime.adb`).
 """
 
@@ -83,16 +88,18 @@ class Target:
             raise ValueError(f"target {spec!r}: threads must be >= 1 and slowdown >= 1")
         return Target("local", threads, slowdown, spec=spec)
 
-    def pad(self, elapsed_s: float) -> None:
-        """Stretches a call that took `elapsed_s` to ``slowdown`` times as long."""
+    def pad(self, start_s: float, cpu_s: float) -> None:
+        """Sleeps until ``start_s + slowdown * cpu_s`` (perf_counter time) on a slowed target."""
         if self.slowdown > 1.0:
-            time.sleep((self.slowdown - 1.0) * elapsed_s)
+            rest = start_s + self.slowdown * cpu_s - time.perf_counter()
+            if rest > 0:
+                time.sleep(rest)
 
     def call(self, sig, x: np.ndarray) -> np.ndarray:
         """Runs one `runtime.lite.Signature` on this target (slowdown applied)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         y = sig(x)
-        self.pad(time.perf_counter() - t0)
+        self.pad(t0, time.thread_time() - c0)
         return y
 
 
@@ -121,12 +128,11 @@ def time_loading(target: Target, path: str, signature: str, runs: int) -> dict:
 
     ts = []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         model = Model(path, num_threads=target.threads)
         sig = model.signature(signature)
         sig(np.zeros(sig.input_shape, sig.input_dtype))
-        elapsed = time.perf_counter() - t0
-        target.pad(elapsed)
+        target.pad(t0, time.thread_time() - c0)
         ts.append((time.perf_counter() - t0) * 1e3)
         del sig, model
     return {"median_ms": float(np.median(ts)), "runs": runs, "bytes": os.path.getsize(path)}

@@ -404,3 +404,53 @@ def test_edge_server_cli_starts_and_answers_ping(bundle):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "served 0" in out
+
+
+def test_tls_server_talks_only_to_tls_clients(bundle, tmp_path):
+    from runtime.coinfer import EdgeFailure, EdgePool
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    srv, port = make_server(
+        EdgeService(bundle, workers=1), "127.0.0.1:0", workers=1,
+        tls=(cert.read_bytes(), key.read_bytes()),
+    )  # fmt: skip
+    srv.start()
+    try:
+        secure = EdgePool([f"127.0.0.1:{port}"], tls_ca=cert.read_bytes())
+        header, _ = secure.ping(secure.edges[0], b"abc", timeout_s=10)
+        assert header["received"] == 3
+        plain = EdgePool([f"127.0.0.1:{port}"])
+        with pytest.raises(EdgeFailure, match="UNAVAILABLE"):
+            plain.ping(plain.edges[0], timeout_s=5)
+        secure.close()
+        plain.close()
+    finally:
+        srv.stop(0)
+
+
+def test_edgent_runtime_runs_where_jax_and_tensorflow_cannot_be_imported(bundle, tmp_path):
+    from test_runtime import _BLOCK
+
+    code = _BLOCK + (
+        "import runtime.coinfer, runtime.edge_server, runtime.edgent_bench, runtime.wire\n"
+        "import runtime.planner as pl, runtime.profile as pr\n"
+        f"assert pl.main(['--bundle={bundle.path}', '--deadline-ms=20']) == 0\n"
+        f"assert pr.main(['--bundle={bundle.path}', '--target=local:threads=1:slowdown=3', "
+        f"'--runs=1', '--out={tmp_path}/p.json']) == 0\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'tensorflow', 'flax')]\n"
+        "assert not bad, bad\n"
+        "print('clean')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "clean" in proc.stdout and "predicted ms" in proc.stdout
+    assert json.load(open(tmp_path / "p.json"))["kind"] == "partitions"
