@@ -225,15 +225,15 @@ class Bundle:
                 path = os.path.join(self.path, part["model"])
                 if part["model"] not in self.manifest["files"]:
                     raise BundleError(f"partition model {part['model']!r} is not among its files")
+                missing = [n for n in names if n not in sigs]
+                if missing:
+                    raise BundleError(f"partitions name unknown signatures {missing[:3]}")
+                _check_signatures(path, sigs)
             except (TypeError, KeyError, AttributeError) as e:
                 raise BundleError(
                     f"{self.path}/{MANIFEST} has a malformed partitions section: "
                     f"{type(e).__name__} {e}"
                 ) from None
-            missing = [n for n in names if n not in sigs]
-            if missing:
-                raise BundleError(f"partitions name unknown signatures {missing[:3]}")
-            _check_signatures(path, sigs)
         models = self.manifest.get("latency_models")
         if models is not None:
             from runtime import latency_model

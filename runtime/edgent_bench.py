@@ -63,7 +63,7 @@ def write_trace(path: str, seconds: float = 8.0, step: float = 0.5, seed: int = 
     write_text_atomic(path, "\n".join(rows) + "\n")
 
 
-def _run(bundle, edges, policy, deadline, bandwidth, frames, margin) -> dict:
+def _run(bundle, edges, policy, deadline, bandwidth, frames, margin, keep_rows=False) -> dict:
     args = argparse.Namespace(
         bundle=bundle, edge=",".join(edges), deadline_ms=deadline, bandwidth=str(bandwidth),
         frames=frames, json=None, data="mnist5k:test", policy=policy, margin=margin,
@@ -79,6 +79,8 @@ def _run(bundle, edges, policy, deadline, bandwidth, frames, margin) -> dict:
     s["edges"] = rep["edges"]
     s["bandwidth_changes"] = rep["bandwidth_changes"]
     s["predicted_mean_ms"] = float(np.mean([r["predicted_ms"] for r in rows]))
+    if keep_rows:
+        s["rows"] = rows
     return s
 
 
@@ -90,13 +92,15 @@ def markdown(rep: dict) -> str:
     out = [f"Deadline {rep['deadline_ms']} ms, {rep['frames']} frames per run, "
            f"margin {rep['margin']}, {rep['servers']} edge servers.", ""]  # fmt: skip
     out += ["| bandwidth (Mbps) | plan (most frames) | plans | predicted ms "
-            "| measured mean / p95 ms | met | within 1 ms + transfer | accuracy |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "| measured mean / p95 ms | met | misses remote / device-only "
+            "| within 1 ms + transfer | accuracy |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in rep["bandwidth"]:
         out.append(
             f"| {s['bandwidth']} | {_top(s['plans'])} | {len(s['plans'])} | "
             f"{s['predicted_mean_ms']:.2f} | {s['mean_ms']:.2f} / {s['p95_ms']:.2f} | "
-            f"{s['deadline_met']:.3f} | {s['within_1ms_plus_transfer']:.3f} | {s['accuracy']:.3f} |"
+            f"{s['deadline_met']:.3f} | {s['missed_remote']} / {s['missed_device_only']} | "
+            f"{s['within_1ms_plus_transfer']:.3f} | {s['accuracy']:.3f} |"
         )
     out += ["", f"At {rep['bandwidth_mbps']} Mbps (effective accuracy: a missed deadline counts "
             "as wrong):", "",
@@ -153,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trace = os.path.join(args.out, "trace.csv")
         write_trace(trace)
         rep["trace"] = _run(args.bundle, edges, "edgent", args.deadline_ms, trace,
-                            args.trace_frames, args.margin)  # fmt: skip
+                            args.trace_frames, args.margin, keep_rows=True)  # fmt: skip
         rep["seconds"] = time.perf_counter() - t0
     finally:
         for proc in procs:

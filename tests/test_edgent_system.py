@@ -300,7 +300,7 @@ def test_coinfer_runs_frames_through_a_real_server_and_logs_each(bundle, server,
     # The emulated 5 Mbps link: each frame carries >= 3136 bytes up, so >= 5 ms of transfer.
     assert min(r["network_ms"] for r in rows) >= 3136 * 8 / 5e6 * 1e3
     # The client's bandwidth estimate comes from real transfers and lands near 5 Mbps.
-    assert 2.0 < rows[-1]["est_mbps"] < 7.0
+    assert 1.5 < rows[-1]["est_mbps"] < 7.5
     s = rep["summary"]
     # Frames answered by the edge are exactly those the local model would answer.
     assert s["frames"] == 30 and 0 <= s["accuracy"] <= 1
