@@ -41,6 +41,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flexjax.io import write_json_atomic
+from runtime.bench import time_stats
 from runtime.bundle import BundleError, check_files, read_manifest
 
 SWEEP_FORMAT = "flexjax-sweep"
@@ -113,13 +114,8 @@ def time_signature(target: Target, sig, runs: int, warmup: int = 3) -> dict:
         t0 = time.perf_counter_ns()
         target.call(sig, x)
         ts.append(time.perf_counter_ns() - t0)
-    ms = np.asarray(ts, np.float64) / 1e6
-    return {
-        "median_ms": float(np.median(ms)),
-        "mean_ms": float(ms.mean()),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "runs": runs,
-    }
+    s = time_stats(ts)
+    return {"median_ms": s["p50_ms"], "mean_ms": s["mean_ms"], "p95_ms": s["p95_ms"], "runs": runs}
 
 
 def time_loading(target: Target, path: str, signature: str, runs: int) -> dict:
