@@ -241,6 +241,7 @@ def export_model(
     num_calibration: int = 200,
     max_logit_diff: float = FP32_TOLERANCE,
     min_agreement: float = AGREEMENT_TARGET,
+    partitions: bool = False,
     log=print,
 ) -> dict:
     """Exports an in-memory `(config, net, variables)` into the bundle directory `out`.
@@ -250,6 +251,8 @@ def export_model(
     section the criterion and default epsilon. `source` is recorded in the
     manifest (a workdir, or a description such as "catalog variant lowrank_r8").
     Any search or catalog job exports its variants through this one function.
+    `partitions=True` adds Edgent's device/edge partition signatures
+    (`export.partitions`, a second model file and a ``partitions`` manifest section).
 
     Raises:
       FileExistsError / ValueError: bad arguments.
@@ -259,12 +262,15 @@ def export_model(
         precision=precision, epsilons=epsilons, min_agreement=min_agreement,
         max_logit_diff=max_logit_diff, parity_examples=parity_examples,
     )  # fmt: skip
+    if partitions and precision == "int8":
+        raise ValueError("--partitions supports fp32, fp16 and dynamic precision, not int8")
     t0 = time.perf_counter()
     staged = _Staged(out, overwrite)
     try:
         manifest = _export(
             config, net, variables, staged.dir, precision, sparsity, epsilons,
             parity_examples, num_calibration, source, log, (max_logit_diff, min_agreement),
+            partitions=partitions,
         )  # fmt: skip
         staged.commit()
     except BaseException:
@@ -276,7 +282,7 @@ def export_model(
 
 def _export(
     config, net, variables, tmp, precision, sparsity, epsilons, parity_examples,
-    num_calibration, source, log, parity_limits,
+    num_calibration, source, log, parity_limits, partitions=False,
 ) -> dict:  # fmt: skip
     from flexjax import data as data_lib
     from flexjax import training
@@ -409,6 +415,14 @@ def _export(
         "flops_ratio": tested.expected_cost / nc.backbone_flops,
     }
     manifest["parity"] = parity
+    if partitions:
+        from export import partitions as partitions_lib
+
+        k = min(8, len(splits.test.x))
+        manifest["partitions"] = partitions_lib.export_partitions(
+            net, variables, tmp, precision=precision, check_x=splits.test.x[:k],
+            check_logits={n: v[:k] for n, v in test_logits.items()}, log=log,
+        )  # fmt: skip
     _write_manifest(tmp, manifest)
     Bundle.from_dir(tmp)  # the final bundle verifies
     return manifest
@@ -447,7 +461,7 @@ def main(argv: list[str]) -> None:
             f.workdir, f.out, precision=f.precision, sparsity=f.sparsity, overwrite=f.overwrite,
             epsilons=epsilons, parity_examples=f.parity_examples,
             num_calibration=f.num_calibration, max_logit_diff=f.max_logit_diff,
-            min_agreement=f.min_agreement,
+            min_agreement=f.min_agreement, partitions=f.partitions,
         )  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:
         fail(str(e))
@@ -471,6 +485,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("num_calibration", 200, "training images for int8 calibration")
     flags.DEFINE_float("max_logit_diff", FP32_TOLERANCE, "fp32 parity: max |delta logit| vs JAX")
     flags.DEFINE_float("min_agreement", AGREEMENT_TARGET, "fp16/int8 parity: top-1 agreement")
+    flags.DEFINE_bool("partitions", False, "add Edgent device/edge partition signatures")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ class SignaturePlan:
     Attributes:
       name: signature name in the flatbuffer.
       kind: ``segment`` (backbone positions [start, stop)), ``head`` (the head
-        of `exit`) or ``full`` (positions [0, L) as one graph).
+        of `exit`), ``path`` (positions [start, stop) then the head of `exit`:
+        the edge side of an Edgent partition) or ``full`` (positions [0, L) as
+        one graph).
       start, stop: backbone positions covered (for a head: the exit's position
         + 1 for both, i.e. no backbone).
       exit: the exit this signature leads to (`FINAL` for the last segment and
@@ -121,7 +123,8 @@ def signature_variables(net: Net, variables: Mapping[str, Any], plan: SignatureP
     if plan.kind == "head":
         keys = {plan.exit}
     else:
-        keys = {
+        keys = {plan.exit} if plan.kind == "path" else set()
+        keys |= {
             models.layer_name(i)
             for i in range(plan.start, plan.stop)
             if net.layers[i].kind in PARAMETRIC or net.layers[i].kind in ("residual", "inception")
@@ -143,6 +146,17 @@ def signature_fn(net: Net, plan: SignaturePlan) -> Callable[[dict, jax.Array], j
             return models.head_apply(net, variables, plan.exit, x)
 
         return run_head
+    if plan.kind == "path":
+
+        def run_path(variables, x):
+            if plan.stop > plan.start:
+                out = model.apply(
+                    variables, x, False, start=plan.start, stop=plan.stop, heads=False
+                )
+                x = out["activation"]
+            return models.head_apply(net, variables, plan.exit, x)
+
+        return run_path
 
     def run_segment(variables, x):
         out = model.apply(variables, x, False, start=plan.start, stop=plan.stop, heads=False)
@@ -199,28 +213,55 @@ def to_tflite(
         (int8 only): the activation ranges of every signature are calibrated on
         inputs it will really see.
     """
+    return to_tflite_many(
+        [(net, variables, plans)], precision=precision, sparsity=sparsity,
+        representative=representative, num_calibration=num_calibration,
+    )  # fmt: skip
+
+
+def to_tflite_many(
+    parts: Sequence[tuple[Net, Mapping[str, Any], Sequence[SignaturePlan]]],
+    *,
+    precision: str = "fp32",
+    sparsity: bool = False,
+    representative: Mapping[str, np.ndarray] | None = None,
+    num_calibration: int = 100,
+) -> bytes:
+    """Like `to_tflite`, for the signatures of several nets in one flatbuffer.
+
+    What the Edgent latency sweep needs: many one-layer nets, one signature
+    each, converted in one pass. Signature names must be unique across parts.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    np_vars = jax.tree.map(lambda a: np.asarray(a, np.float32), dict(variables))
     module = tf.Module()
-    module.params = jax.tree.map(lambda a: tf.Variable(a, trainable=False), np_vars)
-
+    module.params = []
     signatures = {}
-    for plan in plans:
-        sub_np = signature_variables(net, np_vars, plan)
-        # The same tf.Variable objects, picked by the same keys.
-        sub_tf = {c: {k: module.params[c][k] for k in t} for c, t in sub_np.items()}
-        converted = jax2tf.convert(signature_fn(net, plan), with_gradient=False)
+    all_plans = []
+    for net, variables, plans in parts:
+        np_vars = jax.tree.map(lambda a: np.asarray(a, np.float32), dict(variables))
+        params = jax.tree.map(lambda a: tf.Variable(a, trainable=False), np_vars)
+        module.params.append(params)
+        for plan in plans:
+            if plan.name in signatures:
+                raise ValueError(f"signature name {plan.name!r} is used twice")
+            sub_np = signature_variables(net, np_vars, plan)
+            # The same tf.Variable objects, picked by the same keys.
+            sub_tf = {c: {k: params[c][k] for k in t} for c, t in sub_np.items()}
+            converted = jax2tf.convert(signature_fn(net, plan), with_gradient=False)
 
-        spec = tf.TensorSpec((1, *plan.input_shape), tf.float32, name=plan.input_name)
-        fn = tf.function(
-            _closure(converted, sub_tf, plan.output_name), input_signature=[spec], autograph=False
-        )
-        signatures[plan.name] = fn.get_concrete_function()
-        setattr(module, f"fn_{len(signatures)}", fn)
+            spec = tf.TensorSpec((1, *plan.input_shape), tf.float32, name=plan.input_name)
+            fn = tf.function(
+                _closure(converted, sub_tf, plan.output_name),
+                input_signature=[spec],
+                autograph=False,
+            )
+            signatures[plan.name] = fn.get_concrete_function()
+            setattr(module, f"fn_{len(signatures)}", fn)
+            all_plans.append(plan)
 
     rep_fn = None
     if precision == "int8":
@@ -228,7 +269,7 @@ def to_tflite(
             raise ValueError("int8 export needs representative inputs for every signature")
 
         def rep_fn():
-            for plan in plans:
+            for plan in all_plans:
                 xs = representative[plan.name][:num_calibration]
                 for x in xs:
                     yield plan.name, {plan.input_name: x[None].astype(np.float32)}

@@ -47,6 +47,75 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def read_manifest(path: str) -> dict:
+    """Reads ``manifest.json`` of a bundle directory after checking it against its digest.
+
+    Raises:
+      BundleError: a missing directory or file, a digest mismatch or invalid JSON.
+    """
+    if not os.path.isdir(path):
+        raise BundleError(f"bundle {path} does not exist or is not a directory")
+    mpath = os.path.join(path, MANIFEST)
+    dpath = os.path.join(path, MANIFEST_DIGEST)
+    for p in (mpath, dpath):
+        if not os.path.isfile(p):
+            raise BundleError(f"bundle {path} has no {os.path.basename(p)}")
+    with open(mpath, "rb") as f:
+        raw = f.read()
+    with open(dpath, encoding="ascii", errors="replace") as f:
+        expected = f.read().split()[0] if os.path.getsize(dpath) else ""
+    if hashlib.sha256(raw).hexdigest() != expected:
+        raise BundleError(f"{mpath} does not match its checksum in {MANIFEST_DIGEST} (corrupt)")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath} is not valid JSON: {e}") from None
+
+
+def check_files(path: str, manifest: Mapping[str, Any]) -> None:
+    """Checks the size and sha256 of every file `manifest["files"]` lists under `path`.
+
+    Raises:
+      BundleError: a missing, truncated, replaced or corrupt file, or a bad file name.
+    """
+    for name, meta in manifest["files"].items():
+        if os.path.basename(name) != name or name in (MANIFEST, MANIFEST_DIGEST):
+            raise BundleError(f"manifest lists an invalid file name {name!r}")
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            raise BundleError(f"bundle file {p} is missing")
+        size = os.path.getsize(p)
+        if size != meta.get("bytes"):
+            raise BundleError(
+                f"bundle file {p} has {size} bytes, manifest says {meta.get('bytes')} "
+                "(truncated or replaced)"
+            )
+        if sha256_file(p) != meta.get("sha256"):
+            raise BundleError(f"bundle file {p} does not match its sha256 (corrupt)")
+
+
+def _check_signatures(model_path: str, signatures: Mapping[str, Any]) -> None:
+    """The flatbuffer parses and has every signature with the promised input shape."""
+    from runtime import tflite_model
+
+    with open(model_path, "rb") as f:
+        data = f.read()
+    try:
+        sigs = tflite_model.read_model(data)
+    except tflite_model.ModelFormatError as e:
+        raise BundleError(f"{model_path}: {e}") from None
+    for name, meta in signatures.items():
+        if name not in sigs:
+            raise BundleError(f"{model_path} lacks signature {name!r} (wrong model file)")
+        info = sigs[name]
+        got = tuple(info.inputs[0].shape) if info.inputs else ()
+        if got != tuple(meta["input_shape"]):
+            raise BundleError(
+                f"{model_path} signature {name!r} takes {got}, manifest says "
+                f"{tuple(meta['input_shape'])} (wrong model file)"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class ExitInfo:
     """One exit as the runtime sees it (execution order; the last is ``final``).
@@ -82,27 +151,12 @@ class Bundle:
         Raises:
           BundleError: anything missing, corrupt or inconsistent (one line).
         """
-        if not os.path.isdir(path):
-            raise BundleError(f"bundle {path} does not exist or is not a directory")
-        mpath = os.path.join(path, MANIFEST)
-        dpath = os.path.join(path, MANIFEST_DIGEST)
-        for p in (mpath, dpath):
-            if not os.path.isfile(p):
-                raise BundleError(f"bundle {path} has no {os.path.basename(p)}")
-        with open(mpath, "rb") as f:
-            raw = f.read()
-        with open(dpath, encoding="ascii", errors="replace") as f:
-            expected = f.read().split()[0] if os.path.getsize(dpath) else ""
-        if hashlib.sha256(raw).hexdigest() != expected:
-            raise BundleError(f"{mpath} does not match its checksum in {MANIFEST_DIGEST} (corrupt)")
-        try:
-            manifest = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"{mpath} is not valid JSON: {e}") from None
+        manifest = read_manifest(path)
         bundle = cls(path, manifest)
         bundle._check_manifest()
         bundle._check_files()
         bundle._check_model()
+        bundle._check_partitions()
         return bundle
 
     def _check_manifest(self) -> None:
@@ -151,40 +205,44 @@ class Bundle:
             raise ValueError("input.shape must be [1, H, W, C]")
 
     def _check_files(self) -> None:
-        for name, meta in self.manifest["files"].items():
-            if os.path.basename(name) != name or name in (MANIFEST, MANIFEST_DIGEST):
-                raise BundleError(f"manifest lists an invalid file name {name!r}")
-            p = os.path.join(self.path, name)
-            if not os.path.isfile(p):
-                raise BundleError(f"bundle file {p} is missing")
-            size = os.path.getsize(p)
-            if size != meta.get("bytes"):
-                raise BundleError(
-                    f"bundle file {p} has {size} bytes, manifest says {meta.get('bytes')} "
-                    "(truncated or replaced)"
-                )
-            if sha256_file(p) != meta.get("sha256"):
-                raise BundleError(f"bundle file {p} does not match its sha256 (corrupt)")
+        check_files(self.path, self.manifest)
 
     def _check_model(self) -> None:
-        from runtime import tflite_model
+        _check_signatures(self.model_path, self.manifest["signatures"])
 
-        with open(self.model_path, "rb") as f:
-            data = f.read()
-        try:
-            sigs = tflite_model.read_model(data)
-        except tflite_model.ModelFormatError as e:
-            raise BundleError(f"{self.model_path}: {e}") from None
-        for name, meta in self.manifest["signatures"].items():
-            if name not in sigs:
-                raise BundleError(f"{self.model_path} lacks signature {name!r} (wrong model file)")
-            info = sigs[name]
-            got = tuple(info.inputs[0].shape) if info.inputs else ()
-            if got != tuple(meta["input_shape"]):
+    def _check_partitions(self) -> None:
+        """The optional Edgent sections: partition signatures and latency models."""
+        part = self.manifest.get("partitions")
+        if part is not None:
+            try:
+                sigs = dict(part["signatures"])
+                names = [*part["device"].values()]
+                for e in part["exits"]:
+                    names += list(e["edge"].values())
+                for key in part["activations"].values():
+                    if not all(isinstance(d, int) for d in key["shape"]):
+                        raise TypeError("activation shapes must be ints")
+                path = os.path.join(self.path, part["model"])
+                if part["model"] not in self.manifest["files"]:
+                    raise BundleError(f"partition model {part['model']!r} is not among its files")
+                missing = [n for n in names if n not in sigs]
+                if missing:
+                    raise BundleError(f"partitions name unknown signatures {missing[:3]}")
+                _check_signatures(path, sigs)
+            except (TypeError, KeyError, AttributeError) as e:
                 raise BundleError(
-                    f"{self.model_path} signature {name!r} takes {got}, manifest says "
-                    f"{tuple(meta['input_shape'])} (wrong model file)"
-                )
+                    f"{self.path}/{MANIFEST} has a malformed partitions section: "
+                    f"{type(e).__name__} {e}"
+                ) from None
+        models = self.manifest.get("latency_models")
+        if models is not None:
+            from runtime import latency_model
+
+            try:
+                for target in models.values():
+                    latency_model.check(target)
+            except (latency_model.LatencyModelError, AttributeError) as e:
+                raise BundleError(f"{self.path}/{MANIFEST}: latency_models: {e}") from None
 
     # -- accessors ---------------------------------------------------------------------------
 

@@ -1,0 +1,219 @@
+"""Edgent partition signatures: the device runs ``[0, p)``, the edge ``[p, exit]``.
+
+For every exit ``k`` (side exits and ``final``) and every partition point
+``p`` the planner may choose (`cut_points`), the partition model holds
+
+* ``dev_pNN``: backbone positions ``[0, p)`` (input: the image; output
+  ``activation``), shared by every exit whose path passes ``p``;
+* ``edge_<k>_pNN``: positions ``[p, after_k]`` followed by exit ``k``'s head
+  (kind ``path``), or for ``final`` positions ``[p, L)``; output ``logits``.
+  ``edge_<k>_p00`` is the whole path of exit ``k``: what edge-only runs on the
+  edge and device-only runs on the device.
+
+Partition points are layer boundaries where a cut means something on TFLite:
+never right before a ``relu`` (the converter fuses it into the conv / dense
+before it), a ``dropout`` (identity at inference) or a ``flatten`` (a free
+reshape: the same bytes as the cut before it). ``p = stop_k`` (after the
+exit's backbone position) leaves only the head for the edge; "device-only"
+is not a cut point but the planner's own choice of running ``edge_<k>_p00``
+on the device.
+
+The manifest section (`export_partitions`) records, per cut point, the
+activation that crosses the network (shape, dtype, bytes) and, per layer, the
+descriptors the runtime's latency model needs (`runtime.latency_model`), so
+the runtime predicts every partition's latency without importing flexjax.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from export import convert
+from flexjax.spec import FINAL, Layer, Net, infer_shapes
+
+MODEL_FILE = "partitions.tflite"
+# Layers a partition point never precedes (see the module docstring).
+_NO_CUT_BEFORE = ("relu", "dropout", "flatten")
+# Activations fused by the TFLite converter into the layer before them.
+_FUSES_INTO = ("conv", "dense", "low_rank_conv", "low_rank_dense", "batch_norm")
+
+
+def cut_points(net: Net) -> list[int]:
+    """Every partition point of the backbone, ``0 .. L`` (``L``: nothing on the edge)."""
+    n = len(net.layers)
+    return [p for p in range(n + 1) if p in (0, n) or net.layers[p].kind not in _NO_CUT_BEFORE]
+
+
+def exit_stop(net: Net, name: str) -> int:
+    """One past the backbone position exit `name` reads (``L`` for ``final``)."""
+    return len(net.layers) if name == FINAL else net.exit_position(name) + 1
+
+
+def _key(name: str, p: int) -> str:
+    return f"edge_{convert.exit_key(name)}_p{p:02d}"
+
+
+def plan_partitions(net: Net) -> list[convert.SignaturePlan]:
+    """The device-prefix and edge-path signatures of `net`, device prefixes first."""
+    shapes = net.shapes()
+    cuts = cut_points(net)
+    n = len(net.layers)
+
+    def act(p: int) -> tuple[int, ...]:
+        return tuple(net.input_shape) if p == 0 else tuple(shapes[p - 1][1])
+
+    logits = (net.num_classes,)
+    plans = [
+        convert.SignaturePlan(
+            f"dev_p{p:02d}", "segment", 0, p, FINAL, "x", "activation", act(0), act(p)
+        )
+        for p in cuts
+        if 0 < p < n
+    ]
+    for name in net.exit_names:
+        stop = exit_stop(net, name)
+        for p in cuts:
+            if p > stop or p == n:
+                continue
+            kind = "segment" if name == FINAL else "path"
+            plans.append(
+                convert.SignaturePlan(_key(name, p), kind, p, stop, name, "x", "logits",
+                                      act(p), logits)
+            )  # fmt: skip
+    return plans
+
+
+def layer_rows(layers: tuple[Layer, ...], input_shape: tuple[int, ...]) -> list[dict]:
+    """Latency-model descriptors of a layer sequence (kind, shapes, window, fused)."""
+    rows = []
+    prev = None
+    for layer, (sin, sout) in zip(layers, infer_shapes(layers, input_shape)):
+        row: dict[str, Any] = {
+            "kind": layer.kind,
+            "in_shape": list(sin),
+            "out_shape": list(sout),
+            "fused": layer.kind == "relu" and prev in _FUSES_INTO,
+        }
+        for arg in ("kernel", "stride", "window", "features"):
+            if layer.get(arg) is not None:
+                v = layer[arg]
+                row[arg] = list(v) if isinstance(v, tuple) else v
+        rows.append(row)
+        prev = layer.kind
+    return rows
+
+
+def layer_table(net: Net) -> dict[str, list[dict]]:
+    """Per-layer descriptors: ``{"backbone": [...], <exit name>: [head layers...]}``."""
+    shapes = net.shapes()
+    table = {"backbone": layer_rows(net.layers, tuple(net.input_shape))}
+    for e in net.exits:
+        table[e.name] = layer_rows(e.layers, tuple(shapes[e.after][1]))
+    return table
+
+
+def manifest_section(net: Net, plans: list[convert.SignaturePlan], model_file: str) -> dict:
+    """The ``partitions`` manifest section for `plans` stored in `model_file`."""
+    shapes = net.shapes()
+    cuts = cut_points(net)
+    n = len(net.layers)
+    acts = {}
+    for p in cuts:
+        shape = tuple(net.input_shape) if p == 0 else tuple(shapes[p - 1][1])
+        acts[str(p)] = {
+            "shape": [1, *shape],
+            "dtype": "float32",
+            "bytes": 4 * math.prod(shape),
+        }
+    by_name = {pl.name: pl for pl in plans}
+    exits = []
+    for name in net.exit_names:
+        stop = exit_stop(net, name)
+        edge = {str(p): _key(name, p) for p in cuts if p <= stop and p < n}
+        exits.append({"name": name, "stop": stop, "edge": edge})
+    return {
+        "model": model_file,
+        "cut_points": cuts,
+        "layers": len(net.layers),
+        "device": {str(p): f"dev_p{p:02d}" for p in cuts if 0 < p < n},
+        "exits": exits,
+        "activations": acts,
+        "layer_table": layer_table(net),
+        "signatures": {name: pl.to_dict() for name, pl in by_name.items()},
+        "logits_bytes": 4 * net.num_classes,
+    }
+
+
+def export_partitions(
+    net: Net,
+    variables: Mapping[str, Any],
+    directory: str,
+    *,
+    precision: str = "fp32",
+    check_x: np.ndarray | None = None,
+    check_logits: Mapping[str, np.ndarray] | None = None,
+    tolerance: float = 1e-4,
+    log=print,
+) -> dict:
+    """Writes ``partitions.tflite`` into `directory`; returns its manifest section.
+
+    Args:
+      check_x, check_logits: images and the already parity-checked logits of
+        every exit on them (the main model's); every device + edge pair is run
+        on them in LiteRT and must reproduce those logits (fp32: within
+        `tolerance`; other precisions: same top-1).
+
+    Raises:
+      ValueError: int8 (partitions would need per-cut calibration data).
+      export.bundle.ExportError: a partition pair does not reproduce its exit's logits.
+    """
+    if precision == "int8":
+        raise ValueError("partition signatures support fp32, fp16 and dynamic precision, not int8")
+    plans = plan_partitions(net)
+    buf = convert.to_tflite(net, variables, plans, precision=precision)
+    path = os.path.join(directory, MODEL_FILE)
+    with open(path, "wb") as f:
+        f.write(buf)
+    section = manifest_section(net, plans, MODEL_FILE)
+    log(f"partitions: {len(plans)} signatures, {len(buf):,} bytes")
+    if check_x is not None and check_logits is not None:
+        section["parity"] = _check_pairs(path, section, check_x, check_logits, precision, tolerance)
+    return section
+
+
+def _check_pairs(path, section, xs, ref, precision, tolerance) -> dict:
+    from runtime.lite import Model
+
+    model = Model(path)
+    worst = 0.0
+    for e in section["exits"]:
+        for p, edge in e["edge"].items():
+            dev = section["device"].get(p)
+            got = []
+            for x in xs:
+                h = np.ascontiguousarray(x[None], np.float32)
+                if dev:
+                    h = model.signature(dev)(h)
+                got.append(model.signature(edge)(h)[0])
+            got = np.stack(got)
+            want = ref[e["name"]][: len(xs)]
+            diff = float(np.abs(got - want).max())
+            worst = max(worst, diff)
+            bad = (
+                diff > tolerance
+                if precision == "fp32"
+                else (got.argmax(-1) != want.argmax(-1)).any()
+            )
+            if bad:
+                from export.bundle import ExportError
+
+                raise ExportError(
+                    f"partition {dev or 'input'} -> {edge} does not reproduce {e['name']}'s "
+                    f"logits (max |d| = {diff:.2e})"
+                )
+    return {"examples": int(len(xs)), "max_abs_diff": worst, "precision": precision}

@@ -1,0 +1,217 @@
+"""Exports Edgent's latency sweep: single-layer signatures over layer configurations.
+
+  python -m export.sweep --out=bundles/sweep [--size=full|smoke] [--seed=0] [--overwrite]
+
+`runtime.profile` times every signature on a target and `export.latency_fit`
+fits Edgent's per-layer-kind linear regressions on those times. The sweep
+holds, in ``sweep.tflite``, one signature per configuration (randomly
+initialised weights: latency does not depend on their values):
+
+* ``conv``: input size, input channels, kernel 1/3/5, stride 1/2, filters;
+* ``relu``, ``lrn``, ``dropout``: feature maps and vectors of many sizes;
+* ``max_pool`` (window 2/3, stride 1/2, SAME/VALID);
+* ``dense``: input and output sizes;
+* ``probe``: a relu on one element, whose time is the interpreter's
+  per-invocation overhead (subtracted from every layer sample);
+
+and ``load_NN.tflite`` models of growing size (one dense layer each) for the
+model-loading regression. Configurations are drawn with a fixed seed from
+ranges that cover the zoo's CIFAR / MNIST networks; the fit holds some out.
+The manifest (``format: flexjax-sweep``) lists every signature with the
+layer descriptor the latency model reads (`runtime.latency_model`) and every
+file's sha256; the directory is staged and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import numpy as np
+
+SIZES = ("full", "smoke")
+FORMAT = "flexjax-sweep"
+MODEL_FILE = "sweep.tflite"
+# (count per kind, loading model weights in floats) per size.
+_COUNTS = {
+    "full": {"conv": 48, "relu": 12, "lrn": 12, "dropout": 8, "max_pool": 16, "dense": 24},
+    "smoke": {"conv": 4, "relu": 3, "lrn": 3, "dropout": 3, "max_pool": 3, "dense": 4},
+}
+_LOAD_FLOATS = {
+    "full": (4_096, 65_536, 262_144, 1_048_576, 2_097_152, 4_194_304),
+    "smoke": (4_096, 262_144),
+}
+
+
+def _configs(size: str, seed: int) -> list[tuple[str, tuple[int, ...], object]]:
+    """``[(name, input_shape, layer)]`` drawn reproducibly from the sweep ranges."""
+    from flexjax import spec
+
+    rng = np.random.default_rng(seed)
+    counts = _COUNTS[size]
+    out = []
+
+    def image() -> tuple[int, int, int]:
+        h = int(rng.choice([4, 7, 14, 28]))
+        return (h, h, int(rng.choice([8, 16, 32, 64, 96, 128, 192])))
+
+    for i in range(counts["conv"]):
+        h = int(rng.choice([4, 7, 14, 28]))
+        cin = int(rng.choice([1, 3, 16, 32, 64, 96, 128, 192]))
+        k = int(rng.choice([1, 3, 5]))
+        s = int(rng.choice([1, 1, 2]))
+        f = int(rng.choice([8, 16, 32, 64, 96, 128, 192, 256]))
+        out.append((f"conv_{i:03d}", (h, h, cin), spec.conv(f, k, s)))
+    for kind, make in (("relu", spec.relu), ("lrn", spec.lrn), ("dropout", spec.dropout)):
+        for i in range(counts[kind]):
+            shape = image() if i % 4 else (int(rng.choice([64, 192, 512, 2048])),)
+            if kind == "lrn":
+                shape = image()
+            out.append((f"{kind}_{i:03d}", shape, make()))
+    for i in range(counts["max_pool"]):
+        w = int(rng.choice([2, 3]))
+        layer = spec.max_pool(w, int(rng.choice([1, 2])), str(rng.choice(["SAME", "VALID"])))
+        out.append((f"max_pool_{i:03d}", image(), layer))
+    for i in range(counts["dense"]):
+        n_in = int(rng.choice([64, 96, 192, 384, 512, 1024, 2048, 4096]))
+        n_out = int(rng.choice([10, 32, 64, 96, 192, 384, 512]))
+        out.append((f"dense_{i:03d}", (n_in,), spec.dense(n_out)))
+    out.append(("probe", (1, 1, 1), spec.relu()))
+    return out
+
+
+def _one_layer_net(layer, input_shape):
+    """A valid `Net` whose position 0 is `layer` (a tiny classifier follows it)."""
+    from flexjax import spec
+
+    tail = [spec.dense(2)]
+    out = spec.infer_shapes([layer], input_shape)[0][1]
+    if len(out) == 3:
+        tail = [spec.global_pool(), *tail]
+    return spec.Net(tuple(input_shape) if len(input_shape) == 3 else (1, 1, 1), 2, (layer, *tail))
+
+
+def _flat_input_net(layer, n_in: int):
+    from flexjax import spec
+
+    # Dense/flat layers: the net's image input is (1, 1, n_in) flattened first.
+    return spec.Net((1, 1, n_in), 2, (spec.flatten(), layer, spec.dense(2)))
+
+
+def build_parts(size: str, seed: int):
+    """``(parts for convert.to_tflite_many, manifest rows)`` of the sweep."""
+    import jax
+
+    from export import convert, partitions
+    from flexjax import models
+    from flexjax.spec import FINAL
+
+    parts, rows = [], []
+    key = jax.random.PRNGKey(seed)
+    for name, shape, layer in _configs(size, seed):
+        if len(shape) == 3:
+            net, start = _one_layer_net(layer, shape), 0
+        else:
+            net, start = _flat_input_net(layer, shape[0]), 1
+        shapes = net.shapes()
+        key, sub = jax.random.split(key)
+        variables = models.init(net, sub)
+        plan = convert.SignaturePlan(
+            name, "segment", start, start + 1, FINAL, "x", "activation",
+            tuple(shapes[start][0]), tuple(shapes[start][1]),
+        )  # fmt: skip
+        parts.append((net, variables, [plan]))
+        row = partitions.layer_rows((layer,), tuple(shapes[start][0]))[0]
+        rows.append({"signature": name, "row": row})
+    return parts, rows
+
+
+def _loading_models(size: str, seed: int, directory: str) -> list[dict]:
+    import jax
+
+    from export import convert
+    from flexjax import models, spec
+    from flexjax.spec import FINAL
+
+    out = []
+    for i, floats in enumerate(_LOAD_FLOATS[size]):
+        n_in = 256
+        n_out = max(2, floats // n_in)
+        net = spec.Net((1, 1, n_in), n_out, (spec.flatten(), spec.dense(n_out)))
+        variables = models.init(net, jax.random.PRNGKey(seed + i))
+        plan = convert.SignaturePlan(
+            "load", "segment", 0, 2, FINAL, "x", "logits", (1, 1, n_in), (n_out,)
+        )
+        buf = convert.to_tflite(net, variables, [plan])
+        name = f"load_{i:02d}.tflite"
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(buf)
+        out.append({"file": name, "signature": "load", "bytes": len(buf)})
+    return out
+
+
+def export_sweep(out: str, *, size: str = "full", seed: int = 0, overwrite: bool = False,
+                 log=print) -> dict:  # fmt: skip
+    """Writes the sweep bundle to `out`; returns its manifest.
+
+    Raises:
+      ValueError: unknown size. FileExistsError: `out` exists without `overwrite`.
+    """
+    from export import convert
+    from export.bundle import _Staged, _write_manifest
+
+    if size not in SIZES:
+        raise ValueError(f"unknown sweep size {size!r}; valid: {', '.join(SIZES)}")
+    t0 = time.perf_counter()
+    staged = _Staged(out, overwrite)
+    try:
+        parts, rows = build_parts(size, seed)
+        buf = convert.to_tflite_many(parts)
+        with open(os.path.join(staged.dir, MODEL_FILE), "wb") as f:
+            f.write(buf)
+        loading = _loading_models(size, seed, staged.dir)
+        manifest = {
+            "format": FORMAT,
+            "schema_version": 1,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "size": size,
+            "seed": seed,
+            "model": MODEL_FILE,
+            "layers": rows,
+            "probe": "probe",
+            "loading": loading,
+            "files": {},
+        }
+        _write_manifest(staged.dir, manifest)
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
+    log(
+        f"sweep: {len(rows)} single-layer signatures + {len(loading)} loading models "
+        f"written to {staged.out} in {time.perf_counter() - t0:.1f} s"
+    )
+    return manifest
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="sweep bundle directory to create")
+    p.add_argument("--size", default="full", choices=SIZES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        export_sweep(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    except (ValueError, FileExistsError, OSError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

@@ -1,0 +1,552 @@
+"""The device side of Edgent co-inference: plan, run ``[0, p)``, send, receive, log.
+
+  python -m runtime.coinfer --bundle=BUNDLE --edge=HOST:PORT[,HOST:PORT...] \\
+      --deadline-ms=T --bandwidth=MBPS|TRACE.csv --frames=N --json=OUT \\
+      [--policy=edgent|device-only|edge-only|neurosurgeon|right-sizing] [--margin=0.1] \\
+      [--device=local:threads=1:slowdown=S] [--data=mnist5k:test] [--token=...] [--tls-ca=PEM]
+
+Per frame: the planner (`runtime.planner`) picks the exit and partition for
+the current bandwidth estimate; the device runs ``dev_pNN`` on its (slowed,
+`runtime.profile.Target`) interpreter, sends the activation to an edge server
+(`runtime.edge_server`) and receives the exit's logits. The per-frame log
+records the plan, predicted and measured latency, their parts, the exit, the
+prediction and whether it was correct.
+
+**Emulated bandwidth** (shaping in the transport). Client and servers talk
+over real gRPC on this machine, whose own transfer time is near zero, so the
+client's `Link` stretches every message: before a request of ``n`` bytes
+goes out it waits ``n * 8 / B(t)`` seconds, and the same for the response
+when it arrives, where ``B(t)`` is ``--bandwidth`` (a constant in Mbps) or a
+trace (CSV rows ``t_s,mbps``: from second ``t_s`` on, the link runs at
+``mbps``; the last row holds). Each device has its own link (as devices on
+separate radio links do). The planner never reads ``B(t)``: it sees only the
+throughput of real transfers: ``bytes * 8 / (network time - base RTT)``,
+where network time is the RPC's wall time minus the server's reported compute
+time and the base RTT is measured by pings at start-up. When frames run on
+the device only, a small probe (``--probe-bytes``) is sent every
+``--probe-every`` frames, between frames, so a rising bandwidth is noticed.
+
+**Fallback.** A dead or unreachable server, an RPC exceeding its timeout
+(the deadline's remaining budget, at least twice the predicted edge time), a
+response that fails validation (wrong id, shape, dtype, non-finite values,
+garbage bytes) or a server that runs another bundle: the frame's remaining
+path runs locally on the device, the frame still gets an answer and the log
+says why. The failing server is skipped for ``--cooldown-s``. With several
+``--edge`` servers, frames are spread round-robin over the healthy ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import grpc
+import numpy as np
+
+from runtime import latency_model as lm
+from runtime import planner, wire
+from runtime.bundle import MANIFEST, Bundle, BundleError
+from runtime.lite import Model
+from runtime.profile import Target
+
+DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+
+
+class EdgeFailure(RuntimeError):
+    """One edge call failed; the message says why (used as the fallback reason)."""
+
+
+# -- emulated link ------------------------------------------------------------------------------
+
+
+class Link:
+    """An emulated network link: constant bandwidth or a ``t_s,mbps`` trace (see module doc)."""
+
+    def __init__(self, times: Sequence[float], mbps: Sequence[float], source: str):
+        self.times = np.asarray(times, np.float64)
+        self.bps = np.asarray(mbps, np.float64) * 1e6
+        self.source = source
+        self.t0 = time.perf_counter()
+
+    @staticmethod
+    def parse(spec: str) -> Link:
+        """``--bandwidth``: a positive number of Mbps, or a CSV trace path.
+
+        Raises:
+          ValueError / FileNotFoundError: one line naming the problem.
+        """
+        try:
+            value = float(spec)
+        except ValueError:
+            return Link._trace(spec)
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"--bandwidth must be > 0 Mbps or a trace file; got {spec!r}")
+        return Link([0.0], [value], f"{value} Mbps")
+
+    @staticmethod
+    def _trace(path: str) -> Link:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"bandwidth trace {path} does not exist (or give Mbps)")
+        times, mbps = [], []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if not line or line.startswith("#") or (n == 1 and line[0].isalpha()):
+                    continue
+                parts = line.split(",")
+                try:
+                    t, b = float(parts[0]), float(parts[1])
+                    if len(parts) != 2:
+                        raise ValueError
+                except (ValueError, IndexError):
+                    raise ValueError(
+                        f"{path} line {n}: expected 't_s,mbps', got {line!r}"
+                    ) from None
+                if not (math.isfinite(t) and math.isfinite(b) and t >= 0 and b > 0):
+                    raise ValueError(f"{path} line {n}: need t_s >= 0 and mbps > 0, got {line!r}")
+                if times and t <= times[-1]:
+                    raise ValueError(
+                        f"{path} line {n}: times must increase ({t} after {times[-1]})"
+                    )
+                times.append(t)
+                mbps.append(b)
+        if not times or times[0] != 0:
+            raise ValueError(f"bandwidth trace {path} must start at t_s = 0")
+        return Link(times, mbps, path)
+
+    def restart(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def bandwidth_bps(self) -> float:
+        """The link's bandwidth now (for shaping and for the log, never for planning)."""
+        t = time.perf_counter() - self.t0
+        return float(self.bps[max(0, int(np.searchsorted(self.times, t, side="right")) - 1)])
+
+    def transmit(self, nbytes: int) -> None:
+        """Holds a message of `nbytes` for as long as the link needs to carry it."""
+        time.sleep(nbytes * 8.0 / self.bandwidth_bps())
+
+
+# -- edge servers -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Edge:
+    address: str
+    channel: grpc.Channel
+    infer: object
+    ping: object
+    down_until: float = 0.0
+    calls: int = 0
+    failures: int = 0
+    compatible: bool = True
+
+
+class EdgePool:
+    """gRPC channels to one or more edge servers, used round-robin over the healthy ones."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        token: str | None = None,
+        tls_ca: bytes | None = None,
+        tls_server_name: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+        cooldown_s: float = 2.0,
+    ):
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        self.metadata = ((wire.TOKEN_KEY, token),) if token else None
+        self.cooldown_s = cooldown_s
+        self.edges: list[_Edge] = []
+        for addr in addresses:
+            if tls_ca is not None:
+                ch = grpc.secure_channel(addr, grpc.ssl_channel_credentials(tls_ca), options)
+            else:
+                ch = grpc.insecure_channel(addr, options)
+            self.edges.append(
+                _Edge(addr, ch, ch.unary_unary(wire.INFER), ch.unary_unary(wire.PING))
+            )
+        self._next = 0
+
+    def close(self) -> None:
+        for e in self.edges:
+            e.channel.close()
+
+    def ping(self, edge: _Edge, payload: bytes = b"", timeout_s: float = 2.0) -> tuple[dict, float]:
+        """One Ping: ``(reply header, wall seconds)``. Raises EdgeFailure."""
+        t0 = time.perf_counter()
+        try:
+            raw = edge.ping(payload, timeout=timeout_s, metadata=self.metadata)
+            header, _ = wire.decode(raw, required={"bundle": str, "received": int})
+        except grpc.RpcError as e:
+            raise EdgeFailure(f"{edge.address}: {e.code().name}: {e.details()}") from None
+        except wire.WireError as e:
+            raise EdgeFailure(f"{edge.address}: garbage ping reply: {e}") from None
+        return header, time.perf_counter() - t0
+
+    def connect(self, bundle_digest: str, pings: int = 5) -> tuple[float, list[str]]:
+        """Pings every server: checks it serves the same bundle; returns (base RTT s, problems)."""
+        rtts, problems = [], []
+        for e in self.edges:
+            try:
+                for _ in range(pings):
+                    header, dt = self.ping(e)
+                    rtts.append(dt)
+                if header["bundle"] != bundle_digest:
+                    e.compatible = False
+                    problems.append(f"{e.address} serves another bundle")
+            except EdgeFailure as f:
+                e.down_until = time.perf_counter() + self.cooldown_s
+                problems.append(str(f))
+        return (float(np.median(rtts)) if rtts else 0.0), problems
+
+    def pick(self) -> _Edge | None:
+        """The next healthy server (round-robin), or None when none is."""
+        now = time.perf_counter()
+        for k in range(len(self.edges)):
+            e = self.edges[(self._next + k) % len(self.edges)]
+            if e.compatible and e.down_until <= now:
+                self._next = (self._next + k + 1) % len(self.edges)
+                return e
+        return None
+
+    def infer(self, edge: _Edge, request: bytes, frame_id: int, out_shape, timeout_s: float):
+        """One Infer call: ``(logits, server_ms, response bytes)``. Raises EdgeFailure."""
+        edge.calls += 1
+        try:
+            raw = edge.infer(request, timeout=timeout_s, metadata=self.metadata)
+            header, y = wire.decode(raw, required={"id": int}, finite=True)
+            server_ms = header.get("server_ms")
+            if header["id"] != frame_id:
+                raise wire.WireError(f"response id {header['id']} for request {frame_id}")
+            if y is None or y.dtype != np.float32 or tuple(y.shape) != tuple(out_shape):
+                raise wire.WireError(f"unexpected response tensor {None if y is None else y.shape}")
+            if not isinstance(server_ms, (int, float)) or not 0 <= server_ms < 1e6:
+                raise wire.WireError(f"bad server_ms {server_ms!r}")
+        except grpc.RpcError as e:
+            self._fail(edge)
+            raise EdgeFailure(f"{edge.address}: {e.code().name}") from None
+        except wire.WireError as e:
+            self._fail(edge)
+            raise EdgeFailure(f"{edge.address}: garbage response: {e}") from None
+        return y, float(server_ms), raw
+
+    def _fail(self, edge: _Edge) -> None:
+        edge.failures += 1
+        edge.down_until = time.perf_counter() + self.cooldown_s
+
+
+# -- the co-inference loop ----------------------------------------------------------------------
+
+
+def _exact_sizes(opts: Sequence[planner.Option], part: Mapping) -> list[planner.Option]:
+    """Options whose byte counts are the real encoded request / response sizes."""
+    out = []
+    for o in opts:
+        if not o.remote:
+            out.append(o)
+            continue
+        shape = part["activations"][str(o.partition)]["shape"]
+        req = wire.encode({"id": 999999, "sig": o.edge_sig}, np.zeros(shape, np.float32))
+        resp = wire.encode({"id": 999999, "server_ms": 0.12345678901234}, np.zeros(
+            (1, part["logits_bytes"] // 4), np.float32))  # fmt: skip
+        out.append(dataclasses.replace(o, up_bytes=len(req), down_bytes=len(resp)))
+    return out
+
+
+class CoInference:
+    """The device client: planner state, device interpreter, edge pool and link."""
+
+    def __init__(self, bundle: Bundle, pool: EdgePool, link: Link, *, deadline_ms: float,
+                 policy: str = "edgent", margin: float = 0.1, device: Target | None = None,
+                 probe_every: int = 10, probe_bytes: int = 1024):  # fmt: skip
+        m = bundle.manifest
+        self.part = m.get("partitions")
+        self.opts = planner.allowed(planner.options(m), policy)
+        self.opts = _exact_sizes(self.opts, self.part)
+        spec = m["latency_models"]["device"]["target"]
+        self.device = device or Target(
+            spec["kind"], spec["threads"], spec["slowdown"], spec=spec["spec"]
+        )
+        # Model loading on the device, measured as runtime.profile does: interpreter
+        # creation + allocation + first run of one signature, slowed like any device call.
+        t0, c0 = time.perf_counter(), time.thread_time()
+        self.model = Model(os.path.join(bundle.path, self.part["model"]), self.device.threads)
+        first = self.model.signature(self.opts[0].device_sig or self.opts[0].edge_sig)
+        first(np.zeros(first.input_shape, np.float32))
+        self.device.pad(t0, time.thread_time() - c0)
+        self.loading_ms = (time.perf_counter() - t0) * 1e3
+        for o in self.opts:  # then warm every signature this policy can use
+            for name in (o.device_sig, o.edge_sig):
+                if name:
+                    sig = self.model.signature(name)
+                    sig(np.zeros(sig.input_shape, np.float32))
+        self.pool, self.link = pool, link
+        self.deadline_ms, self.margin, self.policy = deadline_ms, margin, policy
+        self.out_shape = (1, bundle.num_classes)
+        self.estimator = planner.BandwidthEstimator()
+        self.rtt_s = 0.0
+        self.cmap: list = []
+        self.probe_every, self.probe_bytes = probe_every, probe_bytes
+        self._since_sample = 0
+
+    def start(self, rtt_s: float) -> None:
+        """Builds the configuration map for base RTT `rtt_s` and probes the link once."""
+        self.rtt_s = rtt_s
+        self.cmap = planner.config_map(self.opts, self.deadline_ms, rtt_ms=self.rtt_s * 1e3,
+                                       margin=self.margin)  # fmt: skip
+        self.link.restart()
+        self.probe()
+
+    def probe(self) -> None:
+        """Sends `probe_bytes` through the link to measure its throughput."""
+        edge = self.pool.pick()
+        if edge is None:
+            return
+        payload = bytes(self.probe_bytes)
+        t0 = time.perf_counter()
+        try:
+            self.link.transmit(len(payload))
+            header, _ = self.pool.ping(edge, payload)
+            self.link.transmit(64)
+        except EdgeFailure:
+            self.pool._fail(edge)
+            return
+        self._observe(len(payload) + 64, time.perf_counter() - t0)
+
+    def _observe(self, nbytes: int, network_s: float) -> bool:
+        sample = nbytes * 8.0 / max(network_s - self.rtt_s, 1e-5)
+        self.estimator, changed = self.estimator.observe(sample)
+        self._since_sample = 0
+        return changed
+
+    def choose(self, changed: bool) -> tuple[planner.Option, float, bool, str]:
+        """(option, predicted ms, feasible, how) for the current estimate."""
+        bw = self.estimator.estimate_bps or 1e3
+        rtt_ms = self.rtt_s * 1e3
+        if changed and self.policy == "edgent":  # sharp change: the offline configuration map
+            o = planner.lookup(self.cmap, bw)
+            lat = o.latency_ms(bw, rtt_ms)
+            return o, lat, lat * (1 + self.margin) <= self.deadline_ms, "map"
+        pl = planner.plan(self.opts, bw, self.deadline_ms, rtt_ms=rtt_ms, margin=self.margin)
+        return pl.option, pl.predicted_ms, pl.feasible, "regression"
+
+    def frame(self, i: int, x: np.ndarray, label: int, changed: bool) -> tuple[dict, bool]:
+        """Runs one frame; returns its log row and whether a bandwidth change was detected."""
+        true_bw = self.link.bandwidth_bps()
+        est = self.estimator.estimate_bps
+        opt, predicted, feasible, how = self.choose(changed)
+        rtt_ms = self.rtt_s * 1e3
+        transfer = planner.transfer_ms(opt.up_bytes + opt.down_bytes, est or 1e3) + rtt_ms
+        row = {"frame": i, "true_mbps": true_bw / 1e6, "est_mbps": (est or 0) / 1e6,
+               "exit": opt.exit, "partition": opt.partition, "plan": opt.label(), "how": how,
+               "feasible": feasible, "predicted_ms": predicted,
+               "predicted_transfer_ms": transfer if opt.remote else 0.0,
+               "fallback": None, "edge": None}  # fmt: skip
+        t0 = time.perf_counter()
+        h = np.ascontiguousarray(x[None], np.float32)
+        new_change = False
+        if not opt.remote:
+            logits = self.device.call(self.model.signature(opt.device_sig), h)
+            row.update(device_ms=(time.perf_counter() - t0) * 1e3, edge_ms=0.0, network_ms=0.0)
+        else:
+            if opt.device_sig:
+                h = self.device.call(self.model.signature(opt.device_sig), h)
+            t1 = time.perf_counter()
+            row["device_ms"] = (t1 - t0) * 1e3
+            logits, new_change = self._remote(i, opt, h, row, t0)
+        total = (time.perf_counter() - t0) * 1e3
+        self._since_sample += 1
+        pred = int(np.asarray(logits).argmax())
+        row.update(measured_ms=total, met=total <= self.deadline_ms, prediction=pred,
+                   label=int(label), correct=pred == int(label))  # fmt: skip
+        row["error_ms"] = total - predicted
+        row["within_bound"] = abs(total - predicted) <= 1.0 + row["predicted_transfer_ms"]
+        if self._since_sample >= self.probe_every:
+            self.probe()  # between frames: not part of any frame's latency
+        return row, new_change
+
+    def _remote(self, i, opt, h, row, t0) -> tuple[np.ndarray, bool]:
+        request = wire.encode({"id": i, "sig": opt.edge_sig}, h)
+        edge = self.pool.pick()
+        if edge is None:
+            row["fallback"] = "no healthy edge server"
+        else:
+            row["edge"] = edge.address
+            spent = (time.perf_counter() - t0) * 1e3
+            fallback_ms = self.device.slowdown * opt.edge_ms
+            budget = self.deadline_ms - spent - fallback_ms
+            timeout_s = max(budget, 2 * opt.edge_ms + 5.0) / 1e3 + 0.02
+            t1 = time.perf_counter()
+            try:
+                self.link.transmit(len(request))
+                y, server_ms, raw = self.pool.infer(edge, request, i, self.out_shape, timeout_s)
+                self.link.transmit(len(raw))
+                network_s = time.perf_counter() - t1 - server_ms / 1e3
+                row.update(edge_ms=server_ms, network_ms=network_s * 1e3)
+                return y, self._observe(len(request) + len(raw), network_s)
+            except EdgeFailure as f:
+                row["fallback"] = str(f)
+        t2 = time.perf_counter()
+        y = self.device.call(self.model.signature(opt.edge_sig), h)
+        row.update(edge_ms=0.0, network_ms=(t2 - t0) * 1e3 - row["device_ms"],
+                   local_rest_ms=(time.perf_counter() - t2) * 1e3)  # fmt: skip
+        return y, False
+
+
+def summarize(rows: Sequence[Mapping], deadline_ms: float) -> dict:
+    """Deadline met rate, accuracy, latency stats, prediction error and plan histogram."""
+    ms = np.array([r["measured_ms"] for r in rows])
+    err = np.array([r["error_ms"] for r in rows])
+    plans: dict[str, int] = {}
+    for r in rows:
+        plans[r["plan"]] = plans.get(r["plan"], 0) + 1
+    return {
+        "frames": len(rows),
+        "deadline_ms": deadline_ms,
+        "deadline_met": float(np.mean([r["met"] for r in rows])),
+        # Misses by plan: device-only frames miss only when the device itself ran late.
+        "missed_remote": int(sum(not r["met"] and r["partition"] is not None for r in rows)),
+        "missed_device_only": int(sum(not r["met"] and r["partition"] is None for r in rows)),
+        "accuracy": float(np.mean([r["correct"] for r in rows])),
+        "mean_ms": float(ms.mean()),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_abs_error_ms": float(np.abs(err).mean()),
+        "within_1ms_plus_transfer": float(np.mean([r["within_bound"] for r in rows])),
+        "infeasible_frames": int(sum(not r["feasible"] for r in rows)),
+        "fallbacks": int(sum(r["fallback"] is not None for r in rows)),
+        "plans": plans,
+        "mean_exit_index": None,
+    }
+
+
+def run(args) -> dict:
+    if args.deadline_ms <= 0 or args.frames < 1:
+        raise ValueError("--deadline-ms and --frames must be > 0")
+    if not 0 <= args.margin < 1:
+        raise ValueError(f"--margin must be in [0, 1); got {args.margin}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise FileNotFoundError(f"directory of --json={args.json} does not exist")
+    link = Link.parse(args.bandwidth)
+    bundle = Bundle.from_dir(args.bundle)
+    from runtime import data as data_lib
+
+    frames = data_lib.load(args.data, bundle.manifest)
+    addresses = [a.strip() for a in args.edge.split(",") if a.strip()]
+    if not addresses:
+        raise ValueError("--edge needs at least one HOST:PORT")
+    for a in addresses:
+        host, _, port = a.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--edge {a!r} is not HOST:PORT")
+    tls_ca = None
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            tls_ca = f.read()
+    device = Target.parse(args.device) if args.device else None
+    pool = EdgePool(addresses, token=args.token, tls_ca=tls_ca,
+                    tls_server_name=args.tls_server_name, cooldown_s=args.cooldown_s)  # fmt: skip
+    try:
+        with open(os.path.join(bundle.path, MANIFEST), "rb") as f:
+            rtt_s, problems = pool.connect(hashlib.sha256(f.read()).hexdigest())
+        if all(not e.compatible or e.down_until > time.perf_counter() for e in pool.edges) and (
+            args.policy not in ("device-only", "right-sizing")
+        ):
+            raise RuntimeError(f"no edge server usable: {'; '.join(problems)}")
+        for p in problems:
+            print(f"warning: {p}", file=sys.stderr)
+        client = CoInference(bundle, pool, link, deadline_ms=args.deadline_ms, policy=args.policy,
+                             margin=args.margin, device=device, probe_every=args.probe_every,
+                             probe_bytes=args.probe_bytes)  # fmt: skip
+        client.start(rtt_s)
+        rows, changed = [], False
+        for i in range(args.frames):
+            j = i % len(frames.x)
+            row, changed = client.frame(i, frames.x[j], frames.y[j], changed)
+            row["t_s"] = time.perf_counter() - link.t0
+            rows.append(row)
+    finally:
+        pool.close()
+    rep = {
+        "bundle": os.path.abspath(args.bundle),
+        "policy": args.policy,
+        "deadline_ms": args.deadline_ms,
+        "margin": args.margin,
+        "bandwidth": link.source,
+        "device": dataclasses.asdict(client.device),
+        "edges": {e.address: {"calls": e.calls, "failures": e.failures} for e in pool.edges},
+        "rtt_ms": client.rtt_s * 1e3,
+        "loading_ms": client.loading_ms,
+        "predicted_loading_ms": lm.loading_ms(
+            bundle.manifest["latency_models"]["device"],
+            bundle.manifest["files"][bundle.manifest["partitions"]["model"]]["bytes"],
+        ),
+        "bandwidth_changes": client.estimator.changes,
+        "summary": summarize(rows, args.deadline_ms),
+        "frames": rows,
+    }
+    idx = {e["name"]: i for i, e in enumerate(bundle.manifest["partitions"]["exits"])}
+    rep["summary"]["mean_exit_index"] = float(np.mean([idx[r["exit"]] for r in rows]))
+    return rep
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m runtime.coinfer", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--edge", required=True, help="HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--deadline-ms", type=float, required=True)
+    p.add_argument("--bandwidth", required=True, help="Mbps, or a CSV trace of t_s,mbps")
+    p.add_argument("--frames", type=int, default=100)
+    p.add_argument("--json", default=None, help="write the report (summary + per-frame log)")
+    p.add_argument("--data", default="mnist5k:test", help="frames: DATASET:SPLIT or npz:PATH")
+    p.add_argument("--policy", default="edgent", choices=planner.POLICIES)
+    p.add_argument("--margin", type=float, default=0.1, help="relative headroom in planning")
+    p.add_argument("--device", default=None, help="device target (default: the fitted one)")
+    p.add_argument("--token", default=None)
+    p.add_argument("--tls-ca", default=None, help="PEM CA certificate (enables TLS)")
+    p.add_argument("--tls-server-name", default=None, help="TLS name override (tests)")
+    p.add_argument("--cooldown-s", type=float, default=2.0)
+    p.add_argument("--probe-every", type=int, default=10)
+    p.add_argument("--probe-bytes", type=int, default=1024)
+    args = p.parse_args(argv)
+    try:
+        rep = run(args)
+        if args.json:
+            from flexjax.io import write_json_atomic
+
+            write_json_atomic(args.json, rep)
+    except (BundleError, planner.PlannerError, ValueError, FileNotFoundError, RuntimeError,
+            KeyError) as e:  # fmt: skip
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    s = rep["summary"]
+    print(
+        f"{s['frames']} frames, deadline {s['deadline_ms']} ms, {rep['policy']} on "
+        f"{rep['bandwidth']}: "
+        f"met {s['deadline_met']:.3f}, accuracy {s['accuracy']:.3f}, mean {s['mean_ms']:.2f} ms "
+        f"(p95 {s['p95_ms']:.2f}), |pred err| {s['mean_abs_error_ms']:.2f} ms, within 1 ms + "
+        f"transfer {s['within_1ms_plus_transfer']:.3f}, fallbacks {s['fallbacks']}, "
+        f"plans {s['plans']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Profiles latency on a target: a sweep bundle's layers or a bundle's partitions.
+
+  python -m runtime.profile --bundle=SWEEP_OR_BUNDLE --target=local[:threads=N][:slowdown=S] \\
+      --out=PROFILE.json [--runs=20]
+  python -m runtime.profile --bundle=... --target=adb[:SERIAL] --benchmark-binary=PATH --out=...
+
+* A sweep bundle (`export.sweep`): the median time of every single-layer
+  signature, the per-invocation overhead (the ``probe`` signature), and model
+  loading (interpreter creation + tensor allocation + first run) for models of
+  growing size. `export.latency_fit` fits the regressions on it.
+* A bundle exported with ``--partitions``: the median time of every partition
+  signature (device prefixes and edge paths) and the loading time of its model
+  files: the measured whole-path latencies the fit is checked against.
+
+Targets. ``local:threads=N`` runs the LiteRT interpreter here with N threads.
+One machine stands in for both Edgent machines: the **device** is
+``local:threads=1:slowdown=S``, a dedicated CPU S times slower than one core
+here (a Raspberry Pi 3 runs AlexNet-class layers ~10-20x slower than a
+desktop core). A call whose computation used ``c`` seconds of this thread's
+CPU time (``time.thread_time``; LiteRT with one thread computes in the
+calling thread) returns ``S * c`` seconds after it started: the interpreter
+really runs, then the device sleeps for the rest. CPU time rather than wall
+time, because a dedicated device does not wait for the other tenants of this
+shared VM (wall time under contention would be amplified S times). The same
+`Target` runs the device side in `runtime.coinfer`, so profile and
+co-inference see the same device. The **edge** is ``local:threads=1`` (no
+slowdown, wall time: the edge server shares this machine for real). ``adb[:SERIAL]`` times every
+signature on a phone with TFLite's ``benchmark_model`` (`runtime.adb`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from flexjax.io import write_json_atomic
+from runtime.bench import time_stats
+from runtime.bundle import BundleError, check_files, read_manifest
+
+SWEEP_FORMAT = "flexjax-sweep"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where signatures run: ``local`` (threads, slowdown) or ``adb`` (serial)."""
+
+    kind: str
+    threads: int = 1
+    slowdown: float = 1.0
+    serial: str | None = None
+    spec: str = "local"
+
+    @staticmethod
+    def parse(spec: str) -> Target:
+        """Parses ``local[:threads=N][:slowdown=S]`` or ``adb[:SERIAL]``.
+
+        Raises:
+          ValueError: anything else (the message shows the accepted forms).
+        """
+        head, _, rest = spec.partition(":")
+        if head == "adb":
+            return Target("adb", serial=rest or None, spec=spec)
+        if head != "local":
+            raise ValueError(
+                f"unknown target {spec!r}; valid: local[:threads=N][:slowdown=S], adb[:SERIAL]"
+            )
+        threads, slowdown = 1, 1.0
+        for part in filter(None, rest.split(":")):
+            key, _, value = part.partition("=")
+            try:
+                if key == "threads":
+                    threads = int(value)
+                elif key == "slowdown":
+                    slowdown = float(value)
+                else:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(
+                    f"bad target option {part!r} in {spec!r}; valid: threads=N, slowdown=S"
+                ) from None
+        if threads < 1 or not slowdown >= 1.0:
+            raise ValueError(f"target {spec!r}: threads must be >= 1 and slowdown >= 1")
+        return Target("local", threads, slowdown, spec=spec)
+
+    def pad(self, start_s: float, cpu_s: float) -> None:
+        """Sleeps until ``start_s + slowdown * cpu_s`` (perf_counter time) on a slowed target."""
+        if self.slowdown > 1.0:
+            rest = start_s + self.slowdown * cpu_s - time.perf_counter()
+            if rest > 0:
+                time.sleep(rest)
+
+    def call(self, sig, x: np.ndarray) -> np.ndarray:
+        """Runs one `runtime.lite.Signature` on this target (slowdown applied)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        y = sig(x)
+        self.pad(t0, time.thread_time() - c0)
+        return y
+
+
+def time_signature(target: Target, sig, runs: int, warmup: int = 3) -> dict:
+    """Median / mean / p95 (ms) of `runs` calls of `sig` on a zero input."""
+    x = np.zeros(sig.input_shape, sig.input_dtype)
+    for _ in range(warmup):
+        target.call(sig, x)
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        target.call(sig, x)
+        ts.append(time.perf_counter_ns() - t0)
+    s = time_stats(ts)
+    return {"median_ms": s["p50_ms"], "mean_ms": s["mean_ms"], "p95_ms": s["p95_ms"], "runs": runs}
+
+
+def time_loading(target: Target, path: str, signature: str, runs: int) -> dict:
+    """Model loading: interpreter creation + allocation + first invocation (ms, median)."""
+    from runtime.lite import Model
+
+    ts = []
+    for _ in range(runs):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        model = Model(path, num_threads=target.threads)
+        sig = model.signature(signature)
+        sig(np.zeros(sig.input_shape, sig.input_dtype))
+        target.pad(t0, time.thread_time() - c0)
+        ts.append((time.perf_counter() - t0) * 1e3)
+        del sig, model
+    return {"median_ms": float(np.median(ts)), "runs": runs, "bytes": os.path.getsize(path)}
+
+
+def _adb_times(target: Target, binary: str, model_path: str, sigs: Sequence[str], runs: int):
+    from runtime.adb import AdbTarget
+
+    adb = AdbTarget(target.serial, binary)
+    adb.check()
+    timings = adb.benchmark_all(
+        model_path, list(sigs), num_threads=1, num_runs=runs, warmup_runs=3, op_profiling=False
+    )
+    return timings
+
+
+def profile_sweep(manifest: Mapping, path: str, target: Target, runs: int, binary=None) -> dict:
+    """Times every layer signature, the probe and the loading models of a sweep bundle."""
+    model_path = os.path.join(path, manifest["model"])
+    names = [r["signature"] for r in manifest["layers"]]
+    layers = {}
+    loading = []
+    if target.kind == "adb":
+        timings = _adb_times(target, binary, model_path, names, runs)
+        for r in manifest["layers"]:
+            layers[r["signature"]] = {"median_ms": timings[r["signature"]].avg_us / 1e3}
+        for m in manifest["loading"]:
+            t = _adb_times(target, binary, os.path.join(path, m["file"]), [m["signature"]], 1)
+            loading.append({"file": m["file"], "bytes": m["bytes"],
+                            "median_ms": t[m["signature"]].init_us / 1e3})  # fmt: skip
+    else:
+        from runtime.lite import Model
+
+        model = Model(model_path, num_threads=target.threads)
+        for r in manifest["layers"]:
+            layers[r["signature"]] = time_signature(target, model.signature(r["signature"]), runs)
+        for m in manifest["loading"]:
+            t = time_loading(
+                target, os.path.join(path, m["file"]), m["signature"], max(3, runs // 4)
+            )
+            loading.append({"file": m["file"], **t})
+    rows = [{**r, **layers[r["signature"]]} for r in manifest["layers"]]
+    return {
+        "kind": "sweep",
+        "overhead_ms": layers[manifest["probe"]]["median_ms"],
+        "layers": rows,
+        "loading": loading,
+    }
+
+
+def profile_partitions(manifest: Mapping, path: str, target: Target, runs: int, binary=None):
+    """Times every partition signature of a bundle and the loading of its model files."""
+    part = manifest.get("partitions")
+    if part is None:
+        raise BundleError(f"bundle {path} has no partitions (export it with --partitions)")
+    model_path = os.path.join(path, part["model"])
+    names = list(part["signatures"])
+    if target.kind == "adb":
+        timings = _adb_times(target, binary, model_path, names, runs)
+        sigs = {n: {"median_ms": t.avg_us / 1e3} for n, t in timings.items()}
+        loading = []
+    else:
+        from runtime.lite import Model
+
+        model = Model(model_path, num_threads=target.threads)
+        sigs = {n: time_signature(target, model.signature(n), runs) for n in names}
+        loading = [
+            {"file": part["model"], **time_loading(target, model_path, names[0], 3)},
+        ]
+    return {"kind": "partitions", "signatures": sigs, "loading": loading}
+
+
+def profile(bundle: str, target: Target, runs: int = 20, binary: str | None = None) -> dict:
+    """Profiles a sweep bundle or a partitioned bundle on `target` (see the module docstring).
+
+    Raises:
+      BundleError: a missing / corrupt bundle, or one with nothing to profile.
+      ValueError: bad arguments.
+    """
+    if runs < 1:
+        raise ValueError(f"--runs must be >= 1; got {runs}")
+    if target.kind == "adb" and not binary:
+        raise ValueError("--target=adb needs --benchmark-binary=PATH (TFLite benchmark_model)")
+    manifest = read_manifest(bundle)
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{bundle}: manifest is not a JSON object")
+    if manifest.get("format") == SWEEP_FORMAT:
+        try:
+            check_files(bundle, manifest)
+            result = profile_sweep(manifest, bundle, target, runs, binary)
+        except (KeyError, TypeError) as e:
+            msg = f"{bundle}: malformed sweep manifest ({type(e).__name__} {e})"
+            raise BundleError(msg) from None
+    else:
+        from runtime.bundle import Bundle
+
+        b = Bundle.from_dir(bundle)
+        result = profile_partitions(b.manifest, bundle, target, runs, binary)
+    return {
+        "bundle": os.path.abspath(bundle),
+        "target": dataclasses.asdict(target),
+        "runs": runs,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count()},
+        **result,
+    }  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m runtime.profile", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--bundle", required=True, help="a sweep bundle or a --partitions bundle")
+    p.add_argument(
+        "--target", default="local", help="local[:threads=N][:slowdown=S] or adb[:SERIAL]"
+    )
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per signature")
+    p.add_argument("--benchmark-binary", default=None, help="benchmark_model for --target=adb")
+    args = p.parse_args(argv)
+    try:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            raise FileNotFoundError(f"directory of --out={args.out} does not exist")
+        rep = profile(args.bundle, Target.parse(args.target), args.runs, args.benchmark_binary)
+        write_json_atomic(args.out, rep)
+    except (BundleError, ValueError, FileNotFoundError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    n = len(rep.get("layers", rep.get("signatures", [])))
+    print(f"profiled {n} signatures on {args.target} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

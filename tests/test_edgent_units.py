@@ -1,0 +1,177 @@
+"""Edgent's pure parts on hand-made values: planner, bandwidth, latency model, wire, link."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime import latency_model as lm
+from runtime import planner, wire
+from runtime.coinfer import Link
+from runtime.planner import BandwidthEstimator, Option
+
+
+def _opt(exit_index, partition, device_ms, edge_ms=0.0, up=0, name=None):
+    remote = partition is not None
+    return Option(
+        name or f"e{exit_index}", exit_index, partition, "d" if device_ms else None,
+        "e" if remote else None, device_ms, edge_ms, up if remote else 0, 40 if remote else 0,
+    )  # fmt: skip
+
+
+# Two exits. Exit 1 (deeper): device-only 100 ms; edge-only sends 10 kB, 5 ms on the edge;
+# a cut at p=4 runs 60 ms on the device and sends 1 kB. Exit 0: device-only 20 ms.
+OPTS = [
+    _opt(1, None, 100.0),
+    _opt(1, 0, 0.0, 5.0, 10_000),
+    _opt(1, 4, 60.0, 2.0, 1_000),
+    _opt(0, None, 20.0),
+    _opt(0, 0, 0.0, 1.0, 10_000),
+]
+
+
+def test_plan_picks_deepest_exit_with_fastest_partition_when_bandwidth_is_high():
+    p = planner.plan(OPTS, 100e6, 50.0)  # 10 kB at 100 Mbps = 0.8 ms
+    assert (p.option.exit_index, p.option.partition, p.feasible) == (1, 0, True)
+    assert p.predicted_ms == pytest.approx(5.0 + (10_000 + 40) * 8 / 100e6 * 1e3)
+
+
+def test_plan_moves_the_cut_into_the_device_as_bandwidth_drops():
+    # 1 Mbps: edge-only = 5 + 80.3 ms; p=4 = 60 + 2 + 8.3 = 70.3 ms; device-only 100 ms.
+    p = planner.plan(OPTS, 1e6, 75.0)
+    assert (p.option.exit_index, p.option.partition) == (1, 4)
+    assert p.predicted_ms == pytest.approx(60 + 2 + 1040 * 8 / 1e6 * 1e3)
+
+
+def test_plan_right_sizes_to_a_shallower_exit_when_no_partition_meets_the_deadline():
+    p = planner.plan(OPTS, 1e6, 30.0)
+    assert (p.option.exit_index, p.option.partition, p.feasible) == (0, None, True)
+
+
+def test_plan_infeasible_returns_fastest_option_flagged():
+    p = planner.plan(OPTS, 0.01e6, 5.0)
+    assert not p.feasible and p.option.exit_index == 0 and p.option.partition is None
+    assert p.predicted_ms == 20.0
+
+
+def test_plan_margin_and_rtt_make_it_more_conservative():
+    assert planner.plan(OPTS, 1e6, 75.0).option.partition == 4
+    assert planner.plan(OPTS, 1e6, 75.0, margin=0.1).option.exit_index == 0
+    assert planner.plan(OPTS, 1e6, 75.0, rtt_ms=6.0).option.exit_index == 0
+
+
+def test_policies_restrict_the_candidates():
+    allowed = {pol: planner.allowed(OPTS, pol) for pol in planner.POLICIES}
+    assert [(o.exit_index, o.partition) for o in allowed["device-only"]] == [(1, None)]
+    assert [(o.exit_index, o.partition) for o in allowed["edge-only"]] == [(1, 0)]
+    assert {o.exit_index for o in allowed["neurosurgeon"]} == {1}
+    assert all(o.partition is None for o in allowed["right-sizing"])
+    assert planner.plan(allowed["neurosurgeon"], 1e6, 30.0).feasible is False
+    with pytest.raises(planner.PlannerError, match="unknown policy"):
+        planner.allowed(OPTS, "magic")
+    with pytest.raises(planner.PlannerError):
+        planner.plan(OPTS, 0.0, 10.0)
+
+
+def test_bandwidth_estimator_ewma_drop_at_once_rise_after_confirmation():
+    est = BandwidthEstimator(alpha=0.5, threshold=2.0, confirm_rise=2)
+    est, ch = est.observe(10e6)
+    assert est.estimate_bps == 10e6 and not ch
+    est, ch = est.observe(12e6)
+    assert est.estimate_bps == pytest.approx(11e6) and not ch
+    est, ch = est.observe(1e6)  # sharp drop: trusted at once
+    assert ch and est.estimate_bps == 1e6
+    est, ch = est.observe(5e6)  # one high sample is not enough
+    assert not ch and est.estimate_bps == 1e6
+    est, ch = est.observe(6e6)
+    assert ch and est.estimate_bps == 5e6 and est.changes == 2
+    same, ch = est.observe(float("nan"))
+    assert same is est and not ch
+
+
+def test_config_map_is_the_plan_at_each_state_lower_edge():
+    states = [0.1e6, 1e6, 10e6, 100e6]
+    cmap = planner.config_map(OPTS, 75.0, states=states)
+    assert [(o.exit_index, o.partition) for _, o in cmap] == [(0, None), (1, 4), (1, 0), (1, 0)]
+    assert planner.lookup(cmap, 3e6).partition == 4  # in the [1, 10) Mbps state
+    assert planner.lookup(cmap, 0.01e6) is cmap[0][1]
+    edges = planner.bandwidth_states(50e3, 10e6, per_decade=4)
+    assert edges[0] == 50e3 and edges[-1] >= 10e6 and np.all(np.diff(edges) > 0)
+
+
+def test_latency_model_variables_and_fused_free_layers():
+    conv = {"kind": "conv", "in_shape": [14, 14, 32], "out_shape": [7, 7, 64],
+            "kernel": [3, 3], "stride": [2, 2], "features": 64}  # fmt: skip
+    v = lm.raw_variables(conv)
+    assert v["x1"] == 14 * 14 * 32 and v["x2"] == (9 / 4) * 64
+    dense = {"kind": "dense", "in_shape": [2048], "out_shape": [192], "features": 192}
+    assert lm.raw_variables(dense) == {"x1": 2048.0, "x2": 192.0, "x1x2": 2048.0 * 192}
+    model = {
+        "overhead_ms": 0.01,
+        "kinds": {
+            "conv": {"variables": ["x1", "x2"], "coef": [1e-4, 1e-2], "intercept": 0.1},
+            "dense": {"variables": ["x1x2"], "coef": [1e-6], "intercept": 0.0},
+            "relu": {"variables": ["x"], "coef": [1e-3], "intercept": 0.0},
+        },
+        "loading": {"variables": ["x"], "coef": [1e-6], "intercept": 2.0},
+    }
+    lm.check(model)
+    relu = {"kind": "relu", "in_shape": [7, 7, 64], "out_shape": [7, 7, 64]}
+    rows = [conv, {**relu, "fused": True}, relu,
+            {"kind": "flatten", "in_shape": [7, 7, 64], "out_shape": [3136]}]  # fmt: skip
+    want = 0.01 + (0.1 + 1e-4 * 6272 + 1e-2 * 144) + 0.0 + 1e-3 * 3136 + 0.0
+    assert lm.signature_ms(model, rows) == pytest.approx(want)
+    assert lm.loading_ms(model, 1e6) == pytest.approx(3.0)
+    with pytest.raises(lm.LatencyModelError, match="lrn"):
+        lm.layer_ms(model, {"kind": "lrn", "in_shape": [1], "out_shape": [1]})
+    with pytest.raises(lm.LatencyModelError):
+        lm.check({"overhead_ms": 0, "kinds": {"relu": {"variables": ["x"], "coef": [float("nan")],
+                                                        "intercept": 0}}})  # fmt: skip
+
+
+def test_wire_round_trip_and_every_malformation_is_a_wire_error():
+    x = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+    msg = wire.encode({"id": 7, "sig": "edge_final_p00"}, x)
+    header, y = wire.decode(msg, required={"id": int, "sig": str})
+    assert header["id"] == 7 and y.dtype == np.float32 and np.array_equal(y, x)
+    assert wire.decode(wire.encode({"ok": 1}))[1] is None
+    bad = [
+        b"", b"FXJ1", b"XXXX\x00\x00\x00\x00", msg[:-1], msg + b"\x00",
+        b"FXJ1\xff\xff\x00\x00{}",  # header length over the limit
+        b"FXJ1\x03\x00\x00\x00[1]",  # header not an object
+        b"FXJ1\x02\x00\x00\x00\xff\xfe",  # not UTF-8
+        wire.encode({"id": "7", "sig": "s"}, x),  # wrong type
+        wire.encode({"id": True, "sig": "s"}, x),  # bool is not an int
+        wire.encode({"id": 1, "sig": "s", "dtype": "object", "shape": [1]}),
+        wire.encode({"id": 1, "sig": "s", "dtype": "float32", "shape": [0]}),
+        wire.encode({"id": 1, "sig": "s", "dtype": "float32", "shape": [1] * 7}),
+    ]  # fmt: skip
+    for m in bad:
+        with pytest.raises(wire.WireError):
+            wire.decode(m, required={"id": int, "sig": str})
+    with pytest.raises(wire.WireError, match="NaN"):
+        wire.decode(wire.encode({"id": 1}, np.array([np.inf], np.float32)), finite=True)
+
+
+def test_link_constant_and_trace_parsing(tmp_path):
+    assert Link.parse("2.5").bandwidth_bps() == 2.5e6
+    trace = tmp_path / "t.csv"
+    trace.write_text("t_s,mbps\n0,10\n0.5,0.1\n")
+    link = Link.parse(str(trace))
+    assert link.bandwidth_bps() == 10e6
+    link.t0 -= 1.0  # one second later
+    assert link.bandwidth_bps() == 0.1e6
+    for text, match in (
+        ("t_s,mbps\n1,10\n", "start at t_s = 0"),
+        ("0,10\n0,5\n", "increase"),
+        ("0,10\n1,0\n", "mbps > 0"),
+        ("0,10\n1,x\n", "line 2"),
+        ("0,10,3\n", "line 1"),
+    ):
+        trace.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            Link.parse(str(trace))
+    with pytest.raises(FileNotFoundError):
+        Link.parse(str(tmp_path / "missing.csv"))
+    with pytest.raises(ValueError):
+        Link.parse("-3")
