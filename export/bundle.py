@@ -190,26 +190,29 @@ def _calibrations(logits, labels, net, nc, criterion, epsilons, source):
     return rows
 
 
-def export_bundle(
-    workdir: str,
-    out: str,
-    *,
-    precision: str = "fp32",
-    sparsity: bool = False,
-    overwrite: bool = False,
-    epsilons: Sequence[float] = DEFAULT_EPSILONS,
-    parity_examples: int = 1000,
-    num_calibration: int = 200,
-    max_logit_diff: float = FP32_TOLERANCE,
-    min_agreement: float = AGREEMENT_TARGET,
-    log=print,
-) -> dict:
-    """Exports `workdir` into the bundle directory `out`; returns the manifest.
+def export_bundle(workdir: str, out: str, **kwargs: Any) -> dict:
+    """Exports a `train.multi_exit` workdir into the bundle directory `out`.
+
+    Keyword arguments are those of `export_model`. Returns the manifest.
 
     Raises:
       FileNotFoundError / FileExistsError / ValueError: bad arguments or workdir.
       ExportError: parity with JAX failed (nothing is written).
     """
+    _check_options(**kwargs)  # bad options fail before the workdir is read
+    config, net, variables = load_workdir(workdir)
+    return export_model(config, net, variables, out, source=os.path.abspath(workdir), **kwargs)
+
+
+def _check_options(
+    *,
+    precision: str = "fp32",
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    min_agreement: float = AGREEMENT_TARGET,
+    max_logit_diff: float = FP32_TOLERANCE,
+    parity_examples: int = 1000,
+    **_: Any,
+) -> None:
     if precision not in convert.PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(convert.PRECISIONS)}")
     for eps in epsilons:
@@ -221,13 +224,47 @@ def export_bundle(
         raise ValueError(f"max_logit_diff must be >= 0; got {max_logit_diff}")
     if parity_examples < 1:
         raise ValueError(f"parity_examples must be >= 1; got {parity_examples}")
+
+
+def export_model(
+    config: Any,
+    net: Net,
+    variables: Mapping[str, Any],
+    out: str,
+    *,
+    source: str = "",
+    precision: str = "fp32",
+    sparsity: bool = False,
+    overwrite: bool = False,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    parity_examples: int = 1000,
+    num_calibration: int = 200,
+    max_logit_diff: float = FP32_TOLERANCE,
+    min_agreement: float = AGREEMENT_TARGET,
+    log=print,
+) -> dict:
+    """Exports an in-memory `(config, net, variables)` into the bundle directory `out`.
+
+    `config` is the training config (ml_collections) of the model: its `data`
+    section supplies the parity, calibration and test inputs and its `exits`
+    section the criterion and default epsilon. `source` is recorded in the
+    manifest (a workdir, or a description such as "catalog variant lowrank_r8").
+    Any search or catalog job exports its variants through this one function.
+
+    Raises:
+      FileExistsError / ValueError: bad arguments.
+      ExportError: parity with JAX failed (nothing is written).
+    """
+    _check_options(
+        precision=precision, epsilons=epsilons, min_agreement=min_agreement,
+        max_logit_diff=max_logit_diff, parity_examples=parity_examples,
+    )  # fmt: skip
     t0 = time.perf_counter()
-    config, net, variables = load_workdir(workdir)
     staged = _Staged(out, overwrite)
     try:
         manifest = _export(
             config, net, variables, staged.dir, precision, sparsity, epsilons,
-            parity_examples, num_calibration, workdir, log, (max_logit_diff, min_agreement),
+            parity_examples, num_calibration, source, log, (max_logit_diff, min_agreement),
         )  # fmt: skip
         staged.commit()
     except BaseException:
@@ -239,7 +276,7 @@ def export_bundle(
 
 def _export(
     config, net, variables, tmp, precision, sparsity, epsilons, parity_examples,
-    num_calibration, workdir, log, parity_limits,
+    num_calibration, source, log, parity_limits,
 ) -> dict:  # fmt: skip
     from flexjax import data as data_lib
     from flexjax import training
@@ -295,7 +332,7 @@ def _export(
         "schema_version": SCHEMA_VERSION,
         "format": "flexjax-bundle",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "source": {"workdir": os.path.abspath(workdir), "exporter": "flexjax export.bundle"},
+        "source": {"workdir": source, "exporter": "flexjax export.bundle"},
         "model": MODEL_FILE,
         "net": net.to_dict(),
         "precision": precision,
