@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,83 +39,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexjax import transforms
 from flexjax.models.build import layer_name
 from flexjax.spec import Layer, Net
+from flexjax.transforms import (
+    TransformError,
+    _get,
+    _layers,
+    _parse_site,
+    _replace_layer,
+    _set,
+)
 
 Transform = Callable[[Net, dict], tuple[Net, dict]]
 
-_SITE = re.compile(r"^(?:(?P<exit>[A-Za-z_][\w]*)/)?layer_(?P<pos>\d+)$")
 
-
-class ApproxError(ValueError):
+class ApproxError(TransformError):
     """A bad approximation request (unknown site, rank too large, sparsity out of range)."""
 
 
 # ---------------------------------------------------------------------------
-# Sites.
+# Sites (parsing and tree paths are `flexjax.transforms`').
 # ---------------------------------------------------------------------------
-
-
-def _parse_site(net: Net, site: str) -> tuple[str | None, int]:
-    m = _SITE.match(site) if isinstance(site, str) else None
-    if m is None:
-        raise ApproxError(
-            f"site {site!r} is not a parameter path like 'layer_07' or 'exit_3/layer_01'"
-        )
-    ex, pos = m.group("exit"), int(m.group("pos"))
-    layers = net.layers if ex is None else _exit(net, ex).layers
-    if pos >= len(layers):
-        raise ApproxError(f"site {site!r}: position {pos} is out of range (0..{len(layers) - 1})")
-    return ex, pos
-
-
-def _exit(net: Net, name: str):
-    try:
-        return net.get_exit(name)
-    except KeyError:
-        raise ApproxError(f"no exit named {name!r}; exits: {[e.name for e in net.exits]}") from None
 
 
 def site_layer(net: Net, site: str) -> Layer:
     """The `Layer` at a site."""
-    ex, pos = _parse_site(net, site)
-    return (net.layers if ex is None else _exit(net, ex).layers)[pos]
+    s = _parse_site(net, site)
+    return _layers(net, s.exit, site)[s.index]
 
 
 def _with_layer(net: Net, site: str, layer: Layer) -> Net:
-    ex, pos = _parse_site(net, site)
-    if ex is None:
-        layers = list(net.layers)
-        layers[pos] = layer
-        return net.replace(layers=tuple(layers))
-    exits = []
-    for e in net.exits:
-        if e.name == ex:
-            head = list(e.layers)
-            head[pos] = layer
-            e = type(e)(e.after, tuple(head), e.name)
-        exits.append(e)
-    return net.replace(exits=tuple(exits))
+    return _replace_layer(net, _parse_site(net, site), layer)
 
 
 def _path(site: str) -> tuple[str, ...]:
     return tuple(site.split("/"))
-
-
-def _get(tree: Mapping, path: Sequence[str]) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree: Mapping, path: Sequence[str], value: Any) -> dict:
-    """A copy of `tree` with `value` at `path` (copies only the dicts on the path)."""
-    out = dict(tree)
-    if len(path) == 1:
-        out[path[0]] = value
-    else:
-        out[path[0]] = _set(tree[path[0]], path[1:], value)
-    return out
 
 
 def sites_of_kind(net: Net, kinds: Sequence[str]) -> list[str]:
@@ -397,6 +355,56 @@ def zero_fraction(variables: dict) -> float:
 
 
 # ---------------------------------------------------------------------------
+# Architecture changes (structured, on flexjax.transforms).
+# ---------------------------------------------------------------------------
+
+
+def width_multiplier(
+    net: Net, variables: dict, multiplier: float, *, sites: Sequence[str] | None = None
+) -> tuple[Net, dict]:
+    """Keeps ``round(multiplier * features)`` filters (largest L1) of every prunable layer.
+
+    `sites` defaults to `flexjax.transforms.prunable_sites` (every conv/dense
+    whose consumers can be traced, logits layers excluded); the consumers'
+    input axes shrink with them, so the exported model is really smaller.
+    """
+    if not 0.0 < multiplier <= 1.0:
+        raise ApproxError(f"width multiplier must be in (0, 1], got {multiplier}")
+    for site in transforms.prunable_sites(net) if sites is None else sites:
+        features = site_layer(net, site)["features"]
+        keep = max(1, round(multiplier * features))
+        if keep < features:
+            net, variables = transforms.prune_filters(net, variables, site, keep)
+    return net, variables
+
+
+def shrink_dense(net: Net, variables: dict, features: Mapping[str, int]) -> tuple[Net, dict]:
+    """Smaller dense layers: site -> new width (the largest-L1 units are kept)."""
+    for site, n in features.items():
+        layer = site_layer(net, site)
+        if layer.kind != "dense":
+            raise ApproxError(f"{site} is a '{layer.kind}' layer; shrink_dense needs 'dense'")
+        if not isinstance(n, int) or not 1 <= n <= layer["features"]:
+            raise ApproxError(f"{site}: new width must be in [1, {layer['features']}], got {n!r}")
+        net, variables = transforms.prune_filters(net, variables, site, n)
+    return net, variables
+
+
+def drop_layers(
+    net: Net, variables: dict, sites: Sequence[str], rng: jax.Array
+) -> tuple[Net, dict]:
+    """Removes several layers (`flexjax.transforms.drop_layer`), deepest first.
+
+    Dropping deepest-first keeps the shallower sites' names valid (a backbone
+    drop shifts the positions after it).
+    """
+    parsed = sorted(((_parse_site(net, s), s) for s in sites), key=lambda p: -p[0].index)
+    for i, (_, site) in enumerate(parsed):
+        net, variables = transforms.drop_layer(net, variables, site, jax.random.fold_in(rng, i))
+    return net, variables
+
+
+# ---------------------------------------------------------------------------
 # Composition and named recipes.
 # ---------------------------------------------------------------------------
 
@@ -423,6 +431,9 @@ def _prune_step(net: Net, variables: dict, **kw: Any) -> tuple[Net, dict]:
 TECHNIQUES: dict[str, Callable[..., tuple[Net, dict]]] = {
     "low_rank": _low_rank_step,
     "magnitude_prune": _prune_step,
+    "width_multiplier": width_multiplier,
+    "shrink_dense": shrink_dense,
+    "drop_layers": drop_layers,
 }
 
 
@@ -453,7 +464,7 @@ def apply_recipe(
     return compose(*steps)(net, variables)
 
 
-_NEEDS_RNG: set[str] = set()
+_NEEDS_RNG = {"drop_layers"}
 
 
 def _plain(v: Any) -> Any:
