@@ -171,6 +171,7 @@ def get_config(arg: str | None = None):
         c.bench.warmup = 2
         c.bench.load_repeats = 2
         c.specialize.window = 50
+        c.specialize.p = 0.5  # the 2-epoch smoke model is too weak for p = 0.9
         c.specialize.steps = 20
         c.specialize.stream_frames = 200
         c.specialize.variant = "width_1_2"

@@ -680,7 +680,9 @@ def pace_policy(catalog: Catalog, budgets: Budgets, resolve_s: float = 60.0) -> 
         state = dataclasses.replace(state, credit=credit - 1.0 if use_alt else min(credit, 1.0))
         variant, location = (state.alt if use_alt else state.plan)[req.app]
         if location == SKIP:
-            why = "planned to skip (budget kept for requests worth more)"
+            opt, why = _pick(catalog.options[req.app], math.inf, math.inf, budgets, with_load=False)
+            if opt is not None:  # feasible, but priced out by the energy / money budgets
+                why = "planned to skip (budget kept for requests worth more)"
             return Decision(req.t, req.app, False, reason=why), state
         opt = next(
             o for o in catalog.options[req.app] if (o.variant, o.location) == (variant, location)
