@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -15,11 +16,29 @@ from conftest import ROOT, run_job
 CONFIG = os.path.join(ROOT, "configs", "mnist_catalog.py")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def catalog_dir(tmp_path_factory) -> str:
-    workdir = str(tmp_path_factory.mktemp("catalog") / "cat")
-    run_job("train.catalog", f"--config={CONFIG}:smoke", f"--workdir={workdir}", check=True)
-    return workdir
+    """The smoke catalog, built once per test session even under pytest-xdist.
+
+    xdist workers share the base temp directory's parent; the first worker to
+    take the lock builds the catalog, the others wait and reuse it.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    workdir = root / "mcdnn_smoke_catalog"
+    with open(root / "mcdnn_smoke_catalog.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (workdir / "DONE").exists():
+                run_job(
+                    "train.catalog", f"--config={CONFIG}:smoke", f"--workdir={workdir}",
+                    check=True,
+                )  # fmt: skip
+                (workdir / "DONE").write_text("ok\n")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(workdir)
 
 
 def _catalog(d: str) -> dict:
