@@ -43,3 +43,12 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(RUNS)/demo .pytest_cache
+
+# MCDNN: build the catalog (variants per task, exported + measured, sharing, specialization,
+# a day of AMS), then schedule the day again through the runtime, executing 200 sampled
+# requests for real. Re-running resumes the finished variants.
+.PHONY: catalog
+catalog: $(STAMP)
+	$(BIN)/python -m train.catalog --config=configs/mnist_catalog.py --workdir=$(RUNS)/catalog
+	$(BIN)/python -m runtime.ams --bundle=$(RUNS)/catalog --trace=$(RUNS)/catalog/trace.json \
+	  --json=$(RUNS)/catalog/ams_cli.json --execute=200

@@ -147,7 +147,7 @@ def get_config(arg: str | None = None):
     )
     c.ams = ml_collections.ConfigDict(
         {
-            "budgets": {"energy": "0.12x", "memory_mb": 2.5, "money": 0.0, "latency_ms": 100.0},
+            "budgets": {"energy": "0.05x", "memory_mb": 2.5, "money": 0.0, "latency_ms": 100.0},
             "trace": {"hours": 10.0, "mean_rate": 1.0, "bursts": 12, "seed": 0},
         }
     )
