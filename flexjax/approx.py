@@ -456,7 +456,7 @@ def apply_recipe(
     for i, step in enumerate(recipe):
         if not isinstance(step, Mapping) or "technique" not in step:
             raise ApproxError(f"recipe step {i} must be a mapping with a 'technique', got {step!r}")
-        kw = {k: _plain(v) for k, v in step.items() if k != "technique"}
+        kw = {k: plain(v) for k, v in step.items() if k != "technique"}
         fn = technique(step["technique"])
         if step["technique"] in _NEEDS_RNG:
             kw["rng"] = jax.random.PRNGKey(seed + i)
@@ -467,10 +467,12 @@ def apply_recipe(
 _NEEDS_RNG = {"drop_layers"}
 
 
-def _plain(v: Any) -> Any:
-    """Config values (ConfigDict, tuples) as plain dicts/lists."""
+def plain(v: Any) -> Any:
+    """Config values (ConfigDicts, tuples) as plain dicts and lists, e.g. recipe arguments."""
     if hasattr(v, "to_dict"):
         return v.to_dict()
     if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
     return v

@@ -20,6 +20,7 @@ import numpy as np
 
 from flexjax import approx, checkpoint, costs, specialize, training
 from flexjax import config as config_lib
+from flexjax.approx import plain
 from flexjax.io import write_json_atomic
 from flexjax.models import count_params, layer_name
 from flexjax.spec import FINAL, Net, dense
@@ -97,18 +98,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def _variant(c: ml_collections.ConfigDict, name: str) -> dict:
     for v in c.variants:
         if v["name"] == name:
-            return _plain(v)
+            return plain(v)
     raise KeyError(name)
-
-
-def _plain(v: Any) -> Any:
-    if hasattr(v, "to_dict"):
-        return v.to_dict()
-    if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
 
 
 # ---------------------------------------------------------------------------
@@ -260,7 +251,7 @@ def build_variants(c, splits, tasks, workdir: str, log=print) -> dict[str, list[
                 continue
             spec = _variant(c, name)
             vnet, vvars, ft_s = make_variant(
-                net, variables, spec, splits.train.x, y_train, teacher, _plain(c.finetune),
+                net, variables, spec, splits.train.x, y_train, teacher, plain(c.finetune),
                 seed=int(c.base.seed) + i,
             )  # fmt: skip
             rel = os.path.join("bundles", task, name)
@@ -563,10 +554,10 @@ def run_ams(c, workdir: str, apps: Sequence[str]) -> dict:
     from runtime import ams
     from runtime import traces as traces_lib
 
-    tr = traces_lib.make_day(list(apps), **_plain(c.ams.trace))
+    tr = traces_lib.make_day(list(apps), **plain(c.ams.trace))
     traces_lib.save(tr, os.path.join(workdir, "trace.json"))
     cat = ams.load_catalog(workdir, cloud=False)
-    bud = _plain(c.ams.budgets)
+    bud = plain(c.ams.budgets)
     budgets = ams.resolve_budgets(
         cat, tr, energy=bud["energy"], memory_mb=bud["memory_mb"], money=bud["money"],
         latency_ms=bud["latency_ms"],
@@ -650,15 +641,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
         },
         "bench": bench,
         "energy_model": {
-            **_plain(c.energy),
+            **plain(c.energy),
             "formula": "run = cpu_power_w*latency + dram_j_per_byte*bytes; "
             "load = storage_j_per_byte*bytes + cpu_power_w*load_time",
         },
         "cloud": {
-            **_plain(cl),
+            **plain(cl),
             "energy_per_request_j": cl.frame_bytes * cl.radio_j_per_byte,
         },
-        "ams": {"budgets": _plain(c.ams.budgets)},
+        "ams": {"budgets": plain(c.ams.budgets)},
     }
     write_json_atomic(os.path.join(workdir, CATALOG_FILE), catalog)
     for t in tasks:

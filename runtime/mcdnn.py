@@ -94,9 +94,15 @@ class SharedStem:
         }
 
     def frame(self, x: np.ndarray) -> np.ndarray:
-        """One image [H, W, C] or [1, H, W, C] as the stem's contiguous float32 input."""
-        x = np.asarray(x, np.float32)
-        return np.ascontiguousarray(x if x.ndim == 4 else x[None])
+        """One image [H, W, C] or [1, H, W, C] as the stem's contiguous input."""
+        x = np.asarray(x)
+        if x.shape == self.stem.input_shape[1:]:
+            x = x[None]
+        if x.shape != self.stem.input_shape:
+            raise ValueError(
+                f"frame shape {x.shape} does not fit the stem's {self.stem.input_shape}"
+            )
+        return np.ascontiguousarray(x, dtype=self.stem.input_dtype)
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Logits of every task for one frame (the stem runs once)."""
