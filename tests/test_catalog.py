@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_adb import fake_adb, host_binary  # noqa: F401  (fixtures)
 
 from conftest import ROOT, run_job
 
@@ -151,3 +152,29 @@ def test_bad_catalog_config_is_one_error_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: specialize.variant 'nope'")
     assert not workdir.exists()
+
+
+@pytest.mark.usefixtures("fake_adb")
+def test_energy_is_measured_through_adb_when_a_phone_is_configured(
+    catalog_dir,
+    host_binary,  # noqa: F811
+):
+    """The adb path of `measure_costs`, on the stand-in adb + host benchmark_model."""
+    import importlib.util
+
+    from flexjax import mcdnn, training
+
+    spec = importlib.util.spec_from_file_location("mnist_catalog", CONFIG)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config("smoke")
+    config.energy.adb_binary = host_binary
+    c = mcdnn.validate(config)
+    cat = _catalog(catalog_dir)
+    variants = {"digit": [dict(v) for v in cat["tasks"]["digit"]["variants"][:2]]}
+    info = mcdnn.measure_costs(c, variants, training.load_data(c.base), catalog_dir)
+    assert info["adb_serial"] == "emulator-5554"
+    for v in variants["digit"]:
+        assert v["energy_source"] == "adb emulator-5554" and v["phone_latency_ms"] > 0
+        # 412 mA x 3.85 V from the fake battery, times the phone's mean latency
+        assert v["energy_run_j"] == pytest.approx(0.412 * 3.85 * v["phone_latency_ms"] / 1e3)
