@@ -228,10 +228,11 @@ def test_all_models_beat_static_models_and_stay_within_the_energy_budget(catalog
     assert rep["best_model_variants"]["digit"] == ams.knee(catalog.options["digit"]).variant
 
 
-def test_pace_uses_the_cloud_money_budget_when_the_cloud_saves_battery(tmp_path, day):
+@pytest.mark.parametrize("name", ["mcdnn", "pace"])
+def test_all_models_use_the_cloud_money_budget_when_the_cloud_saves_battery(tmp_path, day, name):
     catalog = ams.load_catalog(write_catalog(str(tmp_path), cloud_energy_j=5e-5))
     b = _budgets(day, energy_j=0.05, money=0.2)
-    ds = ams.simulate(ams.pace_policy(catalog, b), day)
+    ds = ams.simulate(ams.make_policy(name, catalog, b), day)
     cloud = [d for d in ds if d.served and d.location == ams.CLOUD]
     assert cloud and sum(d.money for d in ds) <= 0.2 + 1e-9
 
