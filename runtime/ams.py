@@ -12,8 +12,9 @@
 * ``mcdnn`` -- MCDNN's Algorithm 1 (Han et al., MobiSys'16): a per-request
   energy budget ``e_n = (e - de_n*T/dt_n) * f_n / (T * sum_{i in cache} f_i^2)``
   (``e`` energy left, ``T`` time left in the day, ``f_i`` request
-  frequencies, ``de_n``/``dt_n`` the energy app n spent on loads and the time
-  it took, i.e. reloads projected to the end of the day) and the same for cloud
+  frequencies, ``de_n`` the energy app n spent on loads over the ``dt_n``
+  seconds since its first request, i.e. reloads projected to the end of the
+  day) and the same for cloud
   money; on a cache miss the most accurate option (device variant or cloud)
   within the budgets and the latency limit *including the load*, evicting LRU
   entries to make room; on a hit the cached variant runs and the best option is
@@ -462,15 +463,20 @@ def mcdnn_policy(catalog: Catalog, budgets: Budgets) -> Policy:
             current = next(o for o in opts if (o.variant, o.location) == chosen)
         elif entry is not None:
             current = catalog.device(req.app, entry.variant)
-        if current is None:  # miss: pick with the load latency, load, run
+        decision = None
+        if current is not None:  # hit: run what is cached
+            decision, state = _run(state, req, current, load=False, capacity=budgets.memory_bytes)
+        if decision is None or not decision.served:
+            # miss (or the cached choice can no longer be paid for): pick with the load
+            # latency, load, run
             opt, why = _pick(opts, e_n, c_n, budgets, with_load=True)
             if opt is None:
-                return Decision(req.t, req.app, False, reason=why), state
-            return _run(state, req, opt, load=opt.location == DEVICE, capacity=budgets.memory_bytes)
-        # hit: run what is cached, then re-pick in the background for later requests
-        decision, state = _run(state, req, current, load=False, capacity=budgets.memory_bytes)
-        if not decision.served:
-            return decision, state
+                return Decision(
+                    req.t, req.app, False, reason=decision.reason if decision else why
+                ), state
+            hit = opt.location == CLOUD or (entry is not None and entry.variant == opt.variant)
+            return _run(state, req, opt, load=not hit, capacity=budgets.memory_bytes)
+        # re-pick in the background for later requests
         better, _ = _pick(opts, e_n, c_n, budgets, with_load=False)
         if better is None or better.key == current.key:
             return decision, state
