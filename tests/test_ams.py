@@ -303,3 +303,13 @@ def test_traces_cli_writes_a_valid_trace(tmp_path):
     assert len(traces.load(out, ["a", "b"])) > 100
     proc = run_job("runtime.traces", "--apps=a,a", f"--out={out}")
     assert proc.returncode == 1 and proc.stderr.startswith("error: apps must be distinct")
+
+
+def test_mcdnn_falls_back_to_the_device_when_cloud_money_runs_out(catalog, day):
+    pol = ams.mcdnn_policy(catalog, _budgets(day, energy_j=1.0, money=1.0))
+    state = dataclasses.replace(
+        pol.init(), money_left=0.0, choice={"digit": ("original", ams.CLOUD)}
+    )  # the cloud was chosen earlier, and the money is now spent
+    d, s = pol.step(state, ams.Request(10.0, "digit"))
+    assert d.served and d.location == ams.DEVICE and d.loaded and d.money == 0.0
+    assert s.choice["digit"][1] == ams.DEVICE
