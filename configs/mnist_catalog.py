@@ -143,6 +143,7 @@ def get_config(arg: str | None = None):
             "other_fraction": 0.2,
             "stream_frames": 2000,
             "variant": "width_1_4",  # the cheap variant specialized for the cascade
+            "time_original": True,  # also time the three ways of specializing the original
         }
     )
     c.ams = ml_collections.ConfigDict(
@@ -173,6 +174,7 @@ def get_config(arg: str | None = None):
         c.specialize.window = 50
         c.specialize.p = 0.5  # the 2-epoch smoke model is too weak for p = 0.9
         c.specialize.steps = 20
+        c.specialize.time_original = False
         c.specialize.stream_frames = 200
         c.specialize.variant = "width_1_2"
         c.ams.trace.hours = 1.0
