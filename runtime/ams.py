@@ -140,12 +140,19 @@ def load_catalog(path: str, *, cloud: bool = True) -> Catalog:
     cl = raw.get("cloud") or {}
     options: dict[str, tuple[Option, ...]] = {}
     original: dict[str, str] = {}
+    if cloud and cl.get("enabled", False):
+        missing = [k for k in ("energy_per_request_j", "rtt_ms", "speedup", "money_per_request")
+                   if k not in cl]  # fmt: skip
+        if missing:
+            raise AmsError(f"{file}: the cloud section is missing {missing}")
     for app, task in tasks.items():
-        variants = task.get("variants") or []
-        if not variants:
+        variants = task.get("variants") if isinstance(task, dict) else None
+        if not isinstance(variants, list) or not variants:
             raise AmsError(f"{file}: task {app!r} has no variants")
         opts = []
         for v in variants:
+            if not isinstance(v, dict):
+                raise AmsError(f"{file}: task {app!r} has a variant that is not an object")
             where = f"{file}: {app}/{v.get('name')}"
             try:
                 dev = Option(

@@ -208,6 +208,12 @@ def test_bad_budgets_and_catalog_are_clear_errors(tmp_path, day, catalog):
     (tmp_path / "catalog.json").write_text('{"tasks": {"a": {"variants": [{"name": "x"}]}}}')
     with pytest.raises(ams.AmsError, match="missing field"):
         ams.load_catalog(str(tmp_path))
+    (tmp_path / "catalog.json").write_text('{"tasks": {"a": 3}}')
+    with pytest.raises(ams.AmsError, match="task 'a' has no variants"):
+        ams.load_catalog(str(tmp_path))
+    (tmp_path / "catalog.json").write_text('{"tasks": {"a": {}}, "cloud": {"enabled": true}}')
+    with pytest.raises(ams.AmsError, match="cloud section is missing"):
+        ams.load_catalog(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="train.catalog"):
         ams.load_catalog(str(tmp_path / "nope"))
 
