@@ -67,3 +67,12 @@ edgent: $(STAMP)
 	  --edge=$(EDGENT)/edge_sweep.json --device-paths=$(EDGENT)/dev_parts.json \
 	  --edge-paths=$(EDGENT)/edge_parts.json --report=$(EDGENT)/fit.json
 	$(BIN)/python -m runtime.edgent_bench --bundle=$(EDGENT)/bundle --out=$(EDGENT)/bench --margin=0.15
+
+# MCDNN: build the catalog (variants per task, exported + measured, sharing, specialization,
+# a day of AMS), then schedule the day again through the runtime, executing 200 sampled
+# requests for real. Re-running resumes the finished variants.
+.PHONY: catalog
+catalog: $(STAMP)
+	$(BIN)/python -m train.catalog --config=configs/mnist_catalog.py --workdir=$(RUNS)/catalog
+	$(BIN)/python -m runtime.ams --bundle=$(RUNS)/catalog --trace=$(RUNS)/catalog/trace.json \
+	  --json=$(RUNS)/catalog/ams_cli.json --execute=200

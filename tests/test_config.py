@@ -50,7 +50,9 @@ def test_validate_fills_defaults_for_partial_config():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 @pytest.mark.parametrize("arg", [None, "smoke"])
 def test_shipped_config_validates_and_builds_its_net(path, arg):
-    config = config_lib.validate(_load(path).get_config(arg))
+    config = _load(path).get_config(arg)
+    config = config.base if "base" in config else config  # jobs wrapping a training config
+    config = config_lib.validate(config)
     kwargs = config.model.kwargs.to_dict()
     net = get_model(config.model.name, **kwargs)
     assert net.exit_names[-1] == "final"

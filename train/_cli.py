@@ -18,12 +18,13 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], check_keys: bool = True) -> list[str]:
     """An `app.run(flags_parser=...)` that checks config paths and override keys first.
 
     ml_collections reports a missing config file or an unknown ``--config.x``
     override as a multi-screen traceback; these are checked here and reported
-    as one line with the valid choices.
+    as one line with the valid choices. Jobs whose config is not a training
+    config (e.g. ``train.catalog``) pass ``check_keys=False``.
     """
     from flexjax import config as config_lib
 
@@ -32,7 +33,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             path = arg.split("=", 1)[1].partition(":")[0]
             if not os.path.exists(path):
                 fail(f"config file {path} does not exist")
-        elif arg.startswith("--config."):
+        elif arg.startswith("--config.") and check_keys:
             key = arg[len("--config.") :].split("=", 1)[0]
             try:
                 config_lib.check_key(key)

@@ -1,0 +1,71 @@
+"""Builds an MCDNN catalog: approximated variants per task, exported and measured.
+
+  python -m train.catalog --config=configs/mnist_catalog.py --workdir=runs/catalog
+  python -m train.catalog --config=configs/mnist_catalog.py:smoke --workdir=/tmp/catalog
+
+Steps (re-running resumes: finished models and variants are kept):
+
+1. train the ``digit`` LeNet (`flexjax.training.train_and_evaluate`); derive
+   the other tasks by relabeling and train only their upper layers on the
+   frozen shared stem (`flexjax.finetune`);
+2. per task, per variant: apply its recipe of pure transforms
+   (`flexjax.approx`), fine-tune briefly with distillation from the original,
+   export (`export.bundle.export_model`, precision / sparse storage) and
+   measure its accuracy on the test split **with the exported LiteRT model**;
+3. time every variant's ``full`` signature against the original, interleaved
+   in the same run, plus the load time; energy per run / per load from the
+   energy model in the config (or a phone through adb);
+4. write ``catalog.json``, ``eval.npz`` (test images + per-task labels, for
+   ``runtime.ams --execute``), Pareto plots per task;
+5. sharing: export the stem once and one head per task (``shared/``), and time
+   the shared runtime (stem once per frame) against separate models;
+6. specialization: detect skew on a skewed stream, retarget the cheap variant
+   with and without pre-forwarding vs a full retrain (Table 3 analogue), and
+   measure the cascade on the stream (``specialize.json``);
+7. a day trace and AMS (Fig. 11 analogue): ``trace.json``, ``ams.json``,
+   ``fig11.png``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from train._cli import fail, parse_flags
+
+flags.DEFINE_string("workdir", None, "Directory for models, bundles and catalog.json.")
+config_flags.DEFINE_config_file("config", None, "Catalog config file (configs/*_catalog.py).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from export.bundle import ExportError
+    from flexjax import mcdnn
+    from flexjax.approx import ApproxError
+    from flexjax.checkpoint import CheckpointMismatchError
+
+    try:
+        report = mcdnn.run(FLAGS.config, FLAGS.workdir)
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        ExportError,
+        ApproxError,
+        CheckpointMismatchError,
+    ) as e:
+        fail(str(e))
+    print(mcdnn.format_report(report))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app.run(main, flags_parser=functools.partial(parse_flags, check_keys=False))
