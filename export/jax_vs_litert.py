@@ -1,6 +1,6 @@
 """Time per frame at batch 1: JAX (jit, CPU) vs the exported LiteRT `full` signature.
 
-  python -m export.jax_vs_litert --workdir=runs/demo/lenet_branchy --bundle=runs/demo/bundle_fp32
+  python -m export.jax_vs_litert --workdir=runs/lenet --bundle=runs/lenet_bundle
 
 Both run the same backbone on the same test frames, one frame at a time,
 interleaved in rounds, in one process; JAX is timed until its output is

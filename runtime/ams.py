@@ -58,6 +58,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flexjax.io import write_json_atomic
 from runtime import traces as traces_lib
 
 CATALOG_FILE = "catalog.json"
@@ -1086,10 +1087,7 @@ def _main(args) -> int:
         }
     print(format_report(rep))
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(rep, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, rep)
     return 0
 
 

@@ -25,7 +25,6 @@ bundle's validation rates without ``--data``) into an expected time per frame.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,6 +33,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from flexjax.io import write_json_atomic
 from runtime import data as data_lib
 from runtime.bundle import Bundle, BundleError
 from runtime.executor import EarlyExitExecutor
@@ -336,10 +336,7 @@ def _main(args) -> int:
         raise ValueError(f"unknown --target={args.target}; valid: local, adb, adb:SERIAL")
     print(format_report(rep))
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(rep, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, rep)
     return 0
 
 
