@@ -23,6 +23,7 @@ def get_config(arg: str | None = None):
     config.data.name = "mnist5k"
     config.data.image_size = 32
     config.data.channels = 3
+    config.data.val_fraction = 0.2  # 1,000 val images: thresholds and R need the frames
     config.train.batch_size = 64
     config.train.num_epochs = 8
     config.train.optimizer = "adam"
