@@ -43,6 +43,24 @@ def write_text_atomic(path: str, text: str) -> None:
         raise
 
 
+def save_figure_atomic(fig: Any, path: str, dpi: int = 120) -> None:
+    """Saves a matplotlib figure via a temp file + rename, then closes it."""
+    import matplotlib.pyplot as plt
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
 

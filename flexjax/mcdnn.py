@@ -21,7 +21,7 @@ import numpy as np
 from flexjax import approx, checkpoint, costs, specialize, training
 from flexjax import config as config_lib
 from flexjax.approx import plain
-from flexjax.io import write_json_atomic
+from flexjax.io import save_figure_atomic, write_json_atomic
 from flexjax.models import count_params, layer_name
 from flexjax.spec import FINAL, Net, dense
 
@@ -389,8 +389,7 @@ def plot_pareto(entries: Sequence[Mapping[str, Any]], title: str, path: str) -> 
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------------------
@@ -602,8 +601,7 @@ def plot_fig11(rep: Mapping[str, Any], path: str) -> None:
         f"{b['memory_bytes'] / 1e6:.1f} MB cache"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------------------

@@ -35,7 +35,13 @@ from jax.sharding import PartitionSpec as P
 from flexjax import checkpoint, costs, exits
 from flexjax import config as config_lib
 from flexjax import data as data_lib
-from flexjax.io import jsonable, read_jsonl, write_json_atomic, write_text_atomic
+from flexjax.io import (
+    jsonable,
+    read_jsonl,
+    save_figure_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from flexjax.models import build, get_model, init
 from flexjax.spec import FINAL, Net
 
@@ -751,10 +757,7 @@ def plot_tradeoff(report: Mapping[str, Any], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def _video_report(net, variables, splits, nc, config, sharding) -> dict:

@@ -720,6 +720,8 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from flexjax.io import save_figure_atomic
+
     srcs = list(report["benchmark"])
     fig, axes = plt.subplots(1, len(srcs), figsize=(6 * len(srcs), 4.5), squeeze=False)
     colors = {"flexdnn": "tab:red", "branchynet": "tab:blue", "backbone": "black"}
@@ -740,10 +742,7 @@ def plot(report: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path, dpi=120)
 
 
 def format_report(report: dict) -> str:
