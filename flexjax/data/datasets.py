@@ -207,19 +207,30 @@ def _idx_pair(images_path: str, labels_path: str, name: str, split: str):
     return images, labels
 
 
-@functools.lru_cache(maxsize=2)
 def _idx_dataset(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    # Cached: reading Fashion-MNIST's gzip files takes about a second, and the
-    # uint8 arrays (55 MB for both splits) are cheap to keep.
+    """Train images, train labels, test images, test labels of ``mnist`` / ``fashion_mnist``."""
+
     def locate(file: str) -> str:
         if name == "mnist":
             return sources.npm_file(f"data/{file}", name)
         return sources.system_file(f"{_FASHION_DIR}/{file}.gz", _FASHION_PACKAGE, name)
 
-    out = []
-    for split, (images, labels) in _IDX_FILES.items():
-        out.extend(_idx_pair(locate(images), locate(labels), name, split))
-    return tuple(out)  # type: ignore[return-value]
+    # Located on every call (the data root may change), read once per set of files.
+    paths = tuple(locate(f) for pair in _IDX_FILES.values() for f in pair)
+    return _read_idx_dataset(name, paths)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_idx_dataset(
+    name: str, paths: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # Cached: reading Fashion-MNIST's gzip files takes about a second, and the
+    # uint8 arrays (55 MB for both splits) are cheap to keep.
+    train_images, train_labels, test_images, test_labels = paths
+    return (
+        *_idx_pair(train_images, train_labels, name, "train"),
+        *_idx_pair(test_images, test_labels, name, "test"),
+    )
 
 
 def _load_mnist(path: str, image_size: int | None, channels: int | None) -> _Raw:
