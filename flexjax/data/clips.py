@@ -91,13 +91,12 @@ An unknown clip or reference name, a clip in two splits or a bad tile is a
 `ValueError` listing the valid choices; a missing package is a
 `MissingSourceError` naming the command that installs it; a video that
 cannot be decoded is a `ClipError` naming the clip and the file. Each message
-is one line; ``python -m flexjax.data.clips`` prints it as ``error: ...`` and
+is one line; ``python -m flexjax.data clips`` prints it as ``error: ...`` and
 exits 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import gzip
@@ -106,7 +105,6 @@ import io
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -903,73 +901,3 @@ def _gather(
         tile=np.concatenate([p["tile"] for p in parts]),
         clips=tuple(names),
     )
-
-
-# --------------------------------------------------------------------------
-# Command line: build (or check) the cache and print what it holds.
-
-
-def _parse_tiles(text: str) -> tuple[Tile, ...]:
-    try:
-        return tuple(tuple(float(v) for v in t.split(":")) for t in text.split(",") if t)  # type: ignore[misc]
-    except ValueError:
-        raise ValueError(
-            f"--tiles must look like 1:0.5:0.5,0.5:0:0 (scale:y:x); got {text!r}"
-        ) from None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flexjax.data.clips``: decodes + labels the clips, prints frame counts."""
-    d = ClipConfig()
-    p = argparse.ArgumentParser(prog="python -m flexjax.data.clips", description=main.__doc__)
-    p.add_argument("--train", default=",".join(d.train))
-    p.add_argument("--val", default=",".join(d.val))
-    p.add_argument("--test", default=",".join(d.test))
-    p.add_argument("--fps", type=float, default=d.fps)
-    p.add_argument("--max-frames", type=int, default=d.max_frames)
-    p.add_argument("--resolution", type=int, default=d.resolution)
-    p.add_argument("--tiles", default="1:0.5:0.5", help="scale:y:x,... (module docstring)")
-    p.add_argument("--reference", default=d.reference)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--json", default=None, help="also write the summary here")
-    args = p.parse_args(argv)
-    try:
-        config = ClipConfig(
-            train=args.train,
-            val=args.val,
-            test=args.test,
-            fps=args.fps,
-            max_frames=args.max_frames,
-            resolution=args.resolution,
-            tiles=_parse_tiles(args.tiles),
-            reference=args.reference,
-        )
-        start = time.perf_counter()
-        splits = load_clips(config, cache_dir=args.cache_dir)
-        seconds = time.perf_counter() - start
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr)
-        return 1
-    summary = {
-        "config": config.to_dict(),
-        "seconds": round(seconds, 3),
-        "splits": {s: len(getattr(splits, s)) for s in ("train", "val", "test")},
-        "clips": splits.info,
-    }
-    for s in ("train", "val", "test"):
-        part = getattr(splits, s)
-        for name in part.clips:
-            i = splits.info[name]
-            how = "cached" if i["cached"] else f"decoded {i['decode_s']}s labelled {i['label_s']}s"
-            print(f"{s:5s} {name:13s} {i['samples']:5d} samples  ({how})")
-        print(f"{s:5s} {'total':13s} {len(part):5d} samples")
-    print(f"{seconds:.2f}s")
-    if args.json:
-        from flexjax.io import write_json_atomic
-
-        write_json_atomic(args.json, summary)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
