@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -333,6 +334,8 @@ def test_clip_config_from_mapping_and_to_dict_round_trip():
     config = _config(tiles=[[1, 0.5, 0.5], [0.5, 0, 0]], files={"mine": "/tmp/x.avi"})
     again = ClipConfig.from_mapping(json.loads(json.dumps(config.to_dict())))
     assert again == config and again.tiles == ((1.0, 0.5, 0.5), (0.5, 0.0, 0.0))
+    # Configs are ml_collections ConfigDicts in this project.
+    assert ClipConfig.from_mapping(ml_collections.ConfigDict(config.to_dict())) == config
     with pytest.raises(ValueError, match="unknown clip config key 'fsp'; valid: train, val"):
         ClipConfig.from_mapping({"fsp": 3})
 

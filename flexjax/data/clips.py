@@ -240,8 +240,14 @@ class ClipConfig:
             if isinstance(value, str):
                 value = tuple(v for v in value.split(",") if v)
             set_(split, tuple(str(v) for v in value))
-        files = self.files.items() if isinstance(self.files, Mapping) else self.files
-        set_("files", tuple((str(n), str(p)) for n, p in files))
+        # A dict, a ConfigDict (not a Mapping, but has .items()) or (name, path) pairs.
+        files = self.files.items() if hasattr(self.files, "items") else self.files
+        try:
+            set_("files", tuple((str(n), str(p)) for n, p in files))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"ClipConfig.files must map clip names to paths; got {self.files!r}"
+            ) from None
         try:
             set_("tiles", tuple(tuple(float(v) for v in t) for t in self.tiles))
         except (TypeError, ValueError):
@@ -249,6 +255,7 @@ class ClipConfig:
                 f"ClipConfig.tiles must be (scale, y, x) triples; got {self.tiles!r}"
             ) from None
         self._validate()
+        set_("fps", float(self.fps))
 
     def _validate(self) -> None:
         local = dict(self.files)
@@ -275,7 +282,8 @@ class ClipConfig:
                 seen[name] = split
         if not seen:
             raise ValueError("ClipConfig names no clips; set train, val and/or test")
-        if not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps >= 0):
+        fps_ok = isinstance(self.fps, (int, float)) and not isinstance(self.fps, bool)
+        if not (fps_ok and math.isfinite(self.fps) and self.fps >= 0):
             raise ValueError(f"ClipConfig.fps must be >= 0 (0 = every frame); got {self.fps!r}")
         for field in ("max_frames", "reference_resolution"):
             value = getattr(self, field)
