@@ -384,3 +384,26 @@ def test_setup_script_is_idempotent_and_fast_when_data_is_present():
     proc = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # nothing to install: it only checked
+
+
+def test_load_clips_without_pyav_names_the_fix(tmp_path):
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'av' or name.startswith('av.'):\n"
+        "            raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import numpy as np\n"
+        "from flexjax.data import ClipConfig, load_clips, MissingSourceError\n"
+        "config = ClipConfig(train=('tree',), val=(), test=(), reference='toy', max_frames=1)\n"
+        "try:\n"
+        f"    load_clips(config, predict=lambda b: np.zeros((len(b), 5)), cache_dir={str(tmp_path)!r})\n"
+        "except MissingSourceError as e:\n"
+        "    print(e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert "needs PyAV (av==18.1.0" in proc.stdout and "run: make setup" in proc.stdout
+    assert _cache_files(tmp_path) == []

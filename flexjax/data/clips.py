@@ -511,9 +511,18 @@ def imagenet_class_names() -> tuple[str, ...]:
 # hides timestamps and decode errors behind `read() -> False`).
 
 
-def _open_container(path: str) -> Any:
-    import av  # imported here: only decoding needs it
+def _av() -> Any:
+    try:
+        import av  # imported here: only decoding needs it
+    except ImportError:
+        raise sources.MissingSourceError(
+            "decoding video clips needs PyAV (av==18.1.0, setup.cfg extra 'train'); run: make setup"
+        ) from None
+    return av
 
+
+def _open_container(path: str) -> Any:
+    av = _av()
     with open(path, "rb") as f:
         head = f.read(2)
     if head == b"\x1f\x8b":  # opencv-doc ships box / cup gzipped; MP4 needs seeking
@@ -530,7 +539,7 @@ def _sample(
     Sets ``stats["decoded"]`` (frames decoded) and ``stats["complete"]`` (the
     whole file was decoded, i.e. ``max_frames`` did not stop it early).
     """
-    import av
+    av = _av()
 
     stats.update(decoded=0, complete=False)
     try:
@@ -663,8 +672,14 @@ def _pretrained_predictor(model_name: str, height: int, width: int, batch_size: 
     import jax
     import jax.numpy as jnp
 
-    from flexjax.models import build, pretrained
     from flexjax.spec import FINAL
+
+    try:
+        from flexjax.models import build, pretrained
+    except ImportError as e:
+        raise RuntimeError(
+            f"reference model {model_name}: flexjax.models.pretrained is not available ({e})"
+        ) from None
 
     net, variables = pretrained.load(model_name, image_size=height)
     module = build(net)
@@ -707,15 +722,16 @@ def _read_entry(path: str, key: str) -> dict[str, np.ndarray] | None:
     """The arrays of a valid cache entry, or None (absent, damaged or stale)."""
     if not os.path.isfile(path):
         return None
+    fields = ("frames", "top5", "top5_prob", "frame", "time", "tile")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         meta = json.loads(str(arrays["meta"]))
+        n = arrays["frame"].shape[0]
+        sound = n > 0 and all(arrays[f].shape[0] == n for f in fields)
     except Exception:  # a damaged entry is rebuilt, never trusted
         return None
-    if meta.get("key") != key:
-        return None
-    return arrays
+    return arrays if sound and meta.get("key") == key else None
 
 
 def _write_entry(path: str, arrays: Mapping[str, np.ndarray]) -> None:
