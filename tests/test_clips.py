@@ -397,8 +397,9 @@ def test_load_clips_without_pyav_names_the_fix(tmp_path):
         "import numpy as np\n"
         "from flexjax.data import ClipConfig, load_clips, MissingSourceError\n"
         "config = ClipConfig(train=('tree',), val=(), test=(), reference='toy', max_frames=1)\n"
+        "toy = lambda b: np.zeros((len(b), 5))\n"
         "try:\n"
-        f"    load_clips(config, predict=lambda b: np.zeros((len(b), 5)), cache_dir={str(tmp_path)!r})\n"
+        f"    load_clips(config, predict=toy, cache_dir={str(tmp_path)!r})\n"
         "except MissingSourceError as e:\n"
         "    print(e)\n"
     )
