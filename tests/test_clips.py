@@ -238,8 +238,10 @@ def test_load_clips_rerun_reads_the_cache_and_decodes_nothing(small):
             assert info["sha256"] == hashlib.sha256(f.read()).hexdigest()
         with np.load(info["entry"]) as z:
             meta = json.loads(str(z["meta"]))
-        assert meta["sha256"] == info["sha256"] and meta["clip"] == name
-        assert meta["config"]["fps"] == 2.0 and meta["config"]["resolution"] == 32
+        settings = meta["settings"]
+        assert settings["sha256"] == info["sha256"] and settings["clip"] == name
+        assert settings["fps"] == 2.0 and settings["resolution"] == 32
+        assert meta["source"] == info["source"]
     assert not [f for f in _cache_files(cache) if f.startswith(".tmp")]
 
 

@@ -57,6 +57,11 @@ apt_as_root() {  # prints nothing; fails when we are not root and have no sudo
   fi
 }
 
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt_as_root \
+    apt-get install -y -qq --no-install-recommends "${DEBIAN_PACKAGES[@]}" >/dev/null
+}
+
 install_debian() {
   [ -z "$(missing_debian)" ] && return 0
   command -v apt-get >/dev/null 2>&1 \
@@ -67,15 +72,19 @@ install_debian() {
     apt-cache show "$pkg" >/dev/null 2>&1 || need_update=1
   done
   if [ "$need_update" = 1 ]; then apt_as_root apt-get update -qq || true; fi
-  if [ "$SYSROOT" = / ] && DEBIAN_FRONTEND=noninteractive apt_as_root \
-      apt-get install -y -qq --no-install-recommends "${DEBIAN_PACKAGES[@]}" >/dev/null; then
-    [ -z "$(missing_debian)" ] && return 0
-    echo "setup_data: installed, but dpkg skipped some files (a path-exclude in /etc/dpkg/dpkg.cfg.d?); unpacking into $DATA/sysroot" >&2
+  if [ "$SYSROOT" = / ]; then
+    # A failed install with lists that looked fresh: they may be stale (404s); update once.
+    if apt_install || { [ "$need_update" = 0 ] && apt_as_root apt-get update -qq && apt_install; }
+    then
+      [ -z "$(missing_debian)" ] && return 0
+      echo "setup_data: installed, but dpkg skipped some files (a path-exclude in /etc/dpkg/dpkg.cfg.d?); unpacking into $DATA/sysroot" >&2
+    fi
   fi
   # No root, or dpkg excludes /usr/share/doc: unpack the .debs where the loaders also look.
   local tmp
   tmp="$(mktemp -d)"
   TMPDIRS+=("$tmp")
+  chmod 0777 "$tmp"  # apt's _apt user downloads into it (else a sandbox warning)
   (cd "$tmp" && apt-get download -qq "${DEBIAN_PACKAGES[@]}") \
     || die "could not install or download ${DEBIAN_PACKAGES[*]}; run as root: apt-get update && apt-get install -y ${DEBIAN_PACKAGES[*]}"
   mkdir -p "$DATA/sysroot"

@@ -703,8 +703,9 @@ def _pretrained_predictor(model_name: str, height: int, width: int, batch_size: 
 # The cache
 
 
-def _entry_key(config: ClipConfig, name: str, sha: str, ref_res: int) -> str:
-    key = {
+def _entry_settings(config: ClipConfig, name: str, sha: str, ref_res: int) -> dict[str, Any]:
+    """Everything an entry's contents depend on; its sha256 names the entry."""
+    return {
         "format": _CACHE_FORMAT,
         "clip": name,
         "sha256": sha,
@@ -715,7 +716,10 @@ def _entry_key(config: ClipConfig, name: str, sha: str, ref_res: int) -> str:
         "reference": config.reference,
         "reference_resolution": ref_res,
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _entry_key(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def _read_entry(path: str, key: str) -> dict[str, np.ndarray] | None:
@@ -758,7 +762,7 @@ def _build_entry(
     config: ClipConfig,
     name: str,
     path: str,
-    sha: str,
+    settings: Mapping[str, Any],
     key: str,
     ref_res: int,
     predict: Predict | None,
@@ -792,12 +796,8 @@ def _build_entry(
     t2 = time.perf_counter()
     meta = {
         "key": key,
-        "format": _CACHE_FORMAT,
-        "clip": name,
+        "settings": dict(settings),
         "source": os.path.abspath(path),
-        "sha256": sha,
-        "config": config.to_dict(),
-        "reference_resolution": ref_res,
         "decode_s": round(t1 - t0, 4),
         "label_s": round(t2 - t1, 4),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -867,12 +867,13 @@ def load_clips(
         start = time.perf_counter()
         path = paths[name]
         sha = file_sha256(path)
-        key = _entry_key(config, name, sha, ref_res)
+        settings = _entry_settings(config, name, sha, ref_res)
+        key = _entry_key(settings)
         entry = os.path.join(cache_dir, f"{name}-{key[:24]}.npz")
         arrays = _read_entry(entry, key)
         cached = arrays is not None
         if arrays is None:
-            arrays = _build_entry(config, name, path, sha, key, ref_res, predict)
+            arrays = _build_entry(config, name, path, settings, key, ref_res, predict)
             _write_entry(entry, arrays)
         meta = json.loads(str(arrays["meta"]))
         per_clip[name] = arrays
