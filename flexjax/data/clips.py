@@ -873,7 +873,9 @@ def load_clips(
         arrays = _read_entry(entry, key)
         cached = arrays is not None
         if arrays is None:
-            arrays = _build_entry(config, name, path, settings, key, ref_res, predict)
+            # Load the real reference before decoding anything: it fails fast.
+            label = predict or _pretrained_predictor(config.reference, ref_res, ref_res, 32)
+            arrays = _build_entry(config, name, path, settings, key, ref_res, label)
             _write_entry(entry, arrays)
         meta = json.loads(str(arrays["meta"]))
         per_clip[name] = arrays
