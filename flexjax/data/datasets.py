@@ -180,7 +180,9 @@ def _load_digits(path: str, image_size: int | None, channels: int | None) -> _Ra
     return _Raw(x, np.asarray(bunch.target, dtype=np.int32), 10)
 
 
-def _idx_pair(images_path: str, labels_path: str, name: str, split: str):
+def _idx_pair(
+    images_path: str, labels_path: str, name: str, split: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Reads one split's images and labels, checking them against each other."""
     images = read_idx(images_path)
     labels = read_idx(labels_path)
