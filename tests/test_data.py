@@ -7,6 +7,7 @@ import gzip
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -626,3 +627,10 @@ def test_cli_unknown_dataset_is_one_error_line():
     )
     assert proc.returncode == 1 and proc.stderr.startswith("error: unknown dataset 'fmnist'")
     assert proc.stderr.count("\n") == 1
+
+
+def test_read_idx_header_claiming_huge_dims_is_truncated_not_memory_error(tmp_path):
+    path = tmp_path / "huge.idx"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2**31, 2**16, 2**16) + b"\0" * 9)
+    with pytest.raises(IdxError, match="truncated IDX file"):
+        read_idx(str(path))

@@ -41,10 +41,19 @@ def _open(path: str) -> BinaryIO:
     return f
 
 
-def _read_exact(f: BinaryIO, n: int, path: str, what: str) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise IdxError(f"{path}: truncated IDX file ({what}: expected {n} bytes, got {len(data)})")
+def _read_exact(f: BinaryIO, n: int, path: str, what: str) -> bytes | bytearray:
+    # In chunks: a corrupt header can claim terabytes, and read(n) would try to
+    # allocate them before finding the file short.
+    data = bytearray()
+    while len(data) < n:
+        chunk = f.read(min(n - len(data), 1 << 26))
+        if not chunk:
+            raise IdxError(
+                f"{path}: truncated IDX file ({what}: expected {n} bytes, got {len(data)})"
+            )
+        if len(chunk) == n:  # the common case: one read, no copy
+            return chunk
+        data += chunk
     return data
 
 
