@@ -66,13 +66,28 @@ for EfficientNet-Lite2) and its top-1 over the 1,000 ImageNet classes is the
 label; its top-5 and their softmax probabilities are stored as well. Accuracy
 on clips is therefore *agreement with the reference's top-1*; ``conf`` (the
 reference's top-1 probability) lets reports restrict it to frames the
-reference is sure of. `imagenet_class_names` gives the names.
+reference is sure of. `imagenet_class_names` gives the names. ImageNet has
+no "person" class, so on footage of people (vtest, bikes) the reference
+names what it sees of them (clothing, bicycles, the street) with low
+confidence; restrict to confident frames where that matters.
 
 Splits
 ------
 Clips, not frames, are split: ``ClipConfig.train / val / test`` name the clips
 of each split and a clip may appear in one only, so no frame of a test clip
 is used for training or calibration (consecutive frames are near-duplicates).
+The default `ClipConfig` at 5 fps and one tile gives
+
+=====  =======================================  =======
+split  clips (samples)                          samples
+=====  =======================================  =======
+train  vtest (398), bigbuckbunny (27), bikes    475
+       (50)
+val    tree (68), carphone (20), cup (41)       129
+test   box (76), megamind (57)                  133
+=====  =======================================  =======
+
+and 1,177 / 405 / 725 with every frame (``fps=0``).
 
 The cache
 ---------
