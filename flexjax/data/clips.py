@@ -67,9 +67,9 @@ label; its top-5 and their softmax probabilities are stored as well. Accuracy
 on clips is therefore *agreement with the reference's top-1*; ``conf`` (the
 reference's top-1 probability) lets reports restrict it to frames the
 reference is sure of. `imagenet_class_names` gives the names. ImageNet has
-no "person" class, so on footage of people (vtest, bikes) the reference
-names what it sees of them (clothing, bicycles, the street) with low
-confidence; restrict to confident frames where that matters.
+no "person" class, so on footage of people (vtest, bikes) the reference can
+only name things on or around them (clothing, bicycles, the scene); ``conf``
+shows how sure it is.
 
 Splits
 ------
