@@ -302,27 +302,57 @@ def load_image(path: str, image_size: int) -> np.ndarray:
     return center_crop(rgb, image_size)
 
 
-def write_workdir(name: str, workdir: str, image_size: int | None = None) -> Net:
+def write_workdir(
+    name: str, workdir: str, image_size: int | None = None, *, overwrite: bool = False
+) -> Net:
     """Writes the pretrained model as a training workdir (``net.json`` + orbax checkpoint).
-
-    Also writes ``pretrained.json`` (model, weights package, resolution); no
-    ``config.json``, since no training config produced these weights.
 
     Jobs start from it with ``--config.train.init_from=<workdir>`` (exits on a
     frozen backbone) or ``--config.flexdnn.backbone_workdir=<workdir>``, with
-    ``model.name=<name>`` and data at the same resolution. The directory is
-    replaced atomically.
+    ``model.name=<name>`` and data at the same resolution. Also writes
+    ``pretrained.json`` (model, weights package, resolution); no
+    ``config.json``, since no training config produced these weights.
+
+    Re-running with the same arguments leaves an existing identical workdir as
+    it is; the directory is written to a temporary sibling and renamed.
 
     Returns:
-      The written net.
+      The net of the workdir.
+
+    Raises:
+      FileExistsError: `workdir` holds something else and `overwrite` is False.
+      PretrainedError / TorchWeightsError: as `load`.
     """
+    import json
+
     from flexjax import checkpoint
 
-    net, variables = load(name, image_size)
+    _check_name(name)
+    try:
+        size = image_size or native_resolution(name)
+        net = efficientnet_lite(name, num_classes=NUM_CLASSES, image_size=size)
+    except ValueError as e:
+        raise PretrainedError(str(e)) from None
+    pkg = PACKAGES[name]
     info: dict[str, Any] = {
         "pretrained": name,
-        "weights": f"{PACKAGES[name].distribution}=={PACKAGES[name].version}",
-        "image_size": net.input_shape[0],
+        "weights": f"{pkg.distribution}=={pkg.version}",
+        "image_size": size,
     }
+    marker = os.path.join(workdir, PRETRAINED_FILE)
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        try:
+            with open(marker) as f:
+                same = json.load(f) == info
+        except (OSError, ValueError):
+            same = False
+        if same and checkpoint.latest_step(os.path.join(workdir, "checkpoints")) is not None:
+            return net
+        if not overwrite:
+            raise FileExistsError(
+                f"{workdir} already exists and holds something else; "
+                "pass --overwrite to replace it or choose a new --workdir"
+            )
+    net, variables = load(name, size)
     checkpoint.save_workdir(workdir, net, variables, json_files={PRETRAINED_FILE: info})
     return net
