@@ -31,15 +31,7 @@ from flexjax.spec import Net, SpecError
 
 from conftest import run_job
 
-PHOTOS_DIR = "/usr/share/doc/opencv-doc/examples/data"
-PHOTOS = {
-    "orange.jpg": 950,
-    "squirrel_cls.jpg": 335,
-    "baboon.jpg": 372,
-    "messi5.jpg": 805,
-    "apple.jpg": 948,
-    "chicky_512.png": 154,
-}
+PHOTOS_DIR, PHOTOS = pretrained.PHOTOS_DIR, pretrained.CHECK_PHOTOS
 LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 # Published (TF EfficientNet-Lite README / the issue): 4.65M params, ~0.40 G MACs at 224 px.
 LITE0_PARAMS, LITE0_MACS = 4.65e6, 0.40e9

@@ -50,6 +50,17 @@ CLASS_NAMES_FILE = (
 )
 NUM_CLASSES = 1000
 PRETRAINED_FILE = "pretrained.json"  # provenance, in a workdir written by `write_workdir`
+# Photos that opencv-doc ships, each with one unambiguous ImageNet class (top-1 for
+# EfficientNet-Lite0 at 224 px; checked by tests/test_pretrained.py).
+PHOTOS_DIR = "/usr/share/doc/opencv-doc/examples/data"
+CHECK_PHOTOS: dict[str, int] = {
+    "orange.jpg": 950,  # orange
+    "squirrel_cls.jpg": 335,  # fox squirrel (ImageNet's squirrel class)
+    "baboon.jpg": 372,  # baboon (the "Baboon" test image, a mandrill)
+    "messi5.jpg": 805,  # soccer ball
+    "apple.jpg": 948,  # Granny Smith (ImageNet's only apple class)
+    "chicky_512.png": 154,  # Pekinese
+}
 _CROP_PADDING = 32  # EfficientNet's eval crop: size / (size + 32) of the short side
 
 
