@@ -106,6 +106,21 @@ def test_lite_spec_one_position_per_block_any_resolution(name):
         get_model(name, image_size=16)
 
 
+def test_lite0_exit_candidates_and_cuts_are_block_boundaries():
+    from export import partitions
+    from flexjax import flexdnn
+
+    net = get_model("efficientnet_lite0")
+    blocks = list(range(4, 20))
+    assert [net.layers[i].kind for i in (3, *blocks, 22)] == ["relu6", *["mbconv"] * 16, "relu6"]
+    assert flexdnn.block_boundaries(net) == [3, *blocks, 22]
+    cuts = partitions.cut_points(net)
+    assert 3 not in cuts and 22 not in cuts  # never before a ReLU6 (fused into the conv/BN)
+    assert all(p + 1 in cuts for p in blocks)
+    rows = partitions.layer_rows(net.layers, net.input_shape)
+    assert rows[3]["fused"] and rows[22]["fused"]
+
+
 # ----------------------------------------------------------------------------- weights
 
 
