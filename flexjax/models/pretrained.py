@@ -294,7 +294,7 @@ def center_crop(image: np.ndarray, image_size: int) -> np.ndarray:
     if image.dtype != np.uint8:
         image = np.clip(np.rint(np.asarray(image, np.float64) * 255.0), 0, 255).astype(np.uint8)
     h, w = image.shape[:2]
-    side = int(round(image_size / (image_size + _CROP_PADDING) * min(h, w)))
+    side = int(image_size / (image_size + _CROP_PADDING) * min(h, w))  # as TF's eval crop
     top, left = (h - side + 1) // 2, (w - side + 1) // 2
     crop = Image.fromarray(image[top : top + side, left : left + side])
     resized = crop.resize((image_size, image_size), Image.Resampling.BICUBIC)
