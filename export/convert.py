@@ -127,7 +127,7 @@ def signature_variables(net: Net, variables: Mapping[str, Any], plan: SignatureP
         keys |= {
             models.layer_name(i)
             for i in range(plan.start, plan.stop)
-            if net.layers[i].kind in PARAMETRIC or net.layers[i].kind in ("residual", "inception")
+            if net.layers[i].kind in PARAMETRIC
         }
     out: dict = {}
     for col, tree in variables.items():

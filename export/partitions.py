@@ -11,7 +11,7 @@ For every exit ``k`` (side exits and ``final``) and every partition point
   edge and device-only runs on the device.
 
 Partition points are layer boundaries where a cut means something on TFLite:
-never right before a ``relu`` (the converter fuses it into the conv / dense
+never right before a ``relu`` or ``relu6`` (the converter fuses it into the conv / dense
 before it), a ``dropout`` (identity at inference) or a ``flatten`` (a free
 reshape: the same bytes as the cut before it). ``p = stop_k`` (after the
 exit's backbone position) leaves only the head for the edge; "device-only"
@@ -38,7 +38,7 @@ from flexjax.spec import FINAL, Layer, Net, infer_shapes
 
 MODEL_FILE = "partitions.tflite"
 # Layers a partition point never precedes (see the module docstring).
-_NO_CUT_BEFORE = ("relu", "dropout", "flatten")
+_NO_CUT_BEFORE = ("relu", "relu6", "dropout", "flatten")
 # Activations fused by the TFLite converter into the layer before them.
 _FUSES_INTO = ("conv", "dense", "low_rank_conv", "low_rank_dense", "batch_norm")
 
@@ -97,7 +97,7 @@ def layer_rows(layers: tuple[Layer, ...], input_shape: tuple[int, ...]) -> list[
             "kind": layer.kind,
             "in_shape": list(sin),
             "out_shape": list(sout),
-            "fused": layer.kind == "relu" and prev in _FUSES_INTO,
+            "fused": layer.kind in ("relu", "relu6") and prev in _FUSES_INTO,
         }
         for arg in ("kernel", "stride", "window", "features"):
             if layer.get(arg) is not None:

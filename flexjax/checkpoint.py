@@ -13,11 +13,16 @@ so a process killed mid-save leaves the previous step intact.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from flexjax.io import write_json_atomic
 from flexjax.spec import Net, SpecError
 
 
@@ -91,3 +96,40 @@ def load(workdir: str, step: int | None = None) -> tuple[Net, dict]:
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]
     return net, variables
+
+
+def save_workdir(
+    directory: str,
+    net: Net,
+    variables: Mapping[str, Any],
+    *,
+    json_files: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes ``(net, variables)`` as a training workdir, atomically.
+
+    The result (``checkpoints/`` at step 0, ``net.json``, plus one JSON file per
+    `json_files` entry, e.g. ``{"config.json": config.to_dict()}``) is what
+    `load` reads, so any job can start from it
+    (``train.init_from``, ``flexdnn.backbone_workdir``). Everything is written
+    to a temporary sibling directory first and renamed over `directory` when
+    complete: an interrupted save leaves the old directory (or none).
+    """
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    try:
+        tree = {"step": np.int32(0), "params": variables["params"]}
+        if variables.get("batch_stats"):
+            tree["batch_stats"] = variables["batch_stats"]
+        with manager(os.path.join(tmp, "checkpoints")) as mgr:
+            save(mgr, 0, net, tree)
+            mgr.wait_until_finished()
+        write_json_atomic(os.path.join(tmp, "net.json"), net.to_dict())
+        for filename, obj in (json_files or {}).items():
+            write_json_atomic(os.path.join(tmp, filename), obj)
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -4,9 +4,12 @@ Conventions (batch 1, the deployment case):
 
 * FLOPs count a multiply-add as 2. Bias adds are not counted (they fold into
   the multiply-adds on every backend we target). Pooling counts one op per
-  window element per output, ReLU one per element, inference BatchNorm two
-  per element (scale + shift), LRN ``size + 4`` per element, residual adds
-  one per element. Dropout and flatten are free.
+  window element per output, ReLU and ReLU6 one per element, inference
+  BatchNorm two per element (scale + shift), ``rescale`` two per element, LRN
+  ``size + 4`` per element, residual (and ``mbconv`` skip) adds one per
+  element. Dropout and flatten are free.
+* `multiply_adds` counts only the multiply-adds of conv and dense layers
+  (the "MACs" / "MAdds" figure papers publish).
 * ``params`` are trainable parameters; ``state`` are non-trained variables
   (BatchNorm running mean/variance). ``param_bytes`` covers both, since both
   are loaded to run the layer.
@@ -83,8 +86,10 @@ def _counts(layer: Layer, in_shape: Shape, out_shape: Shape) -> tuple[int, int, 
         return n_out * kh * kw, 0, 0
     if k == "global_pool":
         return n_in, 0, 0
-    if k == "relu":
+    if k in ("relu", "relu6"):
         return n_out, 0, 0
+    if k == "rescale":
+        return 2 * n_out, 0, 0
     if k == "lrn":
         return n_out * (layer["size"] + 4), 0, 0
     if k == "batch_norm":
@@ -92,7 +97,7 @@ def _counts(layer: Layer, in_shape: Shape, out_shape: Shape) -> tuple[int, int, 
         return 2 * n_out, 2 * c, 2 * c
     if k in ("dropout", "flatten"):
         return 0, 0, 0
-    if k in ("residual", "inception"):
+    if k in ("residual", "inception", "mbconv"):
         flops = params = state = 0
         for branch in layer.branches:
             if branch:
@@ -100,8 +105,30 @@ def _counts(layer: Layer, in_shape: Shape, out_shape: Shape) -> tuple[int, int, 
                 flops, params, state = flops + c.flops, params + c.params, state + c.state
         if k == "residual":
             flops += n_out * (2 if layer["activation"] == "relu" else 1)
+        elif k == "mbconv" and layer["skip"]:
+            flops += n_out
         return flops, params, state
     raise ValueError(f"no cost model for layer kind '{k}'")
+
+
+def _macs(layers: Sequence[Layer], input_shape: Shape) -> int:
+    out = 0
+    for layer, (sin, sout) in zip(layers, infer_shapes(layers, input_shape)):
+        if layer.kind in ("conv", "low_rank_conv", "dense", "low_rank_dense"):
+            out += _counts(layer, sin, sout)[0] // 2
+        for branch in layer.branches:
+            if branch:
+                out += _macs(branch, sin)
+    return out
+
+
+def multiply_adds(net: Net) -> int:
+    """Multiply-adds of the backbone's conv and dense layers at batch 1 (published "MACs").
+
+    Unlike `of(...).backbone_flops / 2`, this leaves out batch norm, activations,
+    pooling and adds, which papers do not count.
+    """
+    return _macs(net.layers, net.input_shape)
 
 
 def sequence_costs(

@@ -99,8 +99,8 @@ def validate(config) -> None:
 # Candidates.
 # ---------------------------------------------------------------------------
 
-_BLOCK_END = ("relu", "max_pool", "avg_pool", "lrn", "residual", "inception")
-_BLOCK_TAIL = ("relu", "batch_norm", "max_pool", "avg_pool", "lrn", "dropout")
+_BLOCK_END = ("relu", "relu6", "max_pool", "avg_pool", "lrn", "residual", "inception", "mbconv")
+_BLOCK_TAIL = ("relu", "relu6", "batch_norm", "max_pool", "avg_pool", "lrn", "dropout")
 
 
 def block_boundaries(net: Net) -> list[int]:

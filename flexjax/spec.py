@@ -11,8 +11,8 @@ the *output* of backbone layer `i`; its default name is ``exit_{i}`` so that
 removing another exit never renames it. The backbone's last layer produces the
 logits of the exit named `FINAL`.
 
-A composite layer (``residual``, ``inception``) is ONE position: its branches
-are nested layer sequences and nothing can be attached inside it.
+A composite layer (``residual``, ``inception``, ``mbconv``) is ONE position: its
+branches are nested layer sequences and nothing can be attached inside it.
 
 Shapes are per example, without the batch axis: images are ``(H, W, C)``.
 """
@@ -150,6 +150,21 @@ def _residual_shape(layer: Layer, shape: Shape, where: str) -> Shape:
     return body
 
 
+def _mbconv_shape(layer: Layer, shape: Shape, where: str) -> Shape:
+    if len(layer.branches) != 1 or not layer.branches[0]:
+        raise SpecError(
+            f"{where}: an mbconv block has exactly one non-empty body branch, "
+            f"got {len(layer.branches)} branches"
+        )
+    body = infer_shapes(layer.branches[0], shape, f"{where} body")[-1][1]
+    if layer["skip"] and body != tuple(shape):
+        raise SpecError(
+            f"{where}: skip=True adds the input {tuple(shape)} to the body output {body}; "
+            "they must match (use skip=False for a block that changes stride or channels)"
+        )
+    return body
+
+
 def _inception_shape(layer: Layer, shape: Shape, where: str) -> Shape:
     if len(layer.branches) < 2:
         raise SpecError(f"{where}: an inception block needs at least 2 branches")
@@ -199,16 +214,28 @@ KINDS: dict[str, _Kind] = {
     "global_pool": _Kind({}, _global_pool_shape),
     "flatten": _Kind({}, _flatten_shape),
     "relu": _Kind({}, _same_shape),
+    "relu6": _Kind({}, _same_shape),
+    "rescale": _Kind({"scale": 1.0, "offset": 0.0}, _same_shape),
     "lrn": _Kind({"size": 5, "alpha": 1e-4, "beta": 0.75, "bias": 1.0}, _image_same_shape),
     "batch_norm": _Kind({"momentum": 0.9, "epsilon": 1e-5}, _same_shape),
     "dropout": _Kind({"rate": 0.5}, _same_shape),
     "residual": _Kind({"activation": "relu"}, _residual_shape, composite=True),
     "inception": _Kind({}, _inception_shape, composite=True),
+    "mbconv": _Kind({"skip": _REQUIRED}, _mbconv_shape, composite=True),
 }
 
 # Kinds whose Flax implementation owns parameters or state (they get a name).
 PARAMETRIC = frozenset(
-    {"conv", "low_rank_conv", "dense", "low_rank_dense", "batch_norm", "residual", "inception"}
+    {
+        "conv",
+        "low_rank_conv",
+        "dense",
+        "low_rank_dense",
+        "batch_norm",
+        "residual",
+        "inception",
+        "mbconv",
+    }
 )
 
 
@@ -243,6 +270,13 @@ def _normalize_args(kind: str, args: Mapping[str, Any], where: str) -> tuple[tup
         raise SpecError(f"{where}: dropout rate must be in [0, 1), got {out['rate']!r}")
     if kind == "residual" and out["activation"] not in ("relu", None):
         raise SpecError(f"{where}: activation must be 'relu' or None")
+    if kind == "mbconv" and not isinstance(out["skip"], bool):
+        raise SpecError(f"{where}: skip must be true or false, got {out['skip']!r}")
+    if kind == "rescale":
+        for name in ("scale", "offset"):
+            if isinstance(out[name], bool) or not isinstance(out[name], (int, float)):
+                raise SpecError(f"{where}: {name} must be a number, got {out[name]!r}")
+            out[name] = float(out[name])
     return tuple(sorted(out.items()))
 
 
@@ -353,6 +387,15 @@ def relu() -> Layer:
     return Layer.make("relu")
 
 
+def relu6() -> Layer:
+    return Layer.make("relu6")
+
+
+def rescale(scale: float, offset: float = 0.0) -> Layer:
+    """``x * scale + offset``: maps the [0, 1] images flexjax feeds to a model's input range."""
+    return Layer.make("rescale", scale=scale, offset=offset)
+
+
 def lrn(size: int = 5, alpha: float = 1e-4, beta: float = 0.75, bias: float = 1.0) -> Layer:
     return Layer.make("lrn", size=size, alpha=alpha, beta=beta, bias=bias)
 
@@ -374,6 +417,16 @@ def residual(
 
 def inception(*branches: Sequence[Layer]) -> Layer:
     return Layer.make("inception", branches)
+
+
+def mbconv(body: Sequence[Layer], skip: bool) -> Layer:
+    """A MobileNet-V2 / EfficientNet inverted-residual block as ONE position.
+
+    `body` is the block's layers (1x1 expansion, depthwise kxk, 1x1 projection,
+    with their batch norms and activations); `skip` adds the block's input to
+    the body's output (no activation after the add), which needs the same shape.
+    """
+    return Layer.make("mbconv", (tuple(body),), skip=skip)
 
 
 # ---------------------------------------------------------------------------

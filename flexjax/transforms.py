@@ -11,7 +11,7 @@ mutated and no Flax module is involved, so they compose and run under
 A *site* names a layer by its parameter path (see `flexjax.models.build`):
 ``"layer_03"`` is backbone position 3 and ``"exit_3/layer_01"`` is layer 1 of
 the head of exit ``exit_3``. Layers inside composite blocks (residual,
-inception) are not sites: their consumers are not a simple chain.
+inception, mbconv) are not sites: their consumers are not a simple chain.
 
 Filter pruning is exact up to the removed filters: the pruned network computes
 the same function as the original with those filters' outputs forced to zero
@@ -34,12 +34,12 @@ from flexjax.models.build import layer_name
 from flexjax.spec import PARAMETRIC, Exit, Layer, Net, SpecError, infer_shapes
 
 # Layers an activation passes through unchanged channel-wise while pruning is traced.
-_PASS = frozenset({"relu", "lrn", "dropout", "max_pool", "avg_pool"})
+_PASS = frozenset({"relu", "relu6", "lrn", "dropout", "max_pool", "avg_pool"})
 # Layers that consume channels through an input axis of their first kernel.
 _CONSUMERS = {"conv": ("kernel", 2), "dense": ("kernel", 0)}
 _LOW_RANK_CONSUMERS = {"low_rank_conv": ("u", "kernel", 2), "low_rank_dense": ("u", "kernel", 0)}
 # Layers removed together with the parametric layer before them by `drop_layer`.
-_TRAILING = frozenset({"relu", "batch_norm", "lrn", "dropout"})
+_TRAILING = frozenset({"relu", "relu6", "batch_norm", "lrn", "dropout"})
 
 
 class TransformError(ValueError):

@@ -40,6 +40,7 @@ import numpy as np
 REGRESSION_KIND = {
     "conv": "conv",
     "relu": "relu",
+    "relu6": "relu",
     "lrn": "lrn",
     "dropout": "dropout",
     "max_pool": "pool",

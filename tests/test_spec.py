@@ -14,6 +14,9 @@ SMALL = {
     "vgg16": {"width": 0.125},
     "inception_v3": {"width": 0.125},
     "resnet": {"depth": 20, "width": 0.5},
+    "efficientnet_lite0": {"image_size": 96, "exits": [4, 10]},
+    "efficientnet_lite1": {"image_size": 96, "num_classes": 10},
+    "efficientnet_lite2": {"image_size": 128},
 }
 
 

@@ -138,31 +138,10 @@ def _load_backbone(s: dict, workdir: str, log):
 
 def _save_model(directory: str, net, variables, config=None) -> None:
     """(net, variables) as a training workdir (checkpoints/, net.json, config.json), atomically."""
-    import shutil
-    import tempfile
-
     from flexjax import checkpoint
-    from flexjax.io import write_json_atomic
 
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        tree = {"step": np.int32(0), "params": variables["params"]}
-        if variables.get("batch_stats"):
-            tree["batch_stats"] = variables["batch_stats"]
-        with checkpoint.manager(os.path.join(tmp, "checkpoints")) as mgr:
-            checkpoint.save(mgr, 0, net, tree)
-            mgr.wait_until_finished()
-        write_json_atomic(os.path.join(tmp, "net.json"), net.to_dict())
-        if config is not None:
-            write_json_atomic(os.path.join(tmp, "config.json"), config.to_dict())
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files = {} if config is None else {"config.json": config.to_dict()}
+    checkpoint.save_workdir(directory, net, variables, json_files=files)
 
 
 def _saved(directory: str, net=None):

@@ -1,4 +1,9 @@
-"""Models: the zoo of named `Net`s and the Flax module derived from a `Net`."""
+"""Models: the zoo of named `Net`s and the Flax module derived from a `Net`.
+
+ImageNet weights for the zoo's ``efficientnet_lite0/1/2``:
+``flexjax.models.pretrained.load(name, image_size=None) -> (net, variables)``
+(not imported here: it reads weights files and class names on demand).
+"""
 
 from flexjax.models.build import (
     MultiExitModel,

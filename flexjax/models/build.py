@@ -59,7 +59,7 @@ class _LowRankDense(nn.Module):
 
 
 class _Block(nn.Module):
-    """A composite position (residual or inception); branches are sub-stacks."""
+    """A composite position (residual, inception, mbconv); branches are sub-stacks."""
 
     layer: Layer
 
@@ -71,6 +71,8 @@ class _Block(nn.Module):
         if self.layer.kind == "residual":
             y = outs[0] + (outs[1] if len(outs) > 1 else x)
             return nn.relu(y) if self.layer["activation"] == "relu" else y
+        if self.layer.kind == "mbconv":
+            return outs[0] + x if self.layer["skip"] else outs[0]
         return jnp.concatenate(outs, axis=-1)
 
 
@@ -103,6 +105,10 @@ def apply_layer(layer: Layer, x: jax.Array, *, train: bool, name: str) -> jax.Ar
         return x.reshape(x.shape[0], -1)
     if k == "relu":
         return nn.relu(x)
+    if k == "relu6":
+        return nn.relu6(x)
+    if k == "rescale":
+        return x * layer["scale"] + layer["offset"]
     if k == "lrn":
         return _lrn(x, layer)
     if k == "batch_norm":
@@ -114,7 +120,7 @@ def apply_layer(layer: Layer, x: jax.Array, *, train: bool, name: str) -> jax.Ar
         )(x)
     if k == "dropout":
         return nn.Dropout(layer["rate"], deterministic=not train)(x)
-    if k in ("residual", "inception"):
+    if k in ("residual", "inception", "mbconv"):
         return _Block(layer, name=name)(x, train)
     raise ValueError(f"no Flax implementation for layer kind '{k}'")
 

@@ -9,10 +9,16 @@ Deviations from the original papers, all for on-phone export (GPU delegate):
 pooling inside inception blocks is max pooling (SAME average pooling lowers to
 an op the TFLite GPU delegate does not support), and every network keeps
 static shapes.
+
+The EfficientNet-Lite family is the exception to "trained on a CPU": its specs
+match the published ImageNet weights exactly (`flexjax.models.pretrained`
+loads them), one MBConv block per position.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +35,10 @@ from flexjax.spec import (
     inception,
     lrn,
     max_pool,
+    mbconv,
     relu,
+    relu6,
+    rescale,
     residual,
 )
 
@@ -341,8 +350,194 @@ def resnet(
     return _attach(layers, input_shape, num_classes, positions, f"resnet{depth}")
 
 
+# EfficientNet-B0's stages: (repeats, kernel, stride, expansion ratio, output filters).
+_EFFICIENTNET_B0_STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite scaling: multipliers, native resolution, classifier dropout."""
+
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+
+
+EFFICIENTNET_LITE: dict[str, LiteVariant] = {
+    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2),
+    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2),
+    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3),
+}
+# The Lite models take (x - 127) / 128 for pixels x in 0..255; flexjax feeds [0, 1].
+LITE_INPUT_SCALE = 255.0 / 128.0
+LITE_INPUT_OFFSET = -127.0 / 128.0
+# Total stride of the network: smaller inputs leave nothing for the last stage.
+_LITE_MIN_SIZE = 32
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    # EfficientNet's rounding (tensorflow/tpu efficientnet_model.round_filters).
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if new < 0.9 * scaled:
+        new += divisor
+    return int(new)
+
+
+def _bn_lite() -> Layer:
+    # TF's EfficientNet: momentum 0.99, epsilon 1e-3.
+    return batch_norm(momentum=0.99, epsilon=1e-3)
+
+
+def _mbconv_lite(in_f: int, out_f: int, expand: int, kernel: int, stride: int) -> Layer:
+    mid = in_f * expand
+    body: list[Layer] = []
+    if expand != 1:
+        body += [conv(mid, 1, use_bias=False), _bn_lite(), relu6()]
+    body += [
+        conv(mid, kernel, stride, groups=mid, use_bias=False),
+        _bn_lite(),
+        relu6(),
+        conv(out_f, 1, use_bias=False),
+        _bn_lite(),
+    ]
+    return mbconv(body, skip=stride == 1 and in_f == out_f)
+
+
+def lite_head(
+    in_shape: tuple[int, ...], num_classes: int, features: int = 256
+) -> tuple[Layer, ...]:
+    """An exit for EfficientNet-Lite: 1x1 conv, BN, ReLU6, global pooling, dense."""
+    if len(in_shape) == 1:
+        return (dense(num_classes),)
+    return (
+        conv(features, 1, use_bias=False),
+        _bn_lite(),
+        relu6(),
+        global_pool(),
+        dense(num_classes),
+    )
+
+
+def efficientnet_lite(
+    name: str,
+    input_shape: Sequence[int] | None = None,
+    num_classes: int = 1000,
+    image_size: int | None = None,
+    exits: Sequence[int] = (),
+    head_features: int = 256,
+) -> Net:
+    """EfficientNet-Lite0/1/2 (Tan & Le 2019; the "lite" edge variants).
+
+    Lite drops squeeze-excite, uses ReLU6, keeps the stem (32) and head (1280)
+    widths and the first and last stages' repeats fixed, and scales the rest
+    with the variant's width and depth multipliers. Layout:
+
+    position 0: ``rescale`` ([0, 1] images to the original's (x*255 - 127) / 128),
+    1-3: stem conv 3x3/2, BN, ReLU6; then ONE position per MBConv block
+    (exits and partition cuts address block boundaries); then head conv 1x1,
+    BN, ReLU6, global pooling, dropout, dense logits.
+
+    Args:
+      name: a key of `EFFICIENTNET_LITE`.
+      input_shape: (H, W, 3); default: the variant's native square resolution.
+      num_classes: 1000 for the ImageNet weights.
+      image_size: shorthand for ``input_shape=(image_size, image_size, 3)``.
+      exits: backbone positions to hang `lite_head` exits off (default: none).
+      head_features: width of those exits' 1x1 conv.
+
+    Raises:
+      ValueError: unknown variant, input that is not RGB, smaller than 32 px
+        or contradicting `image_size`.
+    """
+    if name not in EFFICIENTNET_LITE:
+        raise ValueError(
+            f"unknown EfficientNet-Lite variant {name!r}; valid: {', '.join(EFFICIENTNET_LITE)}"
+        )
+    v = EFFICIENTNET_LITE[name]
+    if image_size is not None:
+        shape = (int(image_size), int(image_size), 3)
+        if input_shape is not None and tuple(input_shape) != shape:
+            raise ValueError(
+                f"{name}: image_size={image_size} contradicts input_shape={tuple(input_shape)}"
+            )
+    else:
+        shape = tuple(input_shape) if input_shape is not None else (v.resolution, v.resolution, 3)
+    if len(shape) != 3 or shape[2] != 3:
+        raise ValueError(f"{name}: expects RGB input (H, W, 3), got input_shape={shape}")
+    if min(shape[:2]) < _LITE_MIN_SIZE:
+        raise ValueError(
+            f"{name}: input {shape[0]}x{shape[1]} is too small; "
+            f"use at least {_LITE_MIN_SIZE} px (native: {v.resolution})"
+        )
+    layers: list[Layer] = [
+        rescale(LITE_INPUT_SCALE, LITE_INPUT_OFFSET),
+        conv(32, 3, 2, use_bias=False),
+        _bn_lite(),
+        relu6(),
+    ]
+    in_f = 32
+    last = len(_EFFICIENTNET_B0_STAGES) - 1
+    for i, (repeats, kernel, stride, expand, out) in enumerate(_EFFICIENTNET_B0_STAGES):
+        out_f = _round_filters(out, v.width)
+        n = repeats if i in (0, last) else int(math.ceil(v.depth * repeats))
+        for b in range(n):
+            layers.append(_mbconv_lite(in_f, out_f, expand, kernel, stride if b == 0 else 1))
+            in_f = out_f
+    layers += [
+        conv(1280, 1, use_bias=False),
+        _bn_lite(),
+        relu6(),
+        global_pool(),
+        dropout(v.dropout),
+        dense(num_classes),
+    ]
+    backbone = Net(shape, num_classes, tuple(layers), (), name)
+    shapes = backbone.shapes()
+    heads = []
+    for p in sorted(exits):
+        if not 0 <= p < len(layers) - 1:
+            raise ValueError(f"{name}: exit position {p} is out of range 0..{len(layers) - 2}")
+        heads.append(Exit(p, lite_head(shapes[p][1], num_classes, head_features)))
+    return backbone.replace(exits=tuple(heads))
+
+
+def _lite(name: str) -> Callable[..., Net]:
+    def builder(
+        input_shape: Sequence[int] | None = None,
+        num_classes: int = 1000,
+        image_size: int | None = None,
+        exits: Sequence[int] = (),
+        head_features: int = 256,
+    ) -> Net:
+        return efficientnet_lite(name, input_shape, num_classes, image_size, exits, head_features)
+
+    builder.__name__ = name
+    builder.__doc__ = (
+        f"{name} (see `efficientnet_lite`; native {EFFICIENTNET_LITE[name].resolution} px)."
+    )
+    return builder
+
+
+efficientnet_lite0 = _lite("efficientnet_lite0")
+efficientnet_lite1 = _lite("efficientnet_lite1")
+efficientnet_lite2 = _lite("efficientnet_lite2")
+
+
 MODELS: dict[str, Callable[..., Net]] = {
     "alexnet_branchy": alexnet_branchy,
+    "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite1": efficientnet_lite1,
+    "efficientnet_lite2": efficientnet_lite2,
     "inception_v3": inception_v3,
     "lenet_branchy": lenet_branchy,
     "resnet": resnet,
@@ -365,4 +560,13 @@ def get_model(name: str, **kwargs: Any) -> Net:
         raise ValueError(f"bad arguments for model '{name}': {e}") from None
 
 
-__all__ = ["MODELS", "branchy_head", "get_model", *sorted(MODELS)]
+__all__ = [
+    "EFFICIENTNET_LITE",
+    "MODELS",
+    "LiteVariant",
+    "branchy_head",
+    "efficientnet_lite",
+    "get_model",
+    "lite_head",
+    *sorted(MODELS),
+]
