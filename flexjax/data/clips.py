@@ -701,7 +701,9 @@ def _pretrained_predictor(model_name: str, height: int, width: int, batch_size: 
 
     @jax.jit
     def logits(x):
-        x = (x.astype(jnp.float32) - 127.0) / 128.0
+        # The pretrained Net takes flexjax's [0, 1] images; its position 0
+        # (`rescale`) applies the original's (x - 127) / 128 on 0..255 pixels.
+        x = x.astype(jnp.float32) / 255.0
         return module.apply(variables, x, train=False)[FINAL]
 
     def predict(batch: np.ndarray) -> np.ndarray:
