@@ -196,7 +196,7 @@ def run(
                        (os.path.join(w.train, "config.json"), "model config")):  # fmt: skip
         cfg = config if what == "config" else model_config
         diff = _same(path, cfg)
-        if diff and (what == "config" or os.path.exists(os.path.join(w.train, "report.json"))):
+        if diff:
             raise ValueError(
                 f"{workdir} holds an Edgent job made with another {what} (differs in "
                 f"{', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''}); use a new --workdir"
