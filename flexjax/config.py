@@ -11,6 +11,8 @@ rejects unknown arguments itself).
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -138,6 +140,32 @@ def edgent_defaults() -> ml_collections.ConfigDict:
     c.bench.trace_step_s = 0.5
     c.bench.trace_seed = 0
     return c
+
+
+def load(ref: str) -> ml_collections.ConfigDict:
+    """The config ``--config=PATH[:ARG]`` names: ``get_config(ARG)`` of PATH, not validated.
+
+    A relative PATH is looked up in the working directory, then in the
+    repository root (where ``configs/`` lives).
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: the file has no ``get_config``
+        (or rejects ARG).
+    """
+    path, _, arg = ref.partition(":")
+    if not os.path.isabs(path) and not os.path.isfile(path):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.path.join(root, path) if os.path.isfile(os.path.join(root, path)) else path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(
+        f"_config_{os.path.basename(path)[:-3]}", os.path.abspath(path)
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} has no get_config(arg=None)")
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def smoke_on_digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -23,7 +23,6 @@ phone or edge box; this job emulates both machines on this one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -51,19 +50,12 @@ def load_model_config(ref: str) -> ml_collections.ConfigDict:
     Raises:
       FileNotFoundError: no such file. ValueError: not a valid training config.
     """
-    path, _, arg = ref.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"model_config {path} does not exist (a training config, PATH[:ARG], "
-            "e.g. configs/mnist_alexnet_branchy.py:smoke)"
-        )
-    spec = importlib.util.spec_from_file_location("_edgent_model_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"model_config {path} has no get_config(arg=None)")
-    config = module.get_config(arg) if arg else module.get_config()
-    return config_lib.validate(config)
+    try:
+        return config_lib.validate(config_lib.load(ref))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"model_config: {e} (a training config, PATH[:ARG])") from None
+    except ValueError as e:
+        raise ValueError(f"model_config {ref}: {e}") from None
 
 
 def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -68,3 +68,17 @@ def test_edgent_job_smoke_runs_every_stage_resumes_and_refuses_another_config(tm
     assert lines[-1].startswith("error:") and "another config" in lines[-1]
     assert "bench.frames" in lines[-1] and "--workdir" in lines[-1]
     assert json.loads((workdir / "config.json").read_text())["bench"]["frames"] == 8
+
+
+def test_edgent_job_bad_config_value_is_one_line_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "bad"
+    for flag, words in (
+        ("--config.sweep.size=huge", "sweep.size must be one of full, smoke"),
+        ("--config.device.target=phone", "device.target: unknown target 'phone'"),
+        ("--config.model_config=configs/nope.py", "configs/nope.py does not exist"),
+    ):
+        proc = _job(workdir, flag)
+        assert proc.returncode == 1, proc.stdout
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and words in last, proc.stderr[-1000:]
+    assert not workdir.exists()
