@@ -1,7 +1,7 @@
 """Edgent benchmark: the paper's experiments on this machine, with real gRPC edge servers.
 
   python -m runtime.edgent_bench --bundle=BUNDLE --out=DIR [--frames=200] [--servers=2]
-      [--deadline-ms=10] [--bandwidth-mbps=2] [--quick]
+      [--deadline-ms=10] [--bandwidth-mbps=2] [--margin=0.1] [--trace-frames=1000]
 
 Starts ``--servers`` edge servers (`runtime.edge_server`, subprocesses on
 127.0.0.1) and runs the device client (`runtime.coinfer`) in this process:
@@ -15,7 +15,8 @@ Starts ``--servers`` edge servers (`runtime.edge_server`, subprocesses on
 3. ``trace``: Edgent on a fluctuating bandwidth trace (written to DIR).
 
 Writes ``DIR/edgent_bench.json`` (every run's summary) and ``DIR/edgent_bench.md``
-(the tables for BENCHMARKS.md).
+(the tables for BENCHMARKS.md). The library call is ``run(bundle, out, Settings(...))``
+(what ``python -m train.edgent``'s bench stage runs).
 """
 
 from __future__ import annotations
