@@ -184,17 +184,21 @@ def run(
     config = config_lib.validate(config, config_lib.edgent_defaults())
     model_config = _check(config)
     w = _Workdir(workdir)
-    for path, what in ((os.path.join(workdir, "config.json"), "config"),
-                       (os.path.join(w.train, "config.json"), "model config")):  # fmt: skip
-        cfg = config if what == "config" else model_config
+    saved = os.path.join(workdir, "config.json")
+    if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.exists(saved):
+        raise ValueError(f"{workdir} is not empty and holds no Edgent job; use a new --workdir")
+    for path, cfg, what in ((saved, config, "config"),
+                            (os.path.join(w.train, "config.json"), model_config,
+                             f"model config ({config.model_config})")):  # fmt: skip
         diff = _same(path, cfg)
         if diff:
+            more = ", ..." if len(diff) > 4 else ""
             raise ValueError(
                 f"{workdir} holds an Edgent job made with another {what} (differs in "
-                f"{', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''}); use a new --workdir"
+                f"{', '.join(diff[:4])}{more}); use a new --workdir"
             )
     os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    write_json_atomic(saved, config.to_dict())
     if os.path.exists(w.report) and set(STAGES) <= set(w.finished()):
         log(
             f"the Edgent job in {workdir} is finished (report.json, figures, bench/); "

@@ -82,3 +82,11 @@ def test_edgent_job_bad_config_value_is_one_line_and_writes_nothing(tmp_path):
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and words in last, proc.stderr[-1000:]
     assert not workdir.exists()
+
+
+def test_edgent_job_refuses_a_non_empty_workdir_of_something_else(tmp_path):
+    (tmp_path / "bundle").mkdir()  # e.g. what the old nine-command chain left in runs/edgent
+    proc = _job(tmp_path)
+    assert proc.returncode == 1
+    assert "holds no Edgent job" in proc.stderr.strip().splitlines()[-1]
+    assert sorted(os.listdir(tmp_path)) == ["bundle"]
