@@ -54,24 +54,16 @@ format: $(STAMP)
 clean:
 	rm -rf $(RUNS)/demo .pytest_cache
 
-# Edgent (device-edge co-inference) on the 5-exit AlexNet: train, export with partition
-# signatures, profile a latency sweep on the emulated device (1 thread, 20x slower) and the
-# edge (1 thread), fit the per-layer regressions into the bundle, then benchmark co-inference
-# against real gRPC edge servers (bandwidth sweep, deadline sweep vs baselines, fluctuating trace).
+# Edgent (device-edge co-inference) on the 5-exit AlexNet, one resumable job
+# (configs/mnist_edgent.py): train, export with partition signatures, a latency sweep,
+# profile it and the partitions on the emulated device (1 thread, 20x slower) and the edge
+# (1 thread), fit the per-layer regressions into the bundle, then benchmark co-inference
+# against real gRPC edge servers (bandwidth sweep, deadline sweep vs baselines, fluctuating
+# trace) and plot it. Re-running resumes after the last finished stage.
 EDGENT ?= $(RUNS)/edgent
 .PHONY: edgent
 edgent: $(STAMP)
-	$(BIN)/python -m train.multi_exit --config=configs/mnist_alexnet_branchy.py --workdir=$(EDGENT)/alexnet
-	$(BIN)/python -m export.bundle --workdir=$(EDGENT)/alexnet --out=$(EDGENT)/bundle --partitions --overwrite
-	$(BIN)/python -m export.sweep --out=$(EDGENT)/sweep --overwrite
-	$(BIN)/python -m runtime.profile --bundle=$(EDGENT)/sweep --target=local:threads=1 --out=$(EDGENT)/edge_sweep.json
-	$(BIN)/python -m runtime.profile --bundle=$(EDGENT)/bundle --target=local:threads=1 --out=$(EDGENT)/edge_parts.json
-	$(BIN)/python -m runtime.profile --bundle=$(EDGENT)/sweep --target=local:threads=1:slowdown=20 --runs=10 --out=$(EDGENT)/dev_sweep.json
-	$(BIN)/python -m runtime.profile --bundle=$(EDGENT)/bundle --target=local:threads=1:slowdown=20 --runs=10 --out=$(EDGENT)/dev_parts.json
-	$(BIN)/python -m export.latency_fit --bundle=$(EDGENT)/bundle --device=$(EDGENT)/dev_sweep.json \
-	  --edge=$(EDGENT)/edge_sweep.json --device-paths=$(EDGENT)/dev_parts.json \
-	  --edge-paths=$(EDGENT)/edge_parts.json --report=$(EDGENT)/fit.json
-	$(BIN)/python -m runtime.edgent_bench --bundle=$(EDGENT)/bundle --out=$(EDGENT)/bench --margin=0.15
+	$(BIN)/python -m train.edgent --config=configs/mnist_edgent.py --workdir=$(EDGENT)
 
 # MCDNN: build the catalog (variants per task, exported + measured, sharing, specialization,
 # a day of AMS), then schedule the day again through the runtime, executing 200 sampled

@@ -202,25 +202,47 @@ def _load(path: str) -> dict:
         raise ValueError(f"profile {path} is not valid JSON: {e}") from None
 
 
-def run(args) -> dict:
-    bundle = Bundle.from_dir(args.bundle)
+def run(
+    bundle: str,
+    device: str,
+    edge: str,
+    *,
+    device_paths: str | None = None,
+    edge_paths: str | None = None,
+    form: str = "auto",
+) -> dict:
+    """Fits both targets' models from profile files and stores them in `bundle`.
+
+    Args:
+      bundle: the bundle directory (rewritten through a staged copy).
+      device, edge: `runtime.profile` sweep profiles (JSON paths) of each target.
+      device_paths, edge_paths: optional partition profiles of `bundle` on each
+        target (together or not at all): adds the whole-path errors.
+      form: ``auto`` | ``edgent`` | ``interaction`` (see the module docstring).
+
+    Returns:
+      The fit report (also stored in the manifest as ``latency_fit``).
+
+    Raises:
+      BundleError: a bad bundle or one without partitions; ValueError /
+        FileNotFoundError: bad or missing profiles.
+    """
+    b = Bundle.from_dir(bundle)
     models, report = {}, {"kinds": {}}
-    for target in ("device", "edge"):
-        models[target], report["kinds"][target] = fit_target(
-            _load(getattr(args, target)), args.form
-        )
-    if args.device_paths or args.edge_paths:
-        if not (args.device_paths and args.edge_paths):
+    for target, path in (("device", device), ("edge", edge)):
+        models[target], report["kinds"][target] = fit_target(_load(path), form)
+    if device_paths or edge_paths:
+        if not (device_paths and edge_paths):
             raise ValueError("--device-paths and --edge-paths go together")
-        section = bundle.manifest.get("partitions")
+        section = b.manifest.get("partitions")
         if section is None:
-            raise BundleError(f"bundle {args.bundle} has no partitions (export with --partitions)")
-        measured = {"device": _load(args.device_paths), "edge": _load(args.edge_paths)}
+            raise BundleError(f"bundle {bundle} has no partitions (export with --partitions)")
+        measured = {"device": _load(device_paths), "edge": _load(edge_paths)}
         for t, m in measured.items():
             if m.get("kind") != "partitions":
                 raise ValueError(f"--{t}-paths is not a partition profile of this bundle")
         report["paths"] = path_errors(section, models, measured)
-    store(args.bundle, models, report)
+    store(bundle, models, report)
     return report
 
 
@@ -256,7 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--report", default=None, help="also write the fit report here")
     args = p.parse_args(argv)
     try:
-        report = run(args)
+        report = run(
+            args.bundle, args.device, args.edge, device_paths=args.device_paths,
+            edge_paths=args.edge_paths, form=args.form,
+        )  # fmt: skip
         if args.report:
             from flexjax.io import write_json_atomic
 

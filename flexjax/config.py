@@ -10,6 +10,9 @@ rejects unknown arguments itself).
 
 from __future__ import annotations
 
+import copy
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -90,6 +93,81 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def edgent_defaults() -> ml_collections.ConfigDict:
+    """Every key an Edgent job config (``python -m train.edgent``) may set, with its default.
+
+    The multi-exit network is not described here: `model_config` names its
+    training config (a schema above), so the same network file serves
+    ``train.multi_exit`` and Edgent.
+    """
+    c = ml_collections.ConfigDict()
+    # The multi-exit net's training config, PATH[:ARG] as for --config (trained in <workdir>/train).
+    c.model_config = "configs/mnist_alexnet_branchy.py"
+
+    c.export = ml_collections.ConfigDict()  # export.bundle with partition signatures
+    c.export.precision = "fp32"  # fp32 | fp16 | dynamic
+    c.export.parity_examples = 1000  # test examples checked against JAX
+    c.export.epsilons = (0.0, 0.005, 0.01, 0.02, 0.05)  # exit-threshold calibration
+
+    c.sweep = ml_collections.ConfigDict()  # export.sweep: single-layer signatures
+    c.sweep.size = "full"  # full | smoke
+    c.sweep.seed = 0
+
+    # The two machines, as runtime.profile targets: an emulated slow device (S x one core
+    # here, in CPU time) and the edge; `runs` timed calls per signature when profiling.
+    c.device = ml_collections.ConfigDict()
+    c.device.target = "local:threads=1:slowdown=20"
+    c.device.runs = 10
+    c.edge = ml_collections.ConfigDict()
+    c.edge.target = "local:threads=1"
+    c.edge.runs = 20
+
+    c.fit = ml_collections.ConfigDict()  # export.latency_fit
+    c.fit.form = "auto"  # auto | edgent | interaction
+
+    c.bench = ml_collections.ConfigDict()  # runtime.edgent_bench, against real gRPC servers
+    c.bench.servers = 2  # edge servers on 127.0.0.1
+    c.bench.data = "mnist5k:test"  # frames: DATASET:SPLIT or npz:PATH
+    c.bench.frames = 200  # frames per run of the bandwidth and deadline sweeps
+    c.bench.margin = 0.1  # the planner's relative headroom against timing noise
+    c.bench.deadline_ms = 10.0  # deadline of the bandwidth sweep and the trace
+    c.bench.bandwidths = ()  # Mbps of the bandwidth sweep; () = runtime.edgent_bench's
+    c.bench.bandwidth_mbps = 2.0  # bandwidth of the deadline sweep
+    c.bench.deadlines = ()  # ms of the deadline sweep; () = runtime.edgent_bench's
+    c.bench.policies = ()  # compared in the deadline sweep; () = all (edgent + baselines)
+    c.bench.trace_frames = 1000  # frames on the fluctuating bandwidth trace
+    c.bench.trace_seconds = 8.0  # trace length: a new bandwidth every trace_step_s
+    c.bench.trace_step_s = 0.5
+    c.bench.trace_seed = 0
+    return c
+
+
+def load(ref: str) -> ml_collections.ConfigDict:
+    """The config ``--config=PATH[:ARG]`` names: ``get_config(ARG)`` of PATH, not validated.
+
+    A relative PATH is looked up in the working directory, then in the
+    repository root (where ``configs/`` lives).
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: the file has no ``get_config``
+        (or rejects ARG).
+    """
+    path, _, arg = ref.partition(":")
+    if not os.path.isabs(path) and not os.path.isfile(path):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.path.join(root, path) if os.path.isfile(os.path.join(root, path)) else path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(
+        f"_config_{os.path.basename(path)[:-3]}", os.path.abspath(path)
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} has no get_config(arg=None)")
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def smoke_on_digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks a CIFAR-size config for tests: 256 digits at 32x32x3, one tiny epoch.
 
@@ -121,9 +199,12 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_key(key: str) -> None:
-    """Raises ValueError (listing the valid keys of its section) if `key` is not in the schema."""
-    schema = _flat(defaults())
+def check_key(key: str, schema: ml_collections.ConfigDict | None = None) -> None:
+    """Raises ValueError (listing the valid keys of its section) if `key` is not in the schema.
+
+    `schema` is the full default config of the job (`defaults()` when None).
+    """
+    schema = _flat(defaults() if schema is None else schema)
     if key in schema or any(key.startswith(f + ".") for f in FREE_FORM):
         return
     section = key.rsplit(".", 1)[0] if "." in key else ""
@@ -133,17 +214,20 @@ def check_key(key: str) -> None:
     raise ValueError(f"unknown config key '{key}'; valid keys here: {', '.join(valid)}")
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks keys against `defaults()`; returns a full config (defaults filled in).
+def validate(
+    config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
+    """Checks keys against `schema` (`defaults()` when None); returns a full config.
 
     Raises:
       ValueError: an unknown key (naming the valid keys of its section) or a
         value of the wrong type.
     """
-    schema = _flat(defaults())
+    base = defaults() if schema is None else schema
+    schema = _flat(base)
     given = _flat(config)
     for key, value in given.items():
-        check_key(key)
+        check_key(key, base)
         default = schema[key]
         if (
             isinstance(default, bool) != isinstance(value, bool)
@@ -153,6 +237,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError(
                 f"config key '{key}' must be a {type(default).__name__}, got {value!r}"
             )
-    full = defaults()
+    full = copy.deepcopy(base)
     full.update(config)  # nested update keeps defaults for keys the config omits
     return full

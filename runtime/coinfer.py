@@ -434,19 +434,55 @@ def summarize(rows: Sequence[Mapping], deadline_ms: float) -> dict:
     }
 
 
-def run(args) -> dict:
-    if args.deadline_ms <= 0 or args.frames < 1:
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """One co-inference run (the flags of ``python -m runtime.coinfer``, typed).
+
+    `edges` are ``HOST:PORT`` addresses; `bandwidth` is Mbps (``"2"``) or a CSV
+    trace path; `device` a `Target` spec (None: the target the bundle's device
+    latency model was fitted on); `tls_ca` a PEM file that enables TLS.
+    """
+
+    bundle: str
+    edges: tuple[str, ...]
+    deadline_ms: float
+    bandwidth: str
+    frames: int = 100
+    data: str = "mnist5k:test"
+    policy: str = "edgent"
+    margin: float = 0.1
+    device: str | None = None
+    token: str | None = None
+    tls_ca: str | None = None
+    tls_server_name: str | None = None
+    cooldown_s: float = 2.0
+    probe_every: int = 10
+    probe_bytes: int = 1024
+
+
+def run(opts: Options) -> dict:
+    """Runs `opts.frames` frames through the device client and the edge servers.
+
+    Returns:
+      The report: settings, per-edge call counts, base RTT, loading time, the
+      `summarize` summary and the per-frame log (``frames``).
+
+    Raises:
+      ValueError / FileNotFoundError: bad options; BundleError: a bad bundle;
+      RuntimeError: no usable edge server for a policy that needs one.
+    """
+    if opts.deadline_ms <= 0 or opts.frames < 1:
         raise ValueError("--deadline-ms and --frames must be > 0")
-    if not 0 <= args.margin < 1:
-        raise ValueError(f"--margin must be in [0, 1); got {args.margin}")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise FileNotFoundError(f"directory of --json={args.json} does not exist")
-    link = Link.parse(args.bandwidth)
-    bundle = Bundle.from_dir(args.bundle)
+    if not 0 <= opts.margin < 1:
+        raise ValueError(f"--margin must be in [0, 1); got {opts.margin}")
+    if opts.policy not in planner.POLICIES:
+        raise ValueError(f"unknown policy {opts.policy!r}; valid: {', '.join(planner.POLICIES)}")
+    link = Link.parse(opts.bandwidth)
+    bundle = Bundle.from_dir(opts.bundle)
     from runtime import data as data_lib
 
-    frames = data_lib.load(args.data, bundle.manifest)
-    addresses = [a.strip() for a in args.edge.split(",") if a.strip()]
+    frames = data_lib.load(opts.data, bundle.manifest)
+    addresses = [a.strip() for a in opts.edges if a.strip()]
     if not addresses:
         raise ValueError("--edge needs at least one HOST:PORT")
     for a in addresses:
@@ -454,27 +490,27 @@ def run(args) -> dict:
         if not host or not port.isdigit():
             raise ValueError(f"--edge {a!r} is not HOST:PORT")
     tls_ca = None
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as f:
+    if opts.tls_ca:
+        with open(opts.tls_ca, "rb") as f:
             tls_ca = f.read()
-    device = Target.parse(args.device) if args.device else None
-    pool = EdgePool(addresses, token=args.token, tls_ca=tls_ca,
-                    tls_server_name=args.tls_server_name, cooldown_s=args.cooldown_s)  # fmt: skip
+    device = Target.parse(opts.device) if opts.device else None
+    pool = EdgePool(addresses, token=opts.token, tls_ca=tls_ca,
+                    tls_server_name=opts.tls_server_name, cooldown_s=opts.cooldown_s)  # fmt: skip
     try:
         with open(os.path.join(bundle.path, MANIFEST), "rb") as f:
             rtt_s, problems = pool.connect(hashlib.sha256(f.read()).hexdigest())
         if all(not e.compatible or e.down_until > time.perf_counter() for e in pool.edges) and (
-            args.policy not in ("device-only", "right-sizing")
+            opts.policy not in ("device-only", "right-sizing")
         ):
             raise RuntimeError(f"no edge server usable: {'; '.join(problems)}")
         for p in problems:
             print(f"warning: {p}", file=sys.stderr)
-        client = CoInference(bundle, pool, link, deadline_ms=args.deadline_ms, policy=args.policy,
-                             margin=args.margin, device=device, probe_every=args.probe_every,
-                             probe_bytes=args.probe_bytes)  # fmt: skip
+        client = CoInference(bundle, pool, link, deadline_ms=opts.deadline_ms, policy=opts.policy,
+                             margin=opts.margin, device=device, probe_every=opts.probe_every,
+                             probe_bytes=opts.probe_bytes)  # fmt: skip
         client.start(rtt_s)
         rows, changed = [], False
-        for i in range(args.frames):
+        for i in range(opts.frames):
             j = i % len(frames.x)
             row, changed = client.frame(i, frames.x[j], frames.y[j], changed)
             row["t_s"] = time.perf_counter() - link.t0
@@ -482,10 +518,10 @@ def run(args) -> dict:
     finally:
         pool.close()
     rep = {
-        "bundle": os.path.abspath(args.bundle),
-        "policy": args.policy,
-        "deadline_ms": args.deadline_ms,
-        "margin": args.margin,
+        "bundle": os.path.abspath(opts.bundle),
+        "policy": opts.policy,
+        "deadline_ms": opts.deadline_ms,
+        "margin": opts.margin,
         "bandwidth": link.source,
         "device": dataclasses.asdict(client.device),
         "edges": {e.address: {"calls": e.calls, "failures": e.failures} for e in pool.edges},
@@ -496,7 +532,7 @@ def run(args) -> dict:
             bundle.manifest["files"][bundle.manifest["partitions"]["model"]]["bytes"],
         ),
         "bandwidth_changes": client.estimator.changes,
-        "summary": summarize(rows, args.deadline_ms),
+        "summary": summarize(rows, opts.deadline_ms),
         "frames": rows,
     }
     idx = {e["name"]: i for i, e in enumerate(bundle.manifest["partitions"]["exits"])}
@@ -525,8 +561,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--probe-every", type=int, default=10)
     p.add_argument("--probe-bytes", type=int, default=1024)
     args = p.parse_args(argv)
+    opts = Options(
+        bundle=args.bundle, edges=tuple(args.edge.split(",")), deadline_ms=args.deadline_ms,
+        bandwidth=args.bandwidth, frames=args.frames, data=args.data, policy=args.policy,
+        margin=args.margin, device=args.device, token=args.token, tls_ca=args.tls_ca,
+        tls_server_name=args.tls_server_name, cooldown_s=args.cooldown_s,
+        probe_every=args.probe_every, probe_bytes=args.probe_bytes,
+    )  # fmt: skip
     try:
-        rep = run(args)
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise FileNotFoundError(f"directory of --json={args.json} does not exist")
+        rep = run(opts)
         if args.json:
             from flexjax.io import write_json_atomic
 

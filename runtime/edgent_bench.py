@@ -1,7 +1,7 @@
 """Edgent benchmark: the paper's experiments on this machine, with real gRPC edge servers.
 
   python -m runtime.edgent_bench --bundle=BUNDLE --out=DIR [--frames=200] [--servers=2]
-      [--deadline-ms=10] [--bandwidth-mbps=2] [--quick]
+      [--deadline-ms=10] [--bandwidth-mbps=2] [--margin=0.1] [--trace-frames=1000]
 
 Starts ``--servers`` edge servers (`runtime.edge_server`, subprocesses on
 127.0.0.1) and runs the device client (`runtime.coinfer`) in this process:
@@ -15,12 +15,14 @@ Starts ``--servers`` edge servers (`runtime.edge_server`, subprocesses on
 3. ``trace``: Edgent on a fluctuating bandwidth trace (written to DIR).
 
 Writes ``DIR/edgent_bench.json`` (every run's summary) and ``DIR/edgent_bench.md``
-(the tables for BENCHMARKS.md).
+(the tables for BENCHMARKS.md). The library call is ``run(bundle, out, Settings(...))``
+(what ``python -m train.edgent``'s bench stage runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -30,7 +32,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from flexjax.io import write_json_atomic, write_text_atomic
-from runtime import coinfer
+from runtime import coinfer, planner
+from runtime.bundle import Bundle, BundleError
 
 BANDWIDTHS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0, 10.0)
 DEADLINES = (2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
@@ -63,14 +66,12 @@ def write_trace(path: str, seconds: float = 8.0, step: float = 0.5, seed: int = 
     write_text_atomic(path, "\n".join(rows) + "\n")
 
 
-def _run(bundle, edges, policy, deadline, bandwidth, frames, margin, keep_rows=False) -> dict:
-    args = argparse.Namespace(
-        bundle=bundle, edge=",".join(edges), deadline_ms=deadline, bandwidth=str(bandwidth),
-        frames=frames, json=None, data="mnist5k:test", policy=policy, margin=margin,
-        device=None, token=None, tls_ca=None, tls_server_name=None, cooldown_s=2.0,
-        probe_every=10, probe_bytes=1024,
+def _run(bundle, edges, policy, deadline, bandwidth, frames, margin, data, keep_rows=False) -> dict:
+    opts = coinfer.Options(
+        bundle=bundle, edges=tuple(edges), deadline_ms=deadline, bandwidth=str(bandwidth),
+        frames=frames, data=data, policy=policy, margin=margin,
     )  # fmt: skip
-    rep = coinfer.run(args)
+    rep = coinfer.run(opts)
     s = dict(rep["summary"])
     rows = rep["frames"]
     s["effective_accuracy"] = float(np.mean([r["correct"] and r["met"] for r in rows]))
@@ -89,6 +90,7 @@ def _top(plans: dict) -> str:
 
 
 def markdown(rep: dict) -> str:
+    policies = rep.get("policies", POLICIES)
     out = [f"Deadline {rep['deadline_ms']} ms, {rep['frames']} frames per run, "
            f"margin {rep['margin']}, {rep['servers']} edge servers.", ""]  # fmt: skip
     out += ["| bandwidth (Mbps) | plan (most frames) | plans | predicted ms "
@@ -104,12 +106,12 @@ def markdown(rep: dict) -> str:
         )
     out += ["", f"At {rep['bandwidth_mbps']} Mbps (effective accuracy: a missed deadline counts "
             "as wrong):", "",
-            "| deadline ms | " + " | ".join(POLICIES) + " |",
-            "|---|" + "---|" * len(POLICIES)]  # fmt: skip
+            "| deadline ms | " + " | ".join(policies) + " |",
+            "|---|" + "---|" * len(policies)]  # fmt: skip
     by = {(s["policy"], s["deadline_ms"]): s for s in rep["deadline"]}
     for d in rep["deadlines"]:
         cells = []
-        for pol in POLICIES:
+        for pol in policies:
             s = by[(pol, d)]
             cells.append(
                 f"{s['effective_accuracy']:.3f} (met {s['deadline_met']:.2f}, "
@@ -126,6 +128,78 @@ def markdown(rep: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What `run` measures (the flags of ``python -m runtime.edgent_bench``, typed)."""
+
+    frames: int = 200  # frames per run of the bandwidth and deadline sweeps
+    servers: int = 2  # edge servers started on 127.0.0.1
+    deadline_ms: float = 10.0  # the bandwidth sweep's and the trace's deadline
+    bandwidth_mbps: float = 2.0  # the deadline sweep's bandwidth
+    margin: float = 0.1  # the planner's relative headroom
+    trace_frames: int = 1000  # frames on the fluctuating trace
+    bandwidths: tuple[float, ...] = BANDWIDTHS
+    deadlines: tuple[float, ...] = DEADLINES
+    policies: tuple[str, ...] = POLICIES  # compared in the deadline sweep
+    data: str = "mnist5k:test"  # frames: DATASET:SPLIT or npz:PATH
+    trace_seconds: float = 8.0
+    trace_step_s: float = 0.5
+    trace_seed: int = 0
+
+
+def run(bundle: str, out: str, settings: Settings = Settings(), log=print) -> dict:
+    """Runs the three experiments (see the module docstring) against fresh edge servers.
+
+    Writes ``out/trace.csv``, ``out/edgent_bench.json`` and ``out/edgent_bench.md``.
+
+    Returns:
+      The report: every run's summary (``bandwidth``, ``deadline``, ``trace``
+      with its per-frame rows) and the settings.
+
+    Raises:
+      ValueError: bad settings; RuntimeError: an edge server did not start, or
+      the errors of `runtime.coinfer.run`.
+    """
+    st = settings
+    if st.frames < 1 or st.trace_frames < 1 or st.servers < 1:
+        raise ValueError("frames, trace_frames and servers must be >= 1")
+    if not st.bandwidths or not st.deadlines or "edgent" not in st.policies:
+        raise ValueError("need bandwidths, deadlines and 'edgent' among the policies")
+    bad = [p for p in st.policies if p not in POLICIES]
+    if bad:
+        raise ValueError(f"unknown policies {bad}; valid: {', '.join(POLICIES)}")
+    os.makedirs(out, exist_ok=True)
+    exits = [e["name"] for e in Bundle.from_dir(bundle).manifest["partitions"]["exits"]]
+    procs, edges = start_servers(bundle, st.servers)
+    t0 = time.perf_counter()
+    try:
+        rep = {"deadline_ms": st.deadline_ms, "frames": st.frames, "margin": st.margin,
+               "servers": st.servers, "bandwidth_mbps": st.bandwidth_mbps,
+               "deadlines": list(st.deadlines), "policies": list(st.policies), "exits": exits,
+               "bandwidth": [], "deadline": []}  # fmt: skip
+        for bw in st.bandwidths:
+            s = _run(bundle, edges, "edgent", st.deadline_ms, bw, st.frames, st.margin, st.data)
+            rep["bandwidth"].append(s)
+            log(f"bandwidth {bw} Mbps: {s['plans']} met {s['deadline_met']:.3f}")
+        for d in st.deadlines:
+            for pol in st.policies:
+                s = _run(bundle, edges, pol, d, st.bandwidth_mbps, st.frames, st.margin, st.data)
+                rep["deadline"].append(s)
+            log(f"deadline {d} ms done")
+        trace = os.path.join(out, "trace.csv")
+        write_trace(trace, st.trace_seconds, st.trace_step_s, st.trace_seed)
+        rep["trace"] = _run(bundle, edges, "edgent", st.deadline_ms, trace, st.trace_frames,
+                            st.margin, st.data, keep_rows=True)  # fmt: skip
+        rep["seconds"] = time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
+    write_json_atomic(os.path.join(out, "edgent_bench.json"), rep)
+    write_text_atomic(os.path.join(out, "edgent_bench.md"), markdown(rep))
+    return rep
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.edgent_bench",
                                 description=__doc__.split("\n")[0])  # fmt: skip
@@ -138,35 +212,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--margin", type=float, default=0.1)
     p.add_argument("--trace-frames", type=int, default=1000)
     args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    procs, edges = start_servers(args.bundle, args.servers)
-    t0 = time.perf_counter()
+    settings = Settings(
+        frames=args.frames, servers=args.servers, deadline_ms=args.deadline_ms,
+        bandwidth_mbps=args.bandwidth_mbps, margin=args.margin, trace_frames=args.trace_frames,
+    )  # fmt: skip
     try:
-        rep = {"deadline_ms": args.deadline_ms, "frames": args.frames, "margin": args.margin,
-               "servers": args.servers, "bandwidth_mbps": args.bandwidth_mbps,
-               "deadlines": list(DEADLINES), "bandwidth": [], "deadline": []}  # fmt: skip
-        for bw in BANDWIDTHS:
-            s = _run(args.bundle, edges, "edgent", args.deadline_ms, bw, args.frames, args.margin)
-            rep["bandwidth"].append(s)
-            print(f"bandwidth {bw} Mbps: {s['plans']} met {s['deadline_met']:.3f}", flush=True)
-        for d in DEADLINES:
-            for pol in POLICIES:
-                s = _run(args.bundle, edges, pol, d, args.bandwidth_mbps, args.frames, args.margin)
-                rep["deadline"].append(s)
-            print(f"deadline {d} ms done", flush=True)
-        trace = os.path.join(args.out, "trace.csv")
-        write_trace(trace)
-        rep["trace"] = _run(args.bundle, edges, "edgent", args.deadline_ms, trace,
-                            args.trace_frames, args.margin, keep_rows=True)  # fmt: skip
-        rep["seconds"] = time.perf_counter() - t0
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=30)
-    write_json_atomic(os.path.join(args.out, "edgent_bench.json"), rep)
-    md = markdown(rep)
-    write_text_atomic(os.path.join(args.out, "edgent_bench.md"), md)
-    print(md)
+        rep = run(args.bundle, args.out, settings, log=lambda m: print(m, flush=True))
+    except (BundleError, planner.PlannerError, ValueError, FileNotFoundError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    print(markdown(rep))
     return 0
 
 

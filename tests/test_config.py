@@ -52,6 +52,9 @@ def test_validate_fills_defaults_for_partial_config():
 def test_shipped_config_validates_and_builds_its_net(path, arg):
     config = _load(path).get_config(arg)
     config = config.base if "base" in config else config  # jobs wrapping a training config
+    if "model_config" in config:  # an Edgent job: its own schema, the net's config by reference
+        config_lib.validate(config, config_lib.edgent_defaults())
+        config = config_lib.load(config.model_config)
     config = config_lib.validate(config)
     kwargs = config.model.kwargs.to_dict()
     net = get_model(config.model.name, **kwargs)
@@ -62,3 +65,22 @@ def test_shipped_config_validates_and_builds_its_net(path, arg):
 def test_shipped_config_unknown_arg_raises(path):
     with pytest.raises(ValueError, match="unknown config argument"):
         _load(path).get_config("nonsense")
+
+
+def test_edgent_config_unknown_key_lists_the_edgent_keys():
+    import ml_collections
+
+    c = ml_collections.ConfigDict({"bench": {"frame": 9}})
+    with pytest.raises(ValueError, match=r"unknown config key 'bench.frame'.*bench.frames"):
+        config_lib.validate(c, config_lib.edgent_defaults())
+    # A training key is not an Edgent key: the two schemas do not mix.
+    with pytest.raises(ValueError, match="unknown config key 'train.num_epochs'"):
+        config_lib.validate(
+            ml_collections.ConfigDict({"train": {"num_epochs": 1}}), config_lib.edgent_defaults()
+        )
+
+
+def test_load_config_reference_missing_file_raises():
+    with pytest.raises(FileNotFoundError, match="configs/nope.py does not exist"):
+        config_lib.load("configs/nope.py:smoke")
+    assert config_lib.load("configs/mnist_lenet_branchy.py:smoke").train.num_epochs == 2

@@ -18,13 +18,15 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def parse_flags(argv: list[str], check_keys: bool = True) -> list[str]:
+def parse_flags(argv: list[str], check_keys: bool = True, schema=None) -> list[str]:
     """An `app.run(flags_parser=...)` that checks config paths and override keys first.
 
     ml_collections reports a missing config file or an unknown ``--config.x``
     override as a multi-screen traceback; these are checked here and reported
     as one line with the valid choices. Jobs whose config is not a training
-    config (e.g. ``train.catalog``) pass ``check_keys=False``.
+    config (e.g. ``train.catalog``) pass ``check_keys=False``; jobs with their
+    own schema (e.g. ``train.edgent``) pass it as ``schema`` (a ConfigDict of
+    every key with its default).
     """
     from flexjax import config as config_lib
 
@@ -36,7 +38,7 @@ def parse_flags(argv: list[str], check_keys: bool = True) -> list[str]:
         elif arg.startswith("--config.") and check_keys:
             key = arg[len("--config.") :].split("=", 1)[0]
             try:
-                config_lib.check_key(key)
+                config_lib.check_key(key, schema)
             except ValueError as e:
                 fail(str(e))
     try:

@@ -1,0 +1,63 @@
+"""Edgent device-edge co-inference, end to end, as one resumable job.
+
+Usage:
+  python -m train.edgent --config=configs/mnist_edgent.py --workdir=runs/edgent
+  python -m train.edgent --config=configs/mnist_edgent.py:smoke --workdir=/tmp/edgent
+
+Stages (`jobs.edgent`): train -> export with partitions -> latency sweep ->
+profile device and edge -> fit the latency regressions -> benchmark against
+real gRPC edge servers. Re-running the same command continues after the last
+finished stage; a workdir made with another config is refused. Override any
+config value with ``--config.bench.frames=50``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from flexjax.config import edgent_defaults
+from train._cli import fail, parse_flags
+
+flags.DEFINE_string("workdir", None, "Directory for every stage's output and the report.")
+config_flags.DEFINE_config_file("config", None, "Edgent config file (configs/*_edgent.py[:arg]).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    import jax
+
+    from export.bundle import ExportError
+    from jobs import edgent
+    from runtime.bundle import BundleError
+    from runtime.planner import PlannerError
+
+    print(f"devices: {jax.devices()}", file=sys.stderr)
+    try:
+        report = edgent.run(FLAGS.config, FLAGS.workdir, log=lambda m: print(m, flush=True))
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        FloatingPointError,
+        ExportError,
+        BundleError,
+        PlannerError,
+        RuntimeError,
+    ) as e:
+        fail(str(e))
+    print(edgent.format_report(report))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app.run(main, flags_parser=functools.partial(parse_flags, schema=edgent_defaults()))
