@@ -18,25 +18,29 @@ bundle unless ``--overwrite`` is given.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import ml_collections
 import numpy as np
+from absl import flags, logging
 
 from export import convert
+from export import partitions as partitions_lib
+from export.staging import ExportError, Staged, write_manifest
+from flexjax import checkpoint, training
 from flexjax import costs as costs_lib
+from flexjax import data as data_lib
 from flexjax import exits as exits_lib
-from flexjax.io import jsonable
+from flexjax.cli import fail
 from flexjax.spec import FINAL, Net
 from runtime import tflite_model
-from runtime.bundle import MANIFEST, MANIFEST_DIGEST, SCHEMA_VERSION, sha256_file, summary
+from runtime.bundle import SCHEMA_VERSION, Bundle, summary
 from runtime.executor import EarlyExitExecutor
 
 MODEL_FILE = "model.tflite"
@@ -45,15 +49,8 @@ FP32_TOLERANCE = 1e-4  # default max |delta logit| vs JAX
 AGREEMENT_TARGET = 0.99  # default top-1 agreement vs JAX for fp16 / dynamic / int8
 
 
-class ExportError(RuntimeError):
-    """The export cannot produce a bundle that keeps its promises (e.g. parity fails)."""
-
-
 def load_workdir(workdir: str):
     """``(config, net, variables)`` of a `train.multi_exit` workdir."""
-    import ml_collections
-
-    from flexjax import checkpoint
 
     path = os.path.join(workdir, "config.json")
     if not os.path.isdir(workdir):
@@ -64,33 +61,6 @@ def load_workdir(workdir: str):
         config = ml_collections.ConfigDict(json.load(f))
     net, variables = checkpoint.load(workdir)
     return config, net, variables
-
-
-class _Staged:
-    """A bundle directory being assembled next to its destination."""
-
-    def __init__(self, out: str, overwrite: bool):
-        out = os.path.abspath(out)
-        if os.path.exists(out) and not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-        parent = os.path.dirname(out)
-        os.makedirs(parent, exist_ok=True)
-        self.out = out
-        self.dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-
-    def commit(self) -> None:
-        old = None
-        if os.path.exists(self.out):
-            old = tempfile.mkdtemp(
-                prefix=f".{os.path.basename(self.out)}.old-", dir=os.path.dirname(self.out)
-            )
-            os.rename(self.out, os.path.join(old, "bundle"))
-        os.rename(self.dir, self.out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _signature_costs(net: Net, plan: convert.SignaturePlan, nc: costs_lib.NetCosts) -> dict:
@@ -108,7 +78,6 @@ def _signature_costs(net: Net, plan: convert.SignaturePlan, nc: costs_lib.NetCos
 
 def _weight_stats(variables: Mapping[str, Any]) -> dict:
     """How many parameters there are and how many are exactly zero (pruned)."""
-    import jax
 
     leaves = [np.asarray(a) for a in jax.tree.leaves(variables.get("params", {}))]
     count = int(sum(a.size for a in leaves))
@@ -129,7 +98,6 @@ def _parity(net, variables, plans, model, precision, test, parity_examples, exec
         scale = float(max(1.0, np.abs(ref).max()))
         per_sig[plan.name] = {"examples": k, "max_abs_diff": diff, "scale": scale}
     xs = test.x[:parity_examples]
-    from flexjax import training
 
     ref_logits = training.predict(net, variables, xs)
     got_logits = executor.all_logits(xs)
@@ -265,7 +233,7 @@ def export_model(
     if partitions and precision == "int8":
         raise ValueError("--partitions supports fp32, fp16 and dynamic precision, not int8")
     t0 = time.perf_counter()
-    staged = _Staged(out, overwrite)
+    staged = Staged(out, overwrite)
     try:
         manifest = _export(
             config, net, variables, staged.dir, precision, sparsity, epsilons,
@@ -284,9 +252,6 @@ def _export(
     config, net, variables, tmp, precision, sparsity, epsilons, parity_examples,
     num_calibration, source, log, parity_limits, partitions=False,
 ) -> dict:  # fmt: skip
-    from flexjax import data as data_lib
-    from flexjax import training
-    from runtime.bundle import Bundle
 
     splits = training.load_data(config)
     plans = convert.plan_signatures(net)
@@ -364,7 +329,7 @@ def _export(
         "files": {},
     }
     # A provisional manifest lets the runtime open the staged model for parity and calibration.
-    _write_manifest(tmp, manifest)
+    write_manifest(tmp, manifest)
     bundle = Bundle.from_dir(tmp)
     executor = EarlyExitExecutor(bundle, num_threads=1)
 
@@ -416,39 +381,18 @@ def _export(
     }
     manifest["parity"] = parity
     if partitions:
-        from export import partitions as partitions_lib
-
         k = min(8, len(splits.test.x))
         manifest["partitions"] = partitions_lib.export_partitions(
             net, variables, tmp, precision=precision, check_x=splits.test.x[:k],
             check_logits={n: v[:k] for n, v in test_logits.items()}, log=log,
         )  # fmt: skip
-    _write_manifest(tmp, manifest)
+    write_manifest(tmp, manifest)
     Bundle.from_dir(tmp)  # the final bundle verifies
     return manifest
 
 
-def _write_manifest(directory: str, manifest: dict) -> None:
-    files = {}
-    for name in sorted(os.listdir(directory)):
-        if name in (MANIFEST, MANIFEST_DIGEST):
-            continue
-        p = os.path.join(directory, name)
-        files[name] = {"sha256": sha256_file(p), "bytes": os.path.getsize(p)}
-    manifest["files"] = files
-    raw = (json.dumps(jsonable(manifest), indent=1, sort_keys=False) + "\n").encode()
-    with open(os.path.join(directory, MANIFEST), "wb") as f:
-        f.write(raw)
-    with open(os.path.join(directory, MANIFEST_DIGEST), "w") as f:
-        f.write(f"{hashlib.sha256(raw).hexdigest()}  {MANIFEST}\n")
-
-
 def main(argv: list[str]) -> None:
-    from absl import flags, logging
-
     logging.set_verbosity(logging.WARNING)
-
-    from train._cli import fail
 
     f = flags.FLAGS
     if len(argv) > 1:
@@ -473,8 +417,6 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-
     flags.DEFINE_string("workdir", None, "train.multi_exit workdir to export")
     flags.DEFINE_string("out", None, "bundle directory to create")
     flags.DEFINE_enum("precision", "fp32", list(convert.PRECISIONS), "weight/activation precision")
@@ -492,7 +434,7 @@ if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from absl import app
 
-    from train._cli import parse_flags
+    from flexjax.cli import parse_flags
 
     _define_flags()
     app.run(main, flags_parser=parse_flags)

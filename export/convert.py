@@ -176,6 +176,7 @@ def jax_outputs(
 
 
 def _converter_options(converter, precision: str, sparsity: bool, representative) -> None:
+    # lazy: TensorFlow takes seconds to import and only conversion needs it
     import tensorflow as tf
 
     opts = []
@@ -234,6 +235,7 @@ def to_tflite_many(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    # lazy: TensorFlow takes seconds to import and only conversion needs it
     import tensorflow as tf
     from jax.experimental import jax2tf
 

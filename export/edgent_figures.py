@@ -26,9 +26,11 @@ def _exit_index(plan: str, exits: list[str]) -> int:
 
 
 def plot(rep: dict, out: str) -> list[str]:
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib.pyplot as plt
 
     exits = ["exit_3", "exit_7", "exit_9", "exit_11", "final"]

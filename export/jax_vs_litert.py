@@ -10,23 +10,23 @@ runtime itself never imports it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
 
+import jax
 import numpy as np
+
+from export import convert
+from export.bundle import load_workdir
+from flexjax import training
+from runtime import Bundle, EarlyExitExecutor
+from runtime.bench import time_stats
 
 
 def measure(workdir: str, bundle_dir: str, frames: int = 500, rounds: int = 3, threads: int = 1):
-    import jax
-
-    from export import convert
-    from export.bundle import load_workdir
-    from flexjax import training
-    from runtime import Bundle, EarlyExitExecutor
-    from runtime.bench import time_stats
-
     config, net, variables = load_workdir(workdir)
     bundle = Bundle.from_dir(bundle_dir)
     if bundle.manifest["net"] != net.to_dict():
@@ -70,8 +70,6 @@ def measure(workdir: str, bundle_dir: str, frames: int = 500, rounds: int = 3, t
 
 
 def main(argv=None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m export.jax_vs_litert")
     p.add_argument("--workdir", required=True)
     p.add_argument("--bundle", required=True)

@@ -38,6 +38,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from export.staging import Staged, write_manifest
+from flexjax.io import write_json_atomic
 from runtime import latency_model as lm
 from runtime.bundle import MANIFEST, MANIFEST_DIGEST, Bundle, BundleError
 
@@ -51,6 +53,7 @@ def _variables(kind: str, form: str) -> tuple[str, ...]:
 
 
 def _fit(rows: Sequence[Mapping], ys: np.ndarray, names: Sequence[str]) -> dict:
+    # lazy: scikit-learn is slow to import and only the fit needs it
     from sklearn.linear_model import LinearRegression
 
     x = lm.design(rows, names)
@@ -110,6 +113,7 @@ def fit_target(profile: Mapping, form: str = "auto") -> tuple[dict, dict]:
         report[kind] = {"form": best, "forms": scores}
     loading = None
     if profile.get("loading"):
+        # lazy: scikit-learn is slow to import and only the fit needs it
         from sklearn.linear_model import LinearRegression
 
         x = np.array([[m["bytes"]] for m in profile["loading"]], np.float64)
@@ -173,18 +177,17 @@ def path_errors(
 
 def store(bundle_dir: str, models: Mapping, report: Mapping) -> None:
     """Rewrites the bundle's manifest with ``latency_models`` and ``latency_fit`` (staged)."""
-    from export.bundle import _Staged, _write_manifest
 
     bundle = Bundle.from_dir(bundle_dir)
     manifest = dict(bundle.manifest)
     manifest["latency_models"] = dict(models)
     manifest["latency_fit"] = dict(report)
-    staged = _Staged(bundle_dir, overwrite=True)
+    staged = Staged(bundle_dir, overwrite=True)
     try:
         for name in os.listdir(bundle_dir):
             if name not in (MANIFEST, MANIFEST_DIGEST):
                 shutil.copy2(os.path.join(bundle_dir, name), os.path.join(staged.dir, name))
-        _write_manifest(staged.dir, manifest)
+        write_manifest(staged.dir, manifest)
         Bundle.from_dir(staged.dir)
         staged.commit()
     except BaseException:
@@ -258,8 +261,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run(args)
         if args.report:
-            from flexjax.io import write_json_atomic
-
             write_json_atomic(args.report, report)
     except (BundleError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 
 from export import convert
+from export.staging import ExportError
 from flexjax.spec import FINAL, Layer, Net, infer_shapes
+from runtime.lite import Model
 
 MODEL_FILE = "partitions.tflite"
 # Layers a partition point never precedes (see the module docstring).
@@ -187,8 +189,6 @@ def export_partitions(
 
 
 def _check_pairs(path, section, xs, ref, precision, tolerance) -> dict:
-    from runtime.lite import Model
-
     model = Model(path)
     worst = 0.0
     for e in section["exits"]:
@@ -210,8 +210,6 @@ def _check_pairs(path, section, xs, ref, precision, tolerance) -> dict:
                 else (got.argmax(-1) != want.argmax(-1)).any()
             )
             if bad:
-                from export.bundle import ExportError
-
                 raise ExportError(
                     f"partition {dev or 'input'} -> {edge} does not reproduce {e['name']}'s "
                     f"logits (max |d| = {diff:.2e})"

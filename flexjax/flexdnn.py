@@ -41,10 +41,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
+from flexjax import costs, training
 from flexjax import exits as exits_lib
+from flexjax.finetune import finetune
+from flexjax.models import build
 from flexjax.spec import FINAL, Exit, Layer, Net, conv, dense, flatten, max_pool, relu
+from flexjax.transforms import TransformError, drop_layer, filter_norms, prune_filters
+from flexjax.transforms import prunable_sites as sites_of
 
 
 class FlexDNNError(ValueError):
@@ -235,10 +241,6 @@ def keep_exits(net: Net, variables: Mapping[str, Any], names: Sequence[str]) -> 
 
 @functools.lru_cache(maxsize=32)
 def _features_fn(net: Net, stop: int):
-    import jax
-
-    from flexjax.models import build
-
     model = build(net)
     return jax.jit(lambda v, x: model.apply(v, x, False, stop=stop, heads=False)["activation"])
 
@@ -264,8 +266,6 @@ def features(
 
 
 def _accuracy(net: Net, variables: Mapping[str, Any], x: np.ndarray, y: np.ndarray) -> float:
-    from flexjax import training
-
     return float((training.predict(net, dict(variables), x)[FINAL].argmax(-1) == y).mean())
 
 
@@ -284,8 +284,6 @@ class SearchResult:
     history: list[dict]
 
     def to_dict(self) -> dict:
-        from flexjax import costs
-
         return {
             "reference_accuracy": self.reference_accuracy,
             "accuracy": self.accuracy,
@@ -327,7 +325,6 @@ def search_exit(
       The last architecture before the accuracy dropped, with the history of
       every step (action, site, sizes, accuracy, accepted).
     """
-    from flexjax import costs
 
     xt, yt = train
     xv, yv = val
@@ -337,11 +334,6 @@ def search_exit(
             {"trial": 0, "action": "start", "accuracy": ref, "accepted": True,
              "flops": costs.of(hnet).backbone_flops}
         ])  # fmt: skip
-
-    import jax
-
-    from flexjax.transforms import TransformError, drop_layer, filter_norms, prune_filters
-    from flexjax.transforms import prunable_sites as sites_of
 
     floor = ref - delta
     cur_net, cur_vars, cur_acc = hnet, dict(hvars), ref
@@ -362,8 +354,6 @@ def search_exit(
                             "accepted": False})  # fmt: skip
             return False
         if finetune_steps:
-            from flexjax.finetune import finetune
-
             vars2 = finetune(
                 net2, vars2, xt, yt, steps=finetune_steps, batch_size=min(batch_size, len(xt)),
                 learning_rate=learning_rate, seed=seed + trials,

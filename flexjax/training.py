@@ -136,7 +136,7 @@ def exits_only_mask(params: Mapping[str, Any], net: Net) -> dict:
     return {k: jax.tree.map(lambda _, t=k in heads: t, v) for k, v in params.items()}
 
 
-def _random_shift(x: jax.Array, rng: jax.Array, shift: int) -> jax.Array:
+def random_shift(x: jax.Array, rng: jax.Array, shift: int) -> jax.Array:
     """Translates each image by up to `shift` pixels (zero fill)."""
     n, h, w, _ = x.shape
     padded = jnp.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
@@ -186,7 +186,7 @@ def make_train_step(
     def step(state: TrainState, x, y, rng):
         rng_aug, rng_drop = jax.random.split(jax.random.fold_in(rng, state.step))
         if augment_shift:
-            x = _random_shift(x, rng_aug, augment_shift)
+            x = random_shift(x, rng_aug, augment_shift)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (new_bs, per_exit, acc)), grads = grad_fn(
             state.params, state.batch_stats, x, y, rng_drop
@@ -288,7 +288,8 @@ def make_net(config: ml_collections.ConfigDict, splits: data_lib.Splits) -> Net:
     return net
 
 
-def _check_same_backbone(net: Net, other: Net, where: str) -> None:
+def check_same_backbone(net: Net, other: Net, where: str) -> None:
+    """Raises CheckpointMismatchError naming `where` unless `other` has `net`'s backbone."""
     if (
         other.layers != net.layers
         or other.input_shape != net.input_shape
@@ -350,7 +351,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> _S
                 "train.mode='exits_only' needs train.init_from=<workdir of a trained backbone>"
             )
         other, init_variables = checkpoint.load(t.init_from)
-        _check_same_backbone(net, other, f"train.init_from={t.init_from}")
+        check_same_backbone(net, other, f"train.init_from={t.init_from}")
     return _Setup(config, net, splits, init_variables)
 
 
@@ -385,7 +386,7 @@ def measure_throughput(config: ml_collections.ConfigDict, steps: int = 50, warmu
     data_sharding, replicated = data_parallel_mesh()
     tx = make_optimizer(t, steps + warmup)
     weights = exit_weights(net, tuple(t.exit_weights), "joint")
-    state = jax.device_put(_initial_state(net, tx, config.seed, None), replicated)
+    state = jax.device_put(initial_state(net, tx, config.seed, None), replicated)
     step_fn = jit_train_step(net, tx, weights, t, data_sharding, replicated)
     rng = jax.random.key(0)
     batches = itertools.cycle(
@@ -420,7 +421,8 @@ def measure_throughput(config: ml_collections.ConfigDict, steps: int = 50, warmu
     }
 
 
-def _initial_state(net: Net, tx, seed: int, init_variables: dict | None) -> TrainState:
+def initial_state(net: Net, tx, seed: int, init_variables: dict | None) -> TrainState:
+    """A fresh train state for `net` (seeded), starting from `init_variables` where given."""
     variables = jax.jit(lambda r: init(net, r))(jax.random.key(seed))
     params = dict(variables["params"])
     batch_stats = dict(variables.get("batch_stats", {}))
@@ -449,6 +451,7 @@ class _Logger:
     """metrics.jsonl + TensorBoard event files."""
 
     def __init__(self, workdir: str):
+        # lazy: TensorBoard logging is optional and slow to import
         from tensorboardX import SummaryWriter
 
         self._path = os.path.join(workdir, "metrics.jsonl")
@@ -493,7 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     weights = exit_weights(net, tuple(t.exit_weights), t.mode)
 
     data_sharding, replicated = data_parallel_mesh()
-    state = _initial_state(net, tx, config.seed, setup.init_variables)
+    state = initial_state(net, tx, config.seed, setup.init_variables)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     logger = _Logger(workdir)
@@ -548,6 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _train_loop(state, step_fn, setup: _Setup, *, start, total_steps, mgr, logger, sharding):
     """Runs steps ``start..total_steps``; returns the final state and timing."""
+    # lazy: the progress bar is only needed once training starts
     from tqdm import tqdm
 
     config, net, splits = setup.config, setup.net, setup.splits
@@ -726,9 +730,11 @@ def _calibrate_and_test(net, variables, val, test, nc, config, sharding):
 
 def plot_tradeoff(report: Mapping[str, Any], path: str) -> None:
     """Accuracy vs expected FLOPs from the epsilon sweeps (test split, and video if present)."""
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -60,6 +60,8 @@ import numpy as np
 
 from flexjax.io import write_json_atomic
 from runtime import traces as traces_lib
+from runtime.bundle import Bundle
+from runtime.lite import Model
 
 CATALOG_FILE = "catalog.json"
 DEVICE, CLOUD = "device", "cloud"
@@ -803,6 +805,7 @@ def offline_optimum(catalog: Catalog, budgets: Budgets, trace: traces_lib.Trace)
     ``{"available": False}`` if scipy is not installed.
     """
     try:
+        # lazy: SciPy is not a runtime dependency; only the MILP optimum needs it
         from scipy.optimize import Bounds, LinearConstraint, milp
     except ImportError:  # pragma: no cover - scipy is optional for the runtime
         return {"available": False, "reason": "scipy is not installed"}
@@ -886,8 +889,6 @@ def execute_sampled(
     image of its app from the catalog's ``eval.npz`` (``x``, and ``y_<app>``).
     Returns measured vs catalog accuracy and latency, and real load times.
     """
-    from runtime.bundle import Bundle
-    from runtime.lite import Model
 
     path = os.path.join(catalog.path, "eval.npz")
     if not os.path.isfile(path):

@@ -35,6 +35,7 @@ import numpy as np
 
 from flexjax.io import write_json_atomic
 from runtime import data as data_lib
+from runtime.adb import AdbTarget
 from runtime.bundle import Bundle, BundleError
 from runtime.executor import EarlyExitExecutor
 
@@ -189,8 +190,6 @@ def run_adb(
     warmup_runs: int,
     energy: bool,
 ) -> dict:
-    from runtime.adb import AdbTarget
-
     serial = target.partition(":")[2] or None
     adb = AdbTarget(serial, binary)
     used = adb.check()

@@ -49,6 +49,8 @@ from collections.abc import Mapping, Sequence
 import grpc
 import numpy as np
 
+from flexjax.io import write_json_atomic
+from runtime import data as data_lib
 from runtime import latency_model as lm
 from runtime import planner, wire
 from runtime.bundle import MANIFEST, Bundle, BundleError
@@ -443,7 +445,6 @@ def run(args) -> dict:
         raise FileNotFoundError(f"directory of --json={args.json} does not exist")
     link = Link.parse(args.bandwidth)
     bundle = Bundle.from_dir(args.bundle)
-    from runtime import data as data_lib
 
     frames = data_lib.load(args.data, bundle.manifest)
     addresses = [a.strip() for a in args.edge.split(",") if a.strip()]
@@ -528,8 +529,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rep = run(args)
         if args.json:
-            from flexjax.io import write_json_atomic
-
             write_json_atomic(args.json, rep)
     except (BundleError, planner.PlannerError, ValueError, FileNotFoundError, RuntimeError,
             KeyError) as e:  # fmt: skip

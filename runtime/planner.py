@@ -38,6 +38,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from runtime import latency_model as lm
+from runtime.bundle import Bundle, BundleError
 
 POLICIES = ("edgent", "device-only", "edge-only", "neurosurgeon", "right-sizing")
 FINAL = "final"
@@ -277,8 +278,6 @@ def lookup(cmap: Sequence[tuple[float, Option]], bandwidth_bps: float) -> Option
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from runtime.bundle import Bundle, BundleError
-
     p = argparse.ArgumentParser(
         prog="python -m runtime.planner", description=__doc__.split("\n")[0]
     )

@@ -34,7 +34,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train._cli import fail, parse_flags
+from flexjax.cli import fail, parse_flags
 
 flags.DEFINE_string("workdir", None, "Directory for models, bundles and catalog.json.")
 config_flags.DEFINE_config_file("config", None, "Catalog config file (configs/*_catalog.py).")
@@ -47,10 +47,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    # lazy: flag errors are reported before JAX and TensorFlow load (seconds)
+    # lazy: flag errors are reported before JAX and TensorFlow load (seconds)
     from export.bundle import ExportError
-    from flexjax import mcdnn
     from flexjax.approx import ApproxError
     from flexjax.checkpoint import CheckpointMismatchError
+    from pipelines import mcdnn
 
     try:
         report = mcdnn.run(FLAGS.config, FLAGS.workdir)

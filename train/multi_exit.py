@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train._cli import fail, parse_flags
+from flexjax.cli import fail, parse_flags
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
@@ -28,6 +28,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    # lazy: flag errors are reported before JAX and TensorFlow load (seconds)
+    # lazy: flag errors are reported before JAX and TensorFlow load (seconds)
     import jax
 
     from flexjax import training

@@ -18,12 +18,23 @@ import jax
 import ml_collections
 import numpy as np
 
-from flexjax import approx, checkpoint, costs, specialize, training
+from export import convert
+from export.bundle import export_model
+from flexjax import approx, checkpoint, costs, models, specialize, training
 from flexjax import config as config_lib
 from flexjax.approx import plain
+from flexjax.finetune import finetune
 from flexjax.io import save_figure_atomic, write_json_atomic
 from flexjax.models import count_params, layer_name
 from flexjax.spec import FINAL, Net, dense
+from runtime import ams
+from runtime import traces as traces_lib
+from runtime.adb import AdbTarget
+from runtime.ams import format_report as ams_format
+from runtime.bundle import sha256_file
+from runtime.lite import Model
+from runtime.mcdnn import SHARED_MANIFEST, SharedStem, time_interleaved, time_load
+from runtime.skew import scan, skew_init
 
 CATALOG_FILE = "catalog.json"
 _VARIANT_KEYS = {"name", "recipe", "precision", "sparsity"}
@@ -40,7 +51,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Raises:
       ValueError: one line naming the bad key and what is expected.
     """
-    from export import convert
 
     known = {"base", "tasks", "stem", "heads", "finetune", "variants", "task_variants",
              "bench", "energy", "cloud", "specialize", "ams"}  # fmt: skip
@@ -128,7 +138,6 @@ def _save_model(directory: str, net: Net, variables: dict) -> None:
 
 def train_tasks(c, splits, workdir: str, log=print) -> dict[str, tuple[Net, dict]]:
     """``{task: (net, variables)}``: digit trained fully, the others on its frozen stem."""
-    from flexjax.finetune import finetune
 
     models_dir = os.path.join(workdir, "models")
     digit_dir = os.path.join(models_dir, "digit")
@@ -143,7 +152,6 @@ def train_tasks(c, splits, workdir: str, log=print) -> dict[str, tuple[Net, dict
             out[task] = checkpoint.load(d)
             continue
         tnet = task_net(net, task)
-        from flexjax import models
 
         init = models.init(tnet, jax.random.PRNGKey(c.base.seed + 1))
         params = dict(init["params"])
@@ -187,7 +195,6 @@ def make_variant(
     recipe = list(spec.get("recipe", []))
     if not recipe:
         return net, variables, 0.0
-    from flexjax.finetune import finetune
 
     vnet, vvars = approx.apply_recipe(net, variables, recipe, seed=seed)
     t0 = time.perf_counter()
@@ -206,8 +213,6 @@ def make_variant(
 
 
 def _litert_accuracy(model_path: str, x: np.ndarray, y: np.ndarray, threads: int) -> float:
-    from runtime.lite import Model
-
     sig = Model(model_path, num_threads=threads).signature("full")
     pred = np.array([int(np.argmax(sig(np.ascontiguousarray(xi[None])))) for xi in x])
     return float((pred == y).mean())
@@ -230,7 +235,6 @@ def energy_model(entry: Mapping[str, Any], e: Mapping[str, Any]) -> tuple[float,
 
 def build_variants(c, splits, tasks, workdir: str, log=print) -> dict[str, list[dict]]:
     """Makes, exports and measures the accuracy of every variant (resumable per variant)."""
-    from export.bundle import export_model
 
     out: dict[str, list[dict]] = {}
     entries_dir = os.path.join(workdir, "entries")
@@ -295,16 +299,12 @@ def build_variants(c, splits, tasks, workdir: str, log=print) -> dict[str, list[
 
 def measure_costs(c, variants: dict[str, list[dict]], splits, workdir: str) -> dict:
     """Adds measured latency (interleaved vs the original), load time and energy to entries."""
-    from runtime.lite import Model
-    from runtime.mcdnn import time_interleaved, time_load
 
     b = c.bench
     xs = [np.ascontiguousarray(x[None]) for x in splits.test.x[: b.frames]]
     info: dict[str, Any] = {"frames": len(xs), "rounds": int(b.rounds), "threads": int(b.threads)}
     adb = None
     if c.energy.adb_binary:
-        from runtime.adb import AdbTarget
-
         adb = AdbTarget(c.energy.adb_serial or None, c.energy.adb_binary)
         info["adb_serial"] = adb.check()
     for entries in variants.values():
@@ -362,9 +362,11 @@ def targets(entries: Sequence[Mapping[str, Any]], max_drop_points: float = 2.0) 
 
 def plot_pareto(entries: Sequence[Mapping[str, Any]], title: str, path: str) -> None:
     """Accuracy vs bytes / FLOPs / measured latency / energy per run; Pareto points joined."""
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib.pyplot as plt
 
     keys = [("bytes", "bytes on disk"), ("flops", "FLOPs"), ("latency_ms", "LiteRT ms"),
@@ -399,10 +401,6 @@ def plot_pareto(entries: Sequence[Mapping[str, Any]], title: str, path: str) -> 
 
 def build_shared(c, tasks, splits, workdir: str) -> dict:
     """Exports the stem once and a head per task; times shared vs separate execution."""
-    from export import convert
-    from runtime.bundle import sha256_file
-    from runtime.lite import Model
-    from runtime.mcdnn import SHARED_MANIFEST, SharedStem, time_interleaved
 
     net, variables = tasks["digit"]
     k = int(c.stem)
@@ -473,7 +471,6 @@ def build_shared(c, tasks, splits, workdir: str) -> dict:
 
 def run_specialization(c, tasks, variants, splits, workdir: str) -> dict:
     """Skew detection, Table 3 timings, and the cascade on a skewed stream."""
-    from runtime.skew import scan, skew_init
 
     s = c.specialize
     net, variables = tasks["digit"]
@@ -551,8 +548,6 @@ def run_specialization(c, tasks, variants, splits, workdir: str) -> dict:
 
 def run_ams(c, workdir: str, apps: Sequence[str]) -> dict:
     """A day trace and every AMS policy on it (``trace.json``, ``ams.json``, ``fig11.png``)."""
-    from runtime import ams
-    from runtime import traces as traces_lib
 
     tr = traces_lib.make_day(list(apps), **plain(c.ams.trace))
     traces_lib.save(tr, os.path.join(workdir, "trace.json"))
@@ -570,9 +565,11 @@ def run_ams(c, workdir: str, apps: Sequence[str]) -> dict:
 
 def plot_fig11(rep: Mapping[str, Any], path: str) -> None:
     """Served fraction, energy per served request and accuracy per policy, and over the day."""
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib.pyplot as plt
 
     names = list(rep["policies"])
@@ -698,7 +695,5 @@ def format_report(cat: Mapping[str, Any]) -> str:
             f"{sp['stream']['cascade_latency_ratio']:.2f}x the latency"
         )
     if "ams_report" in cat:
-        from runtime.ams import format_report as ams_format
-
         lines.append(ams_format(cat["ams_report"]))
     return "\n".join(lines)

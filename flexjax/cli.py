@@ -8,6 +8,8 @@ from typing import NoReturn
 
 from absl import flags
 
+from flexjax import config as config_lib
+
 
 def fail(message: str) -> NoReturn:
     """Prints ``error: <message>`` (first line only) to stderr and exits with status 1."""
@@ -26,7 +28,6 @@ def parse_flags(argv: list[str], check_keys: bool = True) -> list[str]:
     as one line with the valid choices. Jobs whose config is not a training
     config (e.g. ``train.catalog``) pass ``check_keys=False``.
     """
-    from flexjax import config as config_lib
 
     for arg in argv[1:]:
         if arg.startswith("--config=") or arg.startswith("--config_file="):
