@@ -51,6 +51,7 @@ from flexjax.models import build
 from flexjax.spec import FINAL, Exit, Layer, Net, conv, dense, flatten, max_pool, relu
 from flexjax.transforms import TransformError, drop_layer, filter_norms, prune_filters
 from flexjax.transforms import prunable_sites as sites_of
+from runtime import criteria
 
 
 class FlexDNNError(ValueError):
@@ -470,14 +471,7 @@ def passes_matrix(
 
     A missing or None threshold never passes.
     """
-    cols = []
-    for n in names:
-        t = thresholds.get(n)
-        s = exits_lib.score(logits[n], criterion)
-        if t is None or not np.isfinite(t):
-            cols.append(np.zeros(len(s), bool))
-        else:
-            cols.append(s >= exits_lib.to_score(float(t), criterion))
+    cols = [criteria.passes(logits[n], criterion, thresholds.get(n)) for n in names]
     if not cols:  # no side exit left
         return np.zeros((len(next(iter(logits.values()))), 0), bool)
     return np.stack(cols, axis=1)
@@ -580,13 +574,11 @@ def exit_costs(
 
     Leaving at j ran every segment up to j and every kept head up to j.
     """
-    out = {}
-    for j in sorted(kept):
-        out[names[j]] = float(sum(seg_cost[: j + 1])) + float(
-            sum(head_cost[k] for k in kept if k <= j)
-        )
-    out[FINAL] = float(sum(seg_cost)) + float(sum(head_cost[k] for k in kept))
-    return out
+    kept = sorted(kept)
+    stops = [j + 1 for j in kept] + [len(seg_cost)]
+    segments = [float(sum(seg_cost[a:b])) for a, b in zip([0, *stops[:-1]], stops)]
+    heads = [float(head_cost[j]) for j in kept] + [0.0]
+    return dict(zip([names[j] for j in kept] + [FINAL], criteria.leave_costs(segments, heads)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flexjax.io import write_json_atomic
+from runtime import criteria
 from runtime import data as data_lib
 from runtime.adb import AdbTarget
 from runtime.bundle import Bundle, BundleError
@@ -71,13 +72,11 @@ def expected_time(
     (the heads before k did not pass; k's own head did). A frame reaching
     ``final`` ran all segments and all side heads.
     """
-    total, spent = 0.0, 0.0
-    for e in exits:
-        spent += sig_time[e["segment"]]
-        if e.get("head"):
-            spent += sig_time[e["head"]]
-        total += rates.get(e["name"], 0.0) * spent
-    return total
+    leave = criteria.leave_costs(
+        [sig_time[e["segment"]] for e in exits],
+        [sig_time[e["head"]] if e.get("head") else 0.0 for e in exits],
+    )
+    return float(sum(rates.get(e["name"], 0.0) * c for e, c in zip(exits, leave)))
 
 
 def run_local(
