@@ -44,7 +44,6 @@ from runtime.bundle import SCHEMA_VERSION, Bundle, summary
 from runtime.executor import EarlyExitExecutor
 
 MODEL_FILE = "model.tflite"
-DEFAULT_EPSILONS = (0.0, 0.005, 0.01, 0.02, 0.05)
 FP32_TOLERANCE = 1e-4  # default max |delta logit| vs JAX
 AGREEMENT_TARGET = 0.99  # default top-1 agreement vs JAX for fp16 / dynamic / int8
 
@@ -175,7 +174,7 @@ def export_bundle(workdir: str, out: str, **kwargs: Any) -> dict:
 def _check_options(
     *,
     precision: str = "fp32",
-    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    epsilons: Sequence[float] = exits_lib.EPSILONS,
     min_agreement: float = AGREEMENT_TARGET,
     max_logit_diff: float = FP32_TOLERANCE,
     parity_examples: int = 1000,
@@ -204,7 +203,7 @@ def export_model(
     precision: str = "fp32",
     sparsity: bool = False,
     overwrite: bool = False,
-    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    epsilons: Sequence[float] = exits_lib.EPSILONS,
     parity_examples: int = 1000,
     num_calibration: int = 200,
     max_logit_diff: float = FP32_TOLERANCE,
@@ -422,7 +421,7 @@ def _define_flags() -> None:
     flags.DEFINE_enum("precision", "fp32", list(convert.PRECISIONS), "weight/activation precision")
     flags.DEFINE_bool("sparsity", False, "store (magnitude-pruned) weights in sparse form")
     flags.DEFINE_bool("overwrite", False, "replace an existing bundle at --out")
-    flags.DEFINE_list("epsilons", [str(e) for e in DEFAULT_EPSILONS], "calibration epsilons")
+    flags.DEFINE_list("epsilons", [str(e) for e in exits_lib.EPSILONS], "calibration epsilons")
     flags.DEFINE_integer("parity_examples", 1000, "test examples checked against JAX")
     flags.DEFINE_integer("num_calibration", 200, "training images for int8 calibration")
     flags.DEFINE_float("max_logit_diff", FP32_TOLERANCE, "fp32 parity: max |delta logit| vs JAX")

@@ -13,11 +13,16 @@ so a process killed mid-save leaves the previous step intact.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from flexjax.io import write_json_atomic
 from flexjax.spec import Net, SpecError
 
 
@@ -91,3 +96,47 @@ def load(workdir: str, step: int | None = None) -> tuple[Net, dict]:
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]
     return net, variables
+
+
+def save_model(
+    directory: str, net: Net, variables: Mapping[str, Any], config: Mapping[str, Any] | None = None
+) -> None:
+    """Saves ``(net, variables)`` as a workdir that `load` reads, atomically.
+
+    The workdir (``checkpoints/``, ``net.json`` and, if given, ``config.json``)
+    is assembled in a temporary sibling directory and renamed into place, so
+    a killed process leaves either the old model or the new one. An existing
+    `directory` is replaced.
+    """
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    try:
+        tree = {"step": np.int32(0), "params": variables["params"]}
+        if variables.get("batch_stats"):
+            tree["batch_stats"] = variables["batch_stats"]
+        with manager(os.path.join(tmp, "checkpoints")) as mgr:
+            save(mgr, 0, net, tree)
+            mgr.wait_until_finished()
+        write_json_atomic(os.path.join(tmp, "net.json"), net.to_dict())
+        if config is not None:
+            write_json_atomic(os.path.join(tmp, "config.json"), dict(config))
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_saved(directory: str, net: Net | None = None) -> tuple[Net, dict] | None:
+    """``(net, variables)`` saved in `directory` (by `save_model` or training), else None.
+
+    With `net` given, a saved model of another network also gives None.
+    """
+    if latest_step(os.path.join(directory, "checkpoints")) is None:
+        return None
+    saved = load(directory)
+    if net is not None and saved[0] != net:
+        return None
+    return saved

@@ -34,6 +34,10 @@ score = criteria.score
 to_score = criteria.to_score
 from_score = criteria.from_score
 
+# The epsilons every calibration table and trade-off sweep uses (fractions: 0.01 = 1 point):
+# the training report's sweep, the bundle's calibration rows and FlexDNN's benchmark sweep.
+EPSILONS = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+
 
 @dataclasses.dataclass(frozen=True)
 class ExitStats:

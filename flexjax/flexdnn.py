@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,7 +50,7 @@ from flexjax.models import build
 from flexjax.spec import FINAL, Exit, Layer, Net, conv, dense, flatten, max_pool, relu
 from flexjax.transforms import TransformError, drop_layer, filter_norms, prune_filters
 from flexjax.transforms import prunable_sites as sites_of
-from runtime import criteria
+from runtime import criteria, timing
 
 
 class FlexDNNError(ValueError):
@@ -426,34 +425,28 @@ def time_calls(
 ) -> dict[str, float]:
     """Median over `rounds` of the mean wall time (ms) of one call of each function.
 
-    Rounds are interleaved (every function once per round, order rotated) so
-    machine drift hits all of them alike.
+    Rounds are interleaved (`runtime.timing.interleaved`: every function once
+    per round, order rotated) so machine drift hits all of them alike.
     """
-    names = list(fns)
-    for n in names:
-        for _ in range(warmup):
-            fns[n]()
-    per: dict[str, list[float]] = {n: [] for n in names}
-    clock = time.perf_counter_ns
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for n in order:
-            fn = fns[n]
-            t0 = clock()
-            for _ in range(calls):
-                fn()
-            per[n].append((clock() - t0) / calls / 1e6)
-    return {n: float(np.median(v)) for n, v in per.items()}
+    t = timing.interleaved(
+        {n: (lambda _, f=f: f()) for n, f in fns.items()}, [None], rounds=rounds,
+        warmup=warmup, calls=calls, keep_outputs=False,
+    )  # fmt: skip
+    return t.median_round_ms()
 
 
 def signature_times(model, inputs: Mapping[str, np.ndarray], **kw) -> dict[str, float]:
-    """Measured ms per call of each signature of a loaded `runtime.lite.Model`."""
-    fns = {}
+    """Measured ms per call of each signature of a loaded `runtime.lite.Model`.
+
+    Keyword arguments are `time_calls`' (rounds, calls, warmup).
+    """
+    sigs, xs = {}, {}
     for name, x in inputs.items():
         sig = model.signature(name)
-        xin = np.ascontiguousarray(np.asarray(x, sig.input_dtype).reshape(sig.input_shape))
-        fns[name] = functools.partial(sig, xin)
-    return time_calls(fns, **kw)
+        sigs[name] = sig
+        xs[name] = [np.ascontiguousarray(np.asarray(x, sig.input_dtype).reshape(sig.input_shape))]
+    kw = {"rounds": 5, "calls": 50, "warmup": 5, **kw}
+    return timing.interleaved(sigs, xs, keep_outputs=False, **kw).median_round_ms()
 
 
 # ---------------------------------------------------------------------------

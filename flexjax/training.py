@@ -688,9 +688,6 @@ def evaluate_and_report(
     )
 
 
-SWEEP_EPSILONS = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)
-
-
 def _calibrate_and_test(net, variables, val, test, nc, config, sharding):
     """Calibrates on `val`, measures on `test`; also sweeps epsilon for the trade-off curve."""
     bs = config.train.eval_batch_size
@@ -713,7 +710,7 @@ def _calibrate_and_test(net, variables, val, test, nc, config, sharding):
 
     cal, stats = at(config.exits.epsilon)
     sweep = []
-    for eps in sorted({*SWEEP_EPSILONS, config.exits.epsilon}):
+    for eps in sorted({*exits.EPSILONS, config.exits.epsilon}):
         c, st = at(eps)
         sweep.append(
             {

@@ -27,8 +27,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
-import time
 from collections.abc import Callable, Mapping
 
 import jax
@@ -42,12 +40,12 @@ from flexjax import data as data_lib
 from flexjax.data import Dataset
 from flexjax.io import save_figure_atomic, write_json_atomic
 from flexjax.models import init
-from runtime.bench import time_stats
+from runtime import timing
 from runtime.bundle import Bundle, BundleError
 from runtime.executor import EarlyExitExecutor
 from runtime.lite import Model
+from runtime.timing import time_stats
 
-SWEEP_EPSILONS = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 TARGETS = {"max_accuracy_loss": 0.01, "vs_backbone": 0.6, "vs_branchynet": 0.7}
 
 
@@ -134,41 +132,6 @@ def _load_backbone(s: dict, workdir: str, log):
     return path, net, variables
 
 
-def _save_model(directory: str, net, variables, config=None) -> None:
-    """(net, variables) as a training workdir (checkpoints/, net.json, config.json), atomically."""
-
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        tree = {"step": np.int32(0), "params": variables["params"]}
-        if variables.get("batch_stats"):
-            tree["batch_stats"] = variables["batch_stats"]
-        with checkpoint.manager(os.path.join(tmp, "checkpoints")) as mgr:
-            checkpoint.save(mgr, 0, net, tree)
-            mgr.wait_until_finished()
-        write_json_atomic(os.path.join(tmp, "net.json"), net.to_dict())
-        if config is not None:
-            write_json_atomic(os.path.join(tmp, "config.json"), config.to_dict())
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _saved(directory: str, net=None):
-    """(net, variables) saved by `_save_model` if present (and for `net`, if given)."""
-
-    if not os.path.isdir(os.path.join(directory, "checkpoints")):
-        return None
-    saved = checkpoint.load(directory)
-    if net is not None and saved[0] != net:
-        return None
-    return saved
-
-
 def train_candidates(config, cnet, backbone_vars, splits, log) -> dict:
     """Trains the candidate exits on the frozen backbone (exits_only-style step)."""
 
@@ -216,7 +179,7 @@ def search_all(s, cnet, cvars, workdir, log):
     for e in cnet.exits:
         d = os.path.join(workdir, "search", e.name)
         rpath = os.path.join(d, "result.json")
-        found = _saved(d) if os.path.exists(rpath) else None
+        found = checkpoint.load_saved(d) if os.path.exists(rpath) else None
         if found is not None:
             hnet, hvars = found
             with open(rpath) as fh:
@@ -235,7 +198,7 @@ def search_all(s, cnet, cvars, workdir, log):
                 seed=config.seed, log=log,
             )  # fmt: skip
             hnet, hvars = res.net, res.variables
-            _save_model(d + ".tmp-model", hnet, hvars)
+            checkpoint.save_model(d + ".tmp-model", hnet, hvars)
             # The result file is written last: its presence marks the exit as done.
             if os.path.exists(d):
                 shutil.rmtree(d)
@@ -375,7 +338,7 @@ def _sweep(system: _EarlyExitSystem, test_logits, test_y, val_y, criterion) -> l
 
     ms = system.exit_ms()
     out = []
-    for eps in SWEEP_EPSILONS:
+    for eps in exits.EPSILONS:
         cal = exits.calibrate(
             system.val_logits, val_y, ms, criterion=criterion, epsilon=eps, names=system.names
         )
@@ -397,7 +360,6 @@ def benchmark(systems: dict, sources: dict, criterion, epsilon, rounds, log) -> 
     """Calibrates, sweeps and times every system on every data source, interleaved."""
 
     out: dict = {}
-    clock = time.perf_counter_ns
     for src, (val, test) in sources.items():
         log(f"benchmark on {src}: {len(test.y)} frames, {len(systems)} systems, {rounds} rounds")
         rows: dict = {}
@@ -412,22 +374,9 @@ def benchmark(systems: dict, sources: dict, criterion, epsilon, rounds, log) -> 
             rows[name] = row
         fns = {n: s.fn() for n, s in systems.items()}
         xs = [systems[next(iter(systems))].ex.frame(x) for x in test.x]
-        for fn in fns.values():  # warm-up
-            for x in xs[:20]:
-                fn(x)
-        times = {n: [] for n in systems}
-        preds = {n: np.zeros(len(xs), np.int64) for n in systems}
-        names = list(systems)
-        for r in range(rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for n in order:
-                fn, ts, p = fns[n], times[n], preds[n]
-                for j, x in enumerate(xs):
-                    t0 = clock()
-                    y = fn(x)
-                    ts.append(clock() - t0)
-                    if r == 0:
-                        p[j] = y
+        t = timing.interleaved(fns, xs, rounds=rounds, warmup=min(20, len(xs)), order="rotate")
+        times = t.ns
+        preds = {n: np.asarray(p, np.int64) for n, p in t.outputs.items()}
         for n, s in systems.items():
             row = rows[n]
             row["accuracy"] = float((preds[n] == test.y).mean())
@@ -466,10 +415,10 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     # 1. Backbone and the candidate exits trained on it (frozen).
     backbone_dir, backbone, bvars = _load_backbone(s, workdir, log)
     cnet = flexdnn.candidate_net(backbone, s["positions"], f.head_features, f.head_convs)
-    found = _saved(os.path.join(workdir, "candidates"), cnet)
+    found = checkpoint.load_saved(os.path.join(workdir, "candidates"), cnet)
     if found is None:
         cvars = train_candidates(config, cnet, bvars, splits, log)
-        _save_model(os.path.join(workdir, "candidates"), cnet, cvars)
+        checkpoint.save_model(os.path.join(workdir, "candidates"), cnet, cvars)
     else:
         cvars = found[1]
     cand_val = training.accuracies(training.predict(cnet, cvars, splits.val.x), splits.val.y)
@@ -492,8 +441,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     log(f"insertion plan: kept {list(plan.kept)}, removed (in order) {list(plan.removed)}")
     fnet, fvars = flexdnn.keep_exits(snet, svars, plan.kept)
     final_dir = os.path.join(workdir, "final")
-    if _saved(final_dir, fnet) is None:
-        _save_model(final_dir, fnet, fvars, config)
+    if checkpoint.load_saved(final_dir, fnet) is None:
+        checkpoint.save_model(final_dir, fnet, fvars, config.to_dict())
 
     # 5. Baselines: BranchyNet (same budget, joint) and width-reduced backbones.
     budget = config.train.num_epochs + f.exit_epochs
@@ -513,7 +462,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     lossy_val = {}
     for w, d in lossy_dirs.items():
         _export_workdir(d, os.path.join(bdir, f"lossy_w{w:g}"), log)
-        lnet, lvars = _saved(d)
+        lnet, lvars = checkpoint.load_saved(d)
         lossy_val[w] = training.accuracies(
             training.predict(lnet, lvars, splits.val.x), splits.val.y
         )["final"]

@@ -130,12 +130,6 @@ def stem_trainable(stem: int):
     return lambda path: path.split("/")[0] not in frozen
 
 
-def _save_model(directory: str, net: Net, variables: dict) -> None:
-    with checkpoint.manager(os.path.join(directory, "checkpoints")) as mgr:
-        checkpoint.save(mgr, 0, net, dict(variables))
-        mgr.wait_until_finished()
-
-
 def train_tasks(c, splits, workdir: str, log=print) -> dict[str, tuple[Net, dict]]:
     """``{task: (net, variables)}``: digit trained fully, the others on its frozen stem."""
 
@@ -167,7 +161,7 @@ def train_tasks(c, splits, workdir: str, log=print) -> dict[str, tuple[Net, dict
             seed=int(c.base.seed), augment_shift=int(c.heads.augment_shift),
         )  # fmt: skip
         tvars = jax.device_get(tvars)
-        _save_model(d, tnet, tvars)
+        checkpoint.save_model(d, tnet, tvars)
         log(f"{task} head trained on the shared stem ({time.perf_counter() - t0:.0f} s)")
         out[task] = (tnet, tvars)
     return out
@@ -267,7 +261,9 @@ def build_variants(c, splits, tasks, workdir: str, log=print) -> dict[str, list[
                 parity_examples=200, log=lambda *_: None,
             )  # fmt: skip
             export_s = time.perf_counter() - t0
-            _save_model(os.path.join(workdir, "models", "variants", task, name), vnet, vvars)
+            checkpoint.save_model(
+                os.path.join(workdir, "models", "variants", task, name), vnet, vvars
+            )
             model_path = os.path.join(workdir, rel, "model.tflite")
             nc = costs.of(vnet)
             leaves = [np.asarray(a) for a in jax.tree.leaves(vvars["params"])]

@@ -34,24 +34,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flexjax.io import write_json_atomic
-from runtime import criteria
+from runtime import criteria, timing
 from runtime import data as data_lib
 from runtime.adb import AdbTarget
 from runtime.bundle import Bundle, BundleError
 from runtime.executor import EarlyExitExecutor
+from runtime.timing import time_stats
 
 MODES = ("early_exit", "full", "segments_only", "never_exit")
-
-
-def time_stats(ns: Sequence[int]) -> dict:
-    """Mean / p50 / p95 in ms of per-frame times given in ns."""
-    ms = np.asarray(ns, np.float64) / 1e6
-    return {
-        "mean_ms": float(ms.mean()),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "frames": int(ms.size),
-    }
 
 
 def pick_thresholds(bundle: Bundle, kind: str, epsilon: float | None, source: str) -> tuple:
@@ -98,24 +88,12 @@ def run_local(
         "segments_only": seg_only.run,
         "never_exit": never.run,
     }
-    for fn in fns.values():
-        for x in xs[:warmup]:
-            fn(x)
-    times: dict[str, list[int]] = {m: [] for m in MODES}
-    results = []
-    full_pred = np.zeros(len(xs), np.int64)
+    # Modes run in a fixed order each round (MODES); round 0's outputs are the results.
+    t = timing.interleaved(fns, xs, rounds=rounds, warmup=min(warmup, len(xs)), order="fixed")
+    times = t.ns
+    results = t.outputs["early_exit"]
+    full_pred = np.array([int(out.argmax()) for out in t.outputs["full"]], np.int64)
     clock = time.perf_counter_ns
-    for r in range(rounds):
-        for mode in MODES:
-            fn, ts = fns[mode], times[mode]
-            for j, x in enumerate(xs):
-                t0 = clock()
-                out = fn(x)
-                ts.append(clock() - t0)
-                if r == 0 and mode == "early_exit":
-                    results.append(out)
-                elif r == 0 and mode == "full":
-                    full_pred[j] = int(out.argmax())
     t0 = clock()
     batch_logits, batch_where = ex.run_batch(frames.x)
     batched_ns = clock() - t0

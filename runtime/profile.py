@@ -42,9 +42,9 @@ import numpy as np
 
 from flexjax.io import write_json_atomic
 from runtime.adb import AdbTarget
-from runtime.bench import time_stats
 from runtime.bundle import Bundle, BundleError, check_files, read_manifest
 from runtime.lite import Model
+from runtime.timing import time_stats
 
 SWEEP_FORMAT = "flexjax-sweep"
 
