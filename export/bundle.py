@@ -42,8 +42,8 @@ from flexjax.spec import FINAL, Net
 from runtime import tflite_model
 from runtime.bundle import SCHEMA_VERSION, Bundle, summary
 from runtime.executor import EarlyExitExecutor
+from runtime.names import MODEL_FILE
 
-MODEL_FILE = "model.tflite"
 FP32_TOLERANCE = 1e-4  # default max |delta logit| vs JAX
 AGREEMENT_TARGET = 0.99  # default top-1 agreement vs JAX for fp16 / dynamic / int8
 

@@ -41,7 +41,8 @@ import numpy as np
 from export.staging import Staged, write_manifest
 from flexjax.io import write_json_atomic
 from runtime import latency_model as lm
-from runtime.bundle import MANIFEST, MANIFEST_DIGEST, Bundle, BundleError
+from runtime.bundle import Bundle, BundleError
+from runtime.names import MANIFEST, MANIFEST_DIGEST
 
 FORMS = ("auto", "edgent", "interaction")
 HOLDOUT_EVERY = 4

@@ -14,7 +14,8 @@ import shutil
 import tempfile
 
 from flexjax.io import jsonable
-from runtime.bundle import MANIFEST, MANIFEST_DIGEST, sha256_file
+from runtime.bundle import sha256_file
+from runtime.names import MANIFEST, MANIFEST_DIGEST
 
 
 class ExportError(RuntimeError):

@@ -44,6 +44,7 @@ from runtime import timing
 from runtime.bundle import Bundle, BundleError
 from runtime.executor import EarlyExitExecutor
 from runtime.lite import Model
+from runtime.names import FINAL, FULL, head_name, segment_name
 from runtime.timing import time_stats
 
 TARGETS = {"max_accuracy_loss": 0.01, "vs_backbone": 0.6, "vs_branchynet": 0.7}
@@ -252,10 +253,10 @@ def measure_costs(net, variables, x_probe, workdir, rounds, calls, log) -> dict:
 
 
 def _head_seg_costs(net, sig: Mapping[str, float]):
-    names = [e.name for e in net.exits]
-    head = [sig[e.name if e.name.startswith("exit_") else f"exit_{e.name}"] for e in net.exits]
-    seg = [sig[f"segment_{convert.exit_key(n)}"] for n in names] + [sig["segment_final"]]
-    return names, head, seg
+    exit_names = [e.name for e in net.exits]
+    head = [sig[head_name(n)] for n in exit_names]
+    seg = [sig[segment_name(n)] for n in exit_names] + [sig[segment_name(FINAL)]]
+    return exit_names, head, seg
 
 
 def _export_workdir(workdir: str, out: str, log) -> dict:
@@ -299,7 +300,7 @@ class _EarlyExitSystem:
             h = self.ex.model.signature(e.segment)(np.ascontiguousarray(h))
             if e.head:
                 inputs[e.head] = h
-        inputs["full"] = x_probe[None].astype(np.float32)
+        inputs[FULL] = x_probe[None].astype(np.float32)
         self.sig_ms = flexdnn.signature_times(
             self.ex.model, {k: v for k, v in inputs.items() if k in sigs}, rounds=rounds,
             calls=calls,
@@ -523,7 +524,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
                 "flops": nc.heads[e.name].flops,
                 "latency_ms": head_ms[j],
                 "segment_latency_ms": seg_ms[j],
-                "segment_flops": measured["signature_flops"][f"segment_{_key(e.name)}"],
+                "segment_flops": measured["signature_flops"][segment_name(e.name)],
                 "val_exit_rate_by_round": [r["exit_rates"].get(e.name) for r in plan.rounds],
                 "R_by_round": [r["R"].get(e.name) for r in plan.rounds],
                 "kept": e.name in plan.kept,
@@ -567,10 +568,6 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     write_json_atomic(os.path.join(workdir, "report.json"), report)
     plot(report, os.path.join(workdir, "tradeoff.png"))
     return report
-
-
-def _key(name: str) -> str:
-    return convert.exit_key(name)
 
 
 def _head(ds, limit):

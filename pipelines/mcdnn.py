@@ -33,10 +33,10 @@ from runtime.adb import AdbTarget
 from runtime.ams import format_report as ams_format
 from runtime.bundle import sha256_file
 from runtime.lite import Model
-from runtime.mcdnn import SHARED_MANIFEST, SharedStem, time_interleaved, time_load
+from runtime.mcdnn import SharedStem, time_interleaved, time_load
+from runtime.names import CATALOG_FILE, FULL, MODEL_FILE, SHARED_MANIFEST
 from runtime.skew import scan, skew_init
 
-CATALOG_FILE = "catalog.json"
 _VARIANT_KEYS = {"name", "recipe", "precision", "sparsity"}
 
 
@@ -207,7 +207,7 @@ def make_variant(
 
 
 def _litert_accuracy(model_path: str, x: np.ndarray, y: np.ndarray, threads: int) -> float:
-    sig = Model(model_path, num_threads=threads).signature("full")
+    sig = Model(model_path, num_threads=threads).signature(FULL)
     pred = np.array([int(np.argmax(sig(np.ascontiguousarray(xi[None])))) for xi in x])
     return float((pred == y).mean())
 
@@ -264,7 +264,7 @@ def build_variants(c, splits, tasks, workdir: str, log=print) -> dict[str, list[
             checkpoint.save_model(
                 os.path.join(workdir, "models", "variants", task, name), vnet, vvars
             )
-            model_path = os.path.join(workdir, rel, "model.tflite")
+            model_path = os.path.join(workdir, rel, MODEL_FILE)
             nc = costs.of(vnet)
             leaves = [np.asarray(a) for a in jax.tree.leaves(vvars["params"])]
             entry = {
@@ -304,8 +304,8 @@ def measure_costs(c, variants: dict[str, list[dict]], splits, workdir: str) -> d
         adb = AdbTarget(c.energy.adb_serial or None, c.energy.adb_binary)
         info["adb_serial"] = adb.check()
     for entries in variants.values():
-        paths = {e["name"]: os.path.join(workdir, e["bundle"], "model.tflite") for e in entries}
-        sigs = {n: Model(p, num_threads=b.threads).signature("full") for n, p in paths.items()}
+        paths = {e["name"]: os.path.join(workdir, e["bundle"], MODEL_FILE) for e in entries}
+        sigs = {n: Model(p, num_threads=b.threads).signature(FULL) for n, p in paths.items()}
         stats = time_interleaved(sigs, xs, rounds=int(b.rounds), warmup=int(b.warmup))
         base = stats["original"]["mean_ms"]
         orig = next(e for e in entries if e["name"] == "original")
@@ -320,7 +320,7 @@ def measure_costs(c, variants: dict[str, list[dict]], splits, workdir: str) -> d
             e["energy_run_j"], e["energy_load_j"] = energy_model(e, c.energy)
             e["energy_source"] = "model"
             if adb is not None:
-                t = adb.benchmark(paths[e["name"]], "full", num_threads=b.threads, energy=True)
+                t = adb.benchmark(paths[e["name"]], FULL, num_threads=b.threads, energy=True)
                 if t.energy:
                     e["energy_run_j"] = t.energy["energy_per_inference_active_j"]
                     e["energy_load_j"] = (
@@ -436,7 +436,7 @@ def build_shared(c, tasks, splits, workdir: str) -> dict:
     preds = shared.run_batch(splits.test.x)
     acc = {t: float((preds[t] == specialize.relabel(splits.test.y, t)).mean()) for t in tasks}
     fulls = {
-        t: Model(os.path.join(workdir, "bundles", t, "original", "model.tflite")).signature("full")
+        t: Model(os.path.join(workdir, "bundles", t, "original", MODEL_FILE)).signature(FULL)
         for t in tasks
     }
     xs = [np.ascontiguousarray(x[None]) for x in splits.test.x[: c.bench.frames]]
@@ -448,8 +448,7 @@ def build_shared(c, tasks, splits, workdir: str) -> dict:
         xs, rounds=int(c.bench.rounds), warmup=int(c.bench.warmup),
     )  # fmt: skip
     sep_bytes = sum(
-        os.path.getsize(os.path.join(workdir, "bundles", t, "original", "model.tflite"))
-        for t in tasks
+        os.path.getsize(os.path.join(workdir, "bundles", t, "original", MODEL_FILE)) for t in tasks
     )
     return {
         "tasks": list(tasks),

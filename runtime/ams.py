@@ -62,8 +62,8 @@ from flexjax.io import write_json_atomic
 from runtime import traces as traces_lib
 from runtime.bundle import Bundle
 from runtime.lite import Model
+from runtime.names import CATALOG_FILE, FULL
 
-CATALOG_FILE = "catalog.json"
 DEVICE, CLOUD = "device", "cloud"
 
 
@@ -914,7 +914,7 @@ def execute_sampled(
         t0 = time.perf_counter()
         b = Bundle.from_dir(bundles[(app, variant)])
         m = Model(b.model_path, num_threads=threads)
-        loaded[(app, variant)] = m.signature("full")
+        loaded[(app, variant)] = m.signature(FULL)
         load_ms.append((time.perf_counter() - t0) * 1e3)
 
     for i, d in enumerate(decisions):

@@ -19,10 +19,9 @@ from typing import Any
 
 from runtime import latency_model, tflite_model
 from runtime.lite import Model
+from runtime.names import MANIFEST, MANIFEST_DIGEST
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-MANIFEST_DIGEST = "manifest.sha256"
 _REQUIRED = (
     "schema_version",
     "format",

@@ -53,8 +53,9 @@ from flexjax.io import write_json_atomic
 from runtime import data as data_lib
 from runtime import latency_model as lm
 from runtime import planner, wire
-from runtime.bundle import MANIFEST, Bundle, BundleError
+from runtime.bundle import Bundle, BundleError
 from runtime.lite import Model
+from runtime.names import MANIFEST
 from runtime.profile import Target
 
 DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024

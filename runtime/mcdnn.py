@@ -26,9 +26,8 @@ import numpy as np
 from runtime import timing
 from runtime.bundle import BundleError, sha256_file
 from runtime.lite import Model
+from runtime.names import SHARED_MANIFEST
 from runtime.timing import time_stats
-
-SHARED_MANIFEST = "shared.json"
 
 
 def time_interleaved(
