@@ -32,8 +32,8 @@ from absl import flags, logging
 
 from export import convert
 from export import partitions as partitions_lib
-from export.staging import ExportError, Staged, write_manifest
-from flexjax import checkpoint, training
+from export.staging import ExportError, Staged, rewrite_manifest, write_manifest
+from flexjax import checkpoint, evaluation, training
 from flexjax import costs as costs_lib
 from flexjax import data as data_lib
 from flexjax import exits as exits_lib
@@ -44,6 +44,8 @@ from runtime.bundle import SCHEMA_VERSION, Bundle, summary
 from runtime.executor import EarlyExitExecutor
 from runtime.names import MODEL_FILE
 
+FLOPS = "flops"  # thresholds minimise expected FLOPs (nothing was measured)
+MEASURED_MS = "measured_ms"  # ... expected time from the bundle's measured signature times
 FP32_TOLERANCE = 1e-4  # default max |delta logit| vs JAX
 AGREEMENT_TARGET = 0.99  # default top-1 agreement vs JAX for fp16 / dynamic / int8
 
@@ -98,7 +100,7 @@ def _parity(net, variables, plans, model, precision, test, parity_examples, exec
         per_sig[plan.name] = {"examples": k, "max_abs_diff": diff, "scale": scale}
     xs = test.x[:parity_examples]
 
-    ref_logits = training.predict(net, variables, xs)
+    ref_logits = evaluation.predict(net, variables, xs)
     got_logits = executor.all_logits(xs)
     full_sig = model.signature(convert.FULL)
     full = np.concatenate([full_sig(np.ascontiguousarray(x[None])) for x in xs])
@@ -144,17 +146,133 @@ def _parity(net, variables, plans, model, precision, test, parity_examples, exec
     return result, got_logits
 
 
-def _calibrations(logits, labels, net, nc, criterion, epsilons, source):
+def _calibrations(logits, labels, net, nc, criterion, epsilons, source, exit_costs, cost):
     rows = []
     for eps in epsilons:
         cal = exits_lib.calibrate(
-            logits, labels, nc.exit_flops, criterion=criterion, epsilon=eps, names=net.exit_names
+            logits, labels, exit_costs, criterion=criterion, epsilon=eps, names=net.exit_names
         )
-        row = {"source": source, **cal.to_dict()}
-        row["val_flops_ratio"] = cal.val.expected_cost / nc.backbone_flops
+        row = {"source": source, "cost": cost, **cal.to_dict()}
+        flops = cal.val.expected_cost if cost == FLOPS else _expected_flops(cal, nc)
+        row["val_flops_ratio"] = flops / nc.backbone_flops
         row["examples"] = int(len(labels))
         rows.append(row)
     return rows
+
+
+def _expected_flops(cal: exits_lib.Calibration, nc: costs_lib.NetCosts) -> float:
+    return float(sum(rate * nc.exit_flops[n] for n, rate in cal.val.rates.items()))
+
+
+def calibrate(
+    manifest: dict,
+    executor: EarlyExitExecutor,
+    config: Any,
+    splits: Any,
+    *,
+    exit_costs: Mapping[str, float] | None = None,
+    cost: str = FLOPS,
+    epsilons: Sequence[float],
+    test_logits: Mapping[str, np.ndarray],
+) -> dict:
+    """Calibrates a bundle's thresholds on its own model's outputs, into `manifest`.
+
+    The one place thresholds are chosen for a bundle: on the exported model's
+    validation logits (the validation split, and a validation-split video
+    stream when the config has video), minimising the expected cost of
+    `exit_costs` (default FLOPs, ``cost="flops"``; a job that measured its
+    signatures passes measured ms, ``cost="measured_ms"``) within each
+    epsilon. Sets every exit's ``threshold`` (the config's epsilon, still
+    images), ``calibration``, ``calibrations`` and the ``test`` section.
+
+    Args:
+      manifest: the bundle's manifest (updated in place and returned).
+      executor: runs the bundle's model.
+      config: the training config (``data``, ``video``, ``exits`` sections).
+      splits: its data splits (`flexjax.data.Splits`).
+      exit_costs: exit name -> cost of a frame leaving there.
+      cost: what `exit_costs` measure (recorded in the manifest).
+      epsilons: the calibration rows to compute (the config's is added).
+      test_logits: exit name -> the model's logits on the first test frames.
+    """
+    net = Net.from_dict(manifest["net"])
+    nc = costs_lib.of(net)
+    exit_costs = dict(nc.exit_flops if exit_costs is None else exit_costs)
+    criterion = config.exits.criterion
+    default_eps = float(config.exits.epsilon)
+    epsilons = sorted({*map(float, epsilons), default_eps})
+    val_logits = executor.all_logits(splits.val.x)
+    args = (net, nc, criterion, epsilons)
+    rows = _calibrations(val_logits, splits.val.y, *args, "val", exit_costs, cost)
+    if config.video.enabled:
+        v = config.video
+        vcfg = data_lib.VideoConfig(
+            num_clips=v.num_clips, frames_per_clip=v.frames_per_clip, seed=v.seed + 1000
+        )
+        stream = data_lib.make_stream(splits.val, vcfg)
+        vlogits = executor.all_logits(stream.x)
+        rows += _calibrations(vlogits, stream.y, *args, "video_val", exit_costs, cost)
+    default = next(r for r in rows if r["source"] == "val" and r["epsilon"] == default_eps)
+    test_y = splits.test.y[: len(next(iter(test_logits.values())))]
+    tested = exits_lib.simulate(
+        {n: test_logits[n] for n in net.exit_names},
+        test_y,
+        default["thresholds"],
+        criterion,
+        nc.exit_flops,
+        net.exit_names,
+    )
+    for e in manifest["exits"]:
+        e["threshold"] = default["thresholds"].get(e["name"])
+        e["val_accuracy"] = float((val_logits[e["name"]].argmax(-1) == splits.val.y).mean())
+        e["test_accuracy"] = float((test_logits[e["name"]].argmax(-1) == test_y).mean())
+    manifest["calibration"] = {**default, "exit_costs": exit_costs}
+    manifest["calibrations"] = rows
+    manifest["test"] = {
+        "examples": int(len(tested.correct)),
+        "accuracy": tested.accuracy,
+        "final_accuracy": next(e["test_accuracy"] for e in manifest["exits"] if e["name"] == FINAL),
+        "exit_rates": tested.rates,
+        "expected_flops": tested.expected_cost,
+        "flops_ratio": tested.expected_cost / nc.backbone_flops,
+    }
+    return manifest
+
+
+def calibrate_bundle(
+    bundle_dir: str,
+    config: Any,
+    exit_costs: Mapping[str, float],
+    *,
+    cost: str = MEASURED_MS,
+    log=print,
+) -> dict:
+    """Re-calibrates an exported bundle on `exit_costs` and rewrites its manifest (staged).
+
+    For a job that measured the bundle's signatures: the thresholds it ships
+    are then the ones its own report was measured with (`calibrate`, same
+    validation data and epsilons as at export). Returns the new manifest.
+
+    Raises:
+      BundleError: not a bundle. ValueError: `exit_costs` misses an exit.
+    """
+    bundle = Bundle.from_dir(bundle_dir)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    missing = sorted({e["name"] for e in manifest["exits"]} - set(exit_costs))
+    if missing:
+        raise ValueError(f"exit_costs has no cost for exits {missing}")
+    splits = training.load_data(config)
+    executor = EarlyExitExecutor(bundle, num_threads=1)
+    n = int(manifest["test"]["examples"])
+    calibrate(
+        manifest, executor, config, splits, exit_costs=exit_costs, cost=cost,
+        epsilons=[r["epsilon"] for r in manifest["calibrations"]],
+        test_logits=executor.all_logits(splits.test.x[:n]),
+    )  # fmt: skip
+    rewrite_manifest(bundle_dir, manifest)
+    thr = manifest["calibration"]["thresholds"]
+    log(f"calibrated {os.path.basename(bundle_dir)} on {cost}: thresholds {thr}")
+    return manifest
 
 
 def export_bundle(workdir: str, out: str, **kwargs: Any) -> dict:
@@ -273,7 +391,6 @@ def _export(
 
     criterion = config.exits.criterion
     default_eps = float(config.exits.epsilon)
-    epsilons = sorted({*map(float, epsilons), default_eps})
     signatures = {}
     for plan in plans:
         info = sig_info[plan.name]
@@ -343,41 +460,10 @@ def _export(
             for n, r in parity["exits"].items()
         )
     )
-    val_logits = executor.all_logits(splits.val.x)
-    rows = _calibrations(val_logits, splits.val.y, net, nc, criterion, epsilons, "val")
-    if config.video.enabled:
-        v = config.video
-        vcfg = data_lib.VideoConfig(
-            num_clips=v.num_clips, frames_per_clip=v.frames_per_clip, seed=v.seed + 1000
-        )
-        stream = data_lib.make_stream(splits.val, vcfg)
-        vlogits = executor.all_logits(stream.x)
-        rows += _calibrations(vlogits, stream.y, net, nc, criterion, epsilons, "video_val")
-    default = next(r for r in rows if r["source"] == "val" and r["epsilon"] == default_eps)
-    tested = exits_lib.simulate(
-        {n: test_logits[n] for n in net.exit_names},
-        splits.test.y[:parity_examples],
-        default["thresholds"],
-        criterion,
-        nc.exit_flops,
-        net.exit_names,
-    )
-    for e in exits:
-        e["threshold"] = default["thresholds"].get(e["name"])
-        e["val_accuracy"] = float((val_logits[e["name"]].argmax(-1) == splits.val.y).mean())
-        e["test_accuracy"] = float(
-            (test_logits[e["name"]].argmax(-1) == splits.test.y[:parity_examples]).mean()
-        )
-    manifest["calibration"] = default
-    manifest["calibrations"] = rows
-    manifest["test"] = {
-        "examples": int(len(tested.correct)),
-        "accuracy": tested.accuracy,
-        "final_accuracy": next(e["test_accuracy"] for e in exits if e["name"] == FINAL),
-        "exit_rates": tested.rates,
-        "expected_flops": tested.expected_cost,
-        "flops_ratio": tested.expected_cost / nc.backbone_flops,
-    }
+    calibrate(
+        manifest, executor, config, splits, epsilons=epsilons,
+        test_logits={n: v for n, v in test_logits.items()},
+    )  # fmt: skip
     manifest["parity"] = parity
     if partitions:
         k = min(8, len(splits.test.x))

@@ -31,18 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from export.staging import Staged, write_manifest
+from export.staging import rewrite_manifest
 from flexjax.io import write_json_atomic
 from runtime import latency_model as lm
 from runtime.bundle import Bundle, BundleError
-from runtime.names import MANIFEST, MANIFEST_DIGEST
 
 FORMS = ("auto", "edgent", "interaction")
 HOLDOUT_EVERY = 4
@@ -183,17 +180,7 @@ def store(bundle_dir: str, models: Mapping, report: Mapping) -> None:
     manifest = dict(bundle.manifest)
     manifest["latency_models"] = dict(models)
     manifest["latency_fit"] = dict(report)
-    staged = Staged(bundle_dir, overwrite=True)
-    try:
-        for name in os.listdir(bundle_dir):
-            if name not in (MANIFEST, MANIFEST_DIGEST):
-                shutil.copy2(os.path.join(bundle_dir, name), os.path.join(staged.dir, name))
-        write_manifest(staged.dir, manifest)
-        Bundle.from_dir(staged.dir)
-        staged.commit()
-    except BaseException:
-        staged.abort()
-        raise
+    rewrite_manifest(bundle_dir, manifest)
 
 
 def _load(path: str) -> dict:

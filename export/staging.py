@@ -14,7 +14,7 @@ import shutil
 import tempfile
 
 from flexjax.io import jsonable
-from runtime.bundle import sha256_file
+from runtime.bundle import Bundle, sha256_file
 from runtime.names import MANIFEST, MANIFEST_DIGEST
 
 
@@ -63,3 +63,18 @@ def write_manifest(directory: str, manifest: dict) -> None:
         f.write(raw)
     with open(os.path.join(directory, MANIFEST_DIGEST), "w") as f:
         f.write(f"{hashlib.sha256(raw).hexdigest()}  {MANIFEST}\n")
+
+
+def rewrite_manifest(bundle_dir: str, manifest: dict) -> None:
+    """Replaces an existing bundle's manifest (same files), staged and verified first."""
+    staged = Staged(bundle_dir, overwrite=True)
+    try:
+        for name in os.listdir(bundle_dir):
+            if name not in (MANIFEST, MANIFEST_DIGEST):
+                shutil.copy2(os.path.join(bundle_dir, name), os.path.join(staged.dir, name))
+        write_manifest(staged.dir, manifest)
+        Bundle.from_dir(staged.dir)
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise

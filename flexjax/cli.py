@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from absl import flags
 
 from flexjax import config as config_lib
+from runtime.names import REPORT_FILE
 
 
 def fail(message: str) -> NoReturn:
@@ -20,15 +22,18 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def parse_flags(argv: list[str], check_keys: bool = True) -> list[str]:
+def parse_flags(
+    argv: list[str],
+    check_keys: bool = True,
+    schema_fn: Callable[[], Any] = config_lib.defaults,
+) -> list[str]:
     """An `app.run(flags_parser=...)` that checks config paths and override keys first.
 
     ml_collections reports a missing config file or an unknown ``--config.x``
-    override as a multi-screen traceback; these are checked here and reported
-    as one line with the valid choices. Jobs whose config is not a training
-    config (e.g. ``train.catalog``) pass ``check_keys=False``.
+    override as a multi-screen traceback; these are checked here against the
+    job's schema (`schema_fn`: training's, or `config_lib.flexdnn_defaults`)
+    and reported as one line with the valid choices.
     """
-
     for arg in argv[1:]:
         if arg.startswith("--config=") or arg.startswith("--config_file="):
             path = arg.split("=", 1)[1].partition(":")[0]
@@ -37,7 +42,7 @@ def parse_flags(argv: list[str], check_keys: bool = True) -> list[str]:
         elif arg.startswith("--config.") and check_keys:
             key = arg[len("--config.") :].split("=", 1)[0]
             try:
-                config_lib.check_key(key)
+                config_lib.check_key(key, schema_fn)
             except ValueError as e:
                 fail(str(e))
     try:
@@ -50,3 +55,23 @@ def parse_flags(argv: list[str], check_keys: bool = True) -> list[str]:
         while (inner.__cause__ or inner.__context__) is not None:
             inner = inner.__cause__ or inner.__context__
         fail(str(inner) or str(e))
+
+
+def note_if_finished(workdir: str, marker: str = REPORT_FILE) -> bool:
+    """Says on stderr when `workdir` already holds a finished job, and how to start over.
+
+    Re-running a job resumes after its last finished stage; for a finished
+    one that means re-checking every stage and re-writing the report, which
+    is easy to mistake for a fresh run. `marker` is the file the job's last
+    stage writes. Returns whether it was finished.
+    """
+    if not os.path.exists(os.path.join(workdir, marker)):
+        return False
+    print(
+        f"note: {workdir} holds a finished run ({marker}); its finished stages are "
+        f"kept and the report is written again. To start over, remove it (rm -rf {workdir}) "
+        "or pass another --workdir.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True

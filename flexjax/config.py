@@ -10,6 +10,7 @@ rejects unknown arguments itself).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -67,8 +68,17 @@ def defaults() -> ml_collections.ConfigDict:
     c.video.frames_per_clip = 40
     c.video.seed = 0
 
-    # FlexDNN (python -m train.flexdnn): exit architecture search and insertion plan.
-    # Ignored by train.multi_exit. Validated by flexjax.flexdnn.validate.
+    return c
+
+
+def flexdnn_defaults() -> ml_collections.ConfigDict:
+    """A FlexDNN config (``python -m train.flexdnn``): a training config plus ``flexdnn``.
+
+    The ``flexdnn`` section (exit architecture search, insertion plan,
+    benchmark) lives only in FlexDNN's configs; ranges are checked by
+    `flexjax.flexdnn.validate`.
+    """
+    c = defaults()
     c.flexdnn = ml_collections.ConfigDict()
     c.flexdnn.backbone_workdir = ""  # train.multi_exit workdir; "" = train one in <workdir>
     c.flexdnn.positions = ()  # candidate exit positions; () = every block boundary
@@ -88,6 +98,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.flexdnn.bench_rounds = 3  # final benchmark: interleaved rounds over the frames
     c.flexdnn.bench_frames = 0  # final benchmark: frames per data source (0 = all)
     return c
+
+
+def schema_of(config: Any) -> Callable[[], ml_collections.ConfigDict]:
+    """The schema a config follows: FlexDNN's if it has a ``flexdnn`` section, else training's."""
+    return flexdnn_defaults if "flexdnn" in config else defaults
 
 
 def smoke_on_digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -121,9 +136,9 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_key(key: str) -> None:
+def check_key(key: str, schema_fn: Callable[[], ml_collections.ConfigDict] = defaults) -> None:
     """Raises ValueError (listing the valid keys of its section) if `key` is not in the schema."""
-    schema = _flat(defaults())
+    schema = _flat(schema_fn())
     if key in schema or any(key.startswith(f + ".") for f in FREE_FORM):
         return
     section = key.rsplit(".", 1)[0] if "." in key else ""
@@ -133,17 +148,23 @@ def check_key(key: str) -> None:
     raise ValueError(f"unknown config key '{key}'; valid keys here: {', '.join(valid)}")
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks keys against `defaults()`; returns a full config (defaults filled in).
+def validate(
+    config: ml_collections.ConfigDict,
+    schema_fn: Callable[[], ml_collections.ConfigDict] | None = None,
+) -> ml_collections.ConfigDict:
+    """Checks keys against the schema; returns a full config (defaults filled in).
+
+    `schema_fn` defaults to `schema_of(config)` (FlexDNN's or training's).
 
     Raises:
       ValueError: an unknown key (naming the valid keys of its section) or a
         value of the wrong type.
     """
-    schema = _flat(defaults())
+    schema_fn = schema_fn or schema_of(config)
+    schema = _flat(schema_fn())
     given = _flat(config)
     for key, value in given.items():
-        check_key(key)
+        check_key(key, schema_fn)
         default = schema[key]
         if (
             isinstance(default, bool) != isinstance(value, bool)
@@ -153,6 +174,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError(
                 f"config key '{key}' must be a {type(default).__name__}, got {value!r}"
             )
-    full = defaults()
+    full = schema_fn()
     full.update(config)  # nested update keeps defaults for keys the config omits
     return full

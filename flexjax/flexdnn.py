@@ -43,7 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flexjax import costs, training
+from flexjax import costs, evaluation
 from flexjax import exits as exits_lib
 from flexjax.finetune import finetune
 from flexjax.models import build
@@ -266,7 +266,7 @@ def features(
 
 
 def _accuracy(net: Net, variables: Mapping[str, Any], x: np.ndarray, y: np.ndarray) -> float:
-    return float((training.predict(net, dict(variables), x)[FINAL].argmax(-1) == y).mean())
+    return float((evaluation.predict(net, dict(variables), x)[FINAL].argmax(-1) == y).mean())
 
 
 def _site_index(site: str) -> int:

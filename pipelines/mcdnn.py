@@ -20,7 +20,7 @@ import numpy as np
 
 from export import convert
 from export.bundle import export_model
-from flexjax import approx, checkpoint, costs, models, specialize, training
+from flexjax import approx, checkpoint, costs, evaluation, models, specialize, training
 from flexjax import config as config_lib
 from flexjax.approx import plain
 from flexjax.finetune import finetune
@@ -239,7 +239,7 @@ def build_variants(c, splits, tasks, workdir: str, log=print) -> dict[str, list[
             names = [n for n in names if n in set(c.task_variants)]
         y_train = specialize.relabel(splits.train.y, task)
         y_test = specialize.relabel(splits.test.y, task)
-        teacher = training.predict(net, variables, splits.train.x)[FINAL]
+        teacher = evaluation.predict(net, variables, splits.train.x)[FINAL]
         out[task] = []
         for i, name in enumerate(names):
             path = os.path.join(entries_dir, f"{task}__{name}.json")
@@ -475,7 +475,7 @@ def run_specialization(c, tasks, variants, splits, workdir: str) -> dict:
         splits.test.y, true_classes, min(0.97, s.p + 0.05), int(s.stream_frames), int(s.skew_seed)
     )
     xs, ys = splits.test.x[idx], splits.test.y[idx]
-    general = training.predict(net, variables, xs)[FINAL]
+    general = evaluation.predict(net, variables, xs)[FINAL]
     # the detector sees the general model's results, as MCDNN does (no labels at run time)
     _, verdicts = scan(skew_init(int(s.window), int(s.n), float(s.p)), general.argmax(-1))
     first = next((i for i, d in enumerate(verdicts) if d is not None), None)
@@ -498,10 +498,10 @@ def run_specialization(c, tasks, variants, splits, workdir: str) -> dict:
             other_fraction=float(s.other_fraction), seed=int(s.skew_seed),
         )  # fmt: skip
     after = slice(first + 1, None)
-    spec_logits = training.predict(spec_net, spec_vars["retarget_preforward"], xs[after])[FINAL]
+    spec_logits = evaluation.predict(spec_net, spec_vars["retarget_preforward"], xs[after])[FINAL]
     cas = specialize.cascade(spec_logits, general[after], classes, ys[after])
     orig = next(e for e in variants["digit"] if e["name"] == "original")
-    cheap_alone = training.predict(vnet, vvars, xs[after])[FINAL].argmax(-1)
+    cheap_alone = evaluation.predict(vnet, vvars, xs[after])[FINAL].argmax(-1)
     return {
         "detected": True,
         "true_classes": true_classes,
@@ -516,7 +516,7 @@ def run_specialization(c, tasks, variants, splits, workdir: str) -> dict:
         "retarget_accuracy": {
             k: float(
                 (
-                    training.predict(spec_net, v, xs[after])[FINAL].argmax(-1)
+                    evaluation.predict(spec_net, v, xs[after])[FINAL].argmax(-1)
                     == specialize.specialized_labels(ys[after], classes)
                 ).mean()
             )

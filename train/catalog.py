@@ -34,7 +34,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexjax.cli import fail, parse_flags
+from flexjax.cli import fail, note_if_finished, parse_flags
 
 flags.DEFINE_string("workdir", None, "Directory for models, bundles and catalog.json.")
 config_flags.DEFINE_config_file("config", None, "Catalog config file (configs/*_catalog.py).")
@@ -54,6 +54,7 @@ def main(argv: list[str]) -> None:
     from flexjax.checkpoint import CheckpointMismatchError
     from pipelines import mcdnn
 
+    note_if_finished(FLAGS.workdir, marker="ams.json")  # the catalog's last stage
     try:
         report = mcdnn.run(FLAGS.config, FLAGS.workdir)
     except (

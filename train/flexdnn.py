@@ -10,6 +10,7 @@ re-running the same command resumes after the last finished stage.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -17,7 +18,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexjax.cli import fail, parse_flags
+from flexjax.cli import fail, note_if_finished, parse_flags
+from flexjax.config import flexdnn_defaults
 
 flags.DEFINE_string("workdir", None, "Directory for every stage's output and the report.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
@@ -32,7 +34,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     # lazy: flag errors are reported before JAX and TensorFlow load (seconds)
     from flexjax.checkpoint import CheckpointMismatchError
-    from pipelines import flexdnn
+    from pipelines import flexdnn, flexdnn_bench
 
     t0 = time.monotonic()
 
@@ -40,13 +42,14 @@ def main(argv: list[str]) -> None:
         m, sec = divmod(int(time.monotonic() - t0), 60)
         print(f"[{m:02d}:{sec:02d}] {msg}", file=sys.stderr, flush=True)
 
+    note_if_finished(FLAGS.workdir)
     try:
         report = flexdnn.run(FLAGS.config, FLAGS.workdir, log)
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointMismatchError) as e:
         fail(str(e))
-    print(flexdnn.format_report(report))
+    print(flexdnn_bench.format_report(report))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=functools.partial(parse_flags, schema_fn=flexdnn_defaults))

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexjax.cli import fail, parse_flags
+from flexjax.cli import fail, note_if_finished, parse_flags
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
@@ -32,15 +32,16 @@ def main(argv: list[str]) -> None:
     # lazy: flag errors are reported before JAX and TensorFlow load (seconds)
     import jax
 
-    from flexjax import training
+    from flexjax import evaluation, training
     from flexjax.checkpoint import CheckpointMismatchError
 
     print(f"devices: {jax.devices()}", file=sys.stderr)
+    note_if_finished(FLAGS.workdir)
     try:
         report = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointMismatchError) as e:
         fail(str(e))
-    print(training.format_report(report))
+    print(evaluation.format_report(report))
 
 
 if __name__ == "__main__":
