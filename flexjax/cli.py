@@ -22,16 +22,13 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def parse_flags(
-    argv: list[str],
-    check_keys: bool = True,
-    schema_fn: Callable[[], Any] = config_lib.defaults,
-) -> list[str]:
+def parse_flags(argv: list[str], schema_fn: Callable[[], Any] = config_lib.defaults) -> list[str]:
     """An `app.run(flags_parser=...)` that checks config paths and override keys first.
 
     ml_collections reports a missing config file or an unknown ``--config.x``
     override as a multi-screen traceback; these are checked here against the
-    job's schema (`schema_fn`: training's, or `config_lib.flexdnn_defaults`)
+    job's schema (`schema_fn`: training's, `config_lib.flexdnn_defaults` or
+    `config_lib.catalog_defaults`)
     and reported as one line with the valid choices.
     """
     for arg in argv[1:]:
@@ -39,7 +36,7 @@ def parse_flags(
             path = arg.split("=", 1)[1].partition(":")[0]
             if not os.path.exists(path):
                 fail(f"config file {path} does not exist")
-        elif arg.startswith("--config.") and check_keys:
+        elif arg.startswith("--config."):
             key = arg[len("--config.") :].split("=", 1)[0]
             try:
                 config_lib.check_key(key, schema_fn)

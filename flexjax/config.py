@@ -100,8 +100,54 @@ def flexdnn_defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def catalog_defaults() -> ml_collections.ConfigDict:
+    """An MCDNN catalog config (``python -m train.catalog``): every key, with its default.
+
+    ``base`` is the training config of the task models; ``variants`` lists
+    ``{"name", "recipe", "precision", "sparsity"}`` entries (recipes are
+    `flexjax.approx` techniques) and ``task_variants`` the names built for
+    the non-digit tasks. Semantic checks are `pipelines.mcdnn.validate`'s.
+    """
+    c = ml_collections.ConfigDict()
+    c.base = defaults()
+    c.tasks = ("digit",)  # names from flexjax.specialize.TASKS, "digit" first
+    c.stem = 6  # shared backbone positions [0, stem)
+    c.heads = ml_collections.ConfigDict(
+        {"steps": 800, "batch_size": 64, "learning_rate": 1e-3, "augment_shift": 2}
+    )
+    c.finetune = ml_collections.ConfigDict(
+        {"steps": 400, "batch_size": 64, "learning_rate": 5e-4, "distill_weight": 0.5,
+         "temperature": 4.0, "augment_shift": 2}
+    )  # fmt: skip
+    c.variants = [{"name": "original", "recipe": [], "precision": "fp32"}]
+    c.task_variants = ["original"]
+    c.bench = ml_collections.ConfigDict(
+        {"rounds": 5, "frames": 100, "warmup": 20, "load_repeats": 5, "threads": 1}
+    )
+    c.energy = ml_collections.ConfigDict(
+        {"cpu_power_w": 1.5, "dram_j_per_byte": 1.6e-10, "storage_j_per_byte": 1.0e-9,
+         "adb_serial": "", "adb_binary": ""}
+    )  # fmt: skip
+    c.cloud = ml_collections.ConfigDict(
+        {"enabled": True, "frame_bytes": 20000, "radio_j_per_byte": 2.0e-7, "rtt_ms": 80.0,
+         "speedup": 4.0, "money_per_request": 1.0e-5}
+    )  # fmt: skip
+    c.specialize = ml_collections.ConfigDict(
+        {"window": 200, "n": 2, "p": 0.9, "skew_seed": 0, "steps": 300, "batch_size": 128,
+         "learning_rate": 1e-2, "other_fraction": 0.2, "stream_frames": 2000,
+         "variant": "original", "time_original": True}
+    )  # fmt: skip
+    c.ams = ml_collections.ConfigDict(
+        {"budgets": {"energy": "0.05x", "memory_mb": 2.5, "money": 0.0, "latency_ms": 100.0},
+         "trace": {"hours": 10.0, "mean_rate": 1.0, "bursts": 12, "seed": 0}}
+    )  # fmt: skip
+    return c
+
+
 def schema_of(config: Any) -> Callable[[], ml_collections.ConfigDict]:
-    """The schema a config follows: FlexDNN's if it has a ``flexdnn`` section, else training's."""
+    """The schema a config follows: catalog (has ``base``), FlexDNN (``flexdnn``) or training."""
+    if "base" in config:
+        return catalog_defaults
     return flexdnn_defaults if "flexdnn" in config else defaults
 
 
@@ -124,12 +170,17 @@ def smoke_on_digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     return config
 
 
+def _free_form(key: str) -> bool:
+    """Whether `key` is a free-form section (``model.kwargs``, also inside ``base``)."""
+    return any(key == f or key.endswith("." + f) for f in FREE_FORM)
+
+
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     out = {}
     items = d.items() if hasattr(d, "items") else []
     for k, v in items:
         key = f"{prefix}{k}"
-        if isinstance(v, (ml_collections.ConfigDict, dict)) and key not in FREE_FORM:
+        if isinstance(v, (ml_collections.ConfigDict, dict)) and not _free_form(key):
             out.update(_flat(v, key + "."))
         else:
             out[key] = v
@@ -139,7 +190,7 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def check_key(key: str, schema_fn: Callable[[], ml_collections.ConfigDict] = defaults) -> None:
     """Raises ValueError (listing the valid keys of its section) if `key` is not in the schema."""
     schema = _flat(schema_fn())
-    if key in schema or any(key.startswith(f + ".") for f in FREE_FORM):
+    if key in schema or any(f".{f}." in f".{key}" for f in FREE_FORM):
         return
     section = key.rsplit(".", 1)[0] if "." in key else ""
     valid = sorted(k for k in schema if "." in k and k.rsplit(".", 1)[0] == section)

@@ -51,17 +51,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Raises:
       ValueError: one line naming the bad key and what is expected.
     """
-
-    known = {"base", "tasks", "stem", "heads", "finetune", "variants", "task_variants",
-             "bench", "energy", "cloud", "specialize", "ams"}  # fmt: skip
-    unknown = sorted(set(config.keys()) - known)
-    if unknown:
-        raise ValueError(f"unknown catalog config key(s) {unknown}; valid: {sorted(known)}")
-    missing = sorted(known - set(config.keys()))
-    if missing:
-        raise ValueError(f"catalog config is missing {missing}")
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.base = config_lib.validate(config.base)
+    c = config_lib.validate(config, config_lib.catalog_defaults)  # keys and types
+    c.base = config_lib.validate(c.base, config_lib.defaults)
     tasks = tuple(c.tasks)
     bad = [t for t in tasks if t not in specialize.TASKS]
     if bad or not tasks or tasks[0] != "digit" or len(set(tasks)) != len(tasks):

@@ -62,3 +62,24 @@ def test_shipped_config_validates_and_builds_its_net(path, arg):
 def test_shipped_config_unknown_arg_raises(path):
     with pytest.raises(ValueError, match="unknown config argument"):
         _load(path).get_config("nonsense")
+
+
+@pytest.mark.parametrize(
+    ("schema", "key"),
+    [
+        (config_lib.defaults, "flexdnn.delta"),  # FlexDNN's settings live in FlexDNN configs
+        (config_lib.flexdnn_defaults, "flexdnn.deltaa"),
+        (config_lib.catalog_defaults, "heads.stepz"),
+        (config_lib.catalog_defaults, "base.train.lr"),
+    ],
+)
+def test_every_job_schema_rejects_unknown_keys_the_same_way(schema, key):
+    with pytest.raises(ValueError, match=f"unknown config key '{key}'"):
+        config_lib.check_key(key, schema)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_shipped_config_validates_against_its_own_schema(path):
+    config = _load(path).get_config("smoke")
+    schema = config_lib.schema_of(config)
+    assert set(config_lib.validate(config).keys()) == set(schema().keys())

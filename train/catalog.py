@@ -35,6 +35,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flexjax.cli import fail, note_if_finished, parse_flags
+from flexjax.config import catalog_defaults
 
 flags.DEFINE_string("workdir", None, "Directory for models, bundles and catalog.json.")
 config_flags.DEFINE_config_file("config", None, "Catalog config file (configs/*_catalog.py).")
@@ -71,4 +72,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(main, flags_parser=functools.partial(parse_flags, check_keys=False))
+    app.run(main, flags_parser=functools.partial(parse_flags, schema_fn=catalog_defaults))
