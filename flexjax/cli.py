@@ -72,3 +72,25 @@ def note_if_finished(workdir: str, marker: str = REPORT_FILE) -> bool:
         flush=True,
     )
     return True
+
+
+def limit_cpu_threads(threads: int) -> None:
+    """Caps the CPU threads JAX (XLA) and TensorFlow use, before either is imported.
+
+    The same ``--threads`` the runtime commands take: 0 keeps the default
+    (every core). Must run before the first ``import jax``; entry points call
+    it right after parsing flags.
+
+    Raises:
+      ValueError: a negative count.
+    """
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = every core), got {threads}")
+    if not threads:
+        return
+    xla = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (
+        f"{xla} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
+    ).strip()
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)

@@ -18,11 +18,12 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexjax.cli import fail, note_if_finished, parse_flags
+from flexjax.cli import fail, limit_cpu_threads, note_if_finished, parse_flags
 from flexjax.config import flexdnn_defaults
 
 flags.DEFINE_string("workdir", None, "Directory for every stage's output and the report.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
+flags.DEFINE_integer("threads", 0, "CPU threads for JAX/XLA and TensorFlow (0 = every core).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -32,7 +33,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    # lazy: flag errors are reported before JAX and TensorFlow load (seconds)
+    try:
+        limit_cpu_threads(FLAGS.threads)
+    except ValueError as e:
+        fail(str(e))
+    # lazy: flag errors are reported, and --threads applied, before JAX loads
     from flexjax.checkpoint import CheckpointMismatchError
     from pipelines import flexdnn, flexdnn_bench
 

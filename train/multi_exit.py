@@ -15,10 +15,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexjax.cli import fail, note_if_finished, parse_flags
+from flexjax.cli import fail, limit_cpu_threads, note_if_finished, parse_flags
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
+flags.DEFINE_integer("threads", 0, "CPU threads for JAX/XLA and TensorFlow (0 = every core).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -28,8 +29,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
-    # lazy: flag errors are reported before JAX and TensorFlow load (seconds)
-    # lazy: flag errors are reported before JAX and TensorFlow load (seconds)
+    try:
+        limit_cpu_threads(FLAGS.threads)
+    except ValueError as e:
+        fail(str(e))
+    # lazy: flag errors are reported, and --threads applied, before JAX loads
     import jax
 
     from flexjax import evaluation, training
