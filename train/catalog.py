@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
     from export.bundle import ExportError
     from flexjax.approx import ApproxError
     from flexjax.checkpoint import CheckpointMismatchError
-    from pipelines import mcdnn
+    from pipelines import mcdnn, mcdnn_report
 
     note_if_finished(FLAGS.workdir, marker="ams.json")  # the catalog's last stage
     try:
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
         CheckpointMismatchError,
     ) as e:
         fail(str(e))
-    print(mcdnn.format_report(report))
+    print(mcdnn_report.format_report(report))
 
 
 if __name__ == "__main__":
