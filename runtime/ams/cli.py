@@ -159,7 +159,3 @@ def _main(args) -> int:
     if args.json:
         write_json_atomic(args.json, rep)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
