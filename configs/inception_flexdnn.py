@@ -13,11 +13,11 @@ stem's conv blocks and pool, and every inception block). For CIFAR-10:
 `:smoke` trains on scikit-learn digits for a quick end-to-end check.
 """
 
-from flexjax.config import defaults, smoke_on_digits
+from flexjax.config import flexdnn_defaults, smoke_on_digits
 
 
 def get_config(arg: str | None = None):
-    config = defaults()
+    config = flexdnn_defaults()
     config.model.name = "inception_v3"
     config.model.kwargs.width = 0.125
     config.data.name = "mnist5k"

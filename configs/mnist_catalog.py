@@ -24,7 +24,7 @@ the phone instead (`runtime.adb`, battery current x voltage).
 
 import ml_collections
 
-from flexjax.config import defaults
+from flexjax.config import catalog_defaults, defaults
 
 # Recipes: lists of {"technique": name, **arguments} (flexjax.approx.TECHNIQUES).
 _LR = "low_rank"
@@ -77,7 +77,7 @@ _TASK_VARIANTS = [
 
 
 def get_config(arg: str | None = None):
-    c = ml_collections.ConfigDict()
+    c = catalog_defaults()
     base = defaults()
     base.model.name = "lenet_branchy"
     base.model.kwargs.exits = ()  # a plain LeNet: MCDNN approximates single-exit models

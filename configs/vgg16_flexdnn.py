@@ -13,11 +13,11 @@ every pool). For CIFAR-10, point at a local copy of the python pickles:
 `:smoke` trains on scikit-learn digits for a quick end-to-end check.
 """
 
-from flexjax.config import defaults, smoke_on_digits
+from flexjax.config import flexdnn_defaults, smoke_on_digits
 
 
 def get_config(arg: str | None = None):
-    config = defaults()
+    config = flexdnn_defaults()
     config.model.name = "vgg16"
     config.model.kwargs.width = 0.25
     config.data.name = "mnist5k"

@@ -18,42 +18,40 @@ bundle unless ``--overwrite`` is given.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import ml_collections
 import numpy as np
+from absl import flags, logging
 
 from export import convert
+from export import partitions as partitions_lib
+from export.staging import ExportError, Staged, rewrite_manifest, write_manifest
+from flexjax import checkpoint, evaluation, training
 from flexjax import costs as costs_lib
+from flexjax import data as data_lib
 from flexjax import exits as exits_lib
-from flexjax.io import jsonable
+from flexjax.cli import fail
 from flexjax.spec import FINAL, Net
 from runtime import tflite_model
-from runtime.bundle import MANIFEST, MANIFEST_DIGEST, SCHEMA_VERSION, sha256_file, summary
+from runtime.bundle import SCHEMA_VERSION, Bundle, summary
 from runtime.executor import EarlyExitExecutor
+from runtime.names import MODEL_FILE
 
-MODEL_FILE = "model.tflite"
-DEFAULT_EPSILONS = (0.0, 0.005, 0.01, 0.02, 0.05)
+FLOPS = "flops"  # thresholds minimise expected FLOPs (nothing was measured)
+MEASURED_MS = "measured_ms"  # ... expected time from the bundle's measured signature times
 FP32_TOLERANCE = 1e-4  # default max |delta logit| vs JAX
 AGREEMENT_TARGET = 0.99  # default top-1 agreement vs JAX for fp16 / dynamic / int8
 
 
-class ExportError(RuntimeError):
-    """The export cannot produce a bundle that keeps its promises (e.g. parity fails)."""
-
-
 def load_workdir(workdir: str):
     """``(config, net, variables)`` of a `train.multi_exit` workdir."""
-    import ml_collections
-
-    from flexjax import checkpoint
 
     path = os.path.join(workdir, "config.json")
     if not os.path.isdir(workdir):
@@ -64,33 +62,6 @@ def load_workdir(workdir: str):
         config = ml_collections.ConfigDict(json.load(f))
     net, variables = checkpoint.load(workdir)
     return config, net, variables
-
-
-class _Staged:
-    """A bundle directory being assembled next to its destination."""
-
-    def __init__(self, out: str, overwrite: bool):
-        out = os.path.abspath(out)
-        if os.path.exists(out) and not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-        parent = os.path.dirname(out)
-        os.makedirs(parent, exist_ok=True)
-        self.out = out
-        self.dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-
-    def commit(self) -> None:
-        old = None
-        if os.path.exists(self.out):
-            old = tempfile.mkdtemp(
-                prefix=f".{os.path.basename(self.out)}.old-", dir=os.path.dirname(self.out)
-            )
-            os.rename(self.out, os.path.join(old, "bundle"))
-        os.rename(self.dir, self.out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _signature_costs(net: Net, plan: convert.SignaturePlan, nc: costs_lib.NetCosts) -> dict:
@@ -108,7 +79,6 @@ def _signature_costs(net: Net, plan: convert.SignaturePlan, nc: costs_lib.NetCos
 
 def _weight_stats(variables: Mapping[str, Any]) -> dict:
     """How many parameters there are and how many are exactly zero (pruned)."""
-    import jax
 
     leaves = [np.asarray(a) for a in jax.tree.leaves(variables.get("params", {}))]
     count = int(sum(a.size for a in leaves))
@@ -129,9 +99,8 @@ def _parity(net, variables, plans, model, precision, test, parity_examples, exec
         scale = float(max(1.0, np.abs(ref).max()))
         per_sig[plan.name] = {"examples": k, "max_abs_diff": diff, "scale": scale}
     xs = test.x[:parity_examples]
-    from flexjax import training
 
-    ref_logits = training.predict(net, variables, xs)
+    ref_logits = evaluation.predict(net, variables, xs)
     got_logits = executor.all_logits(xs)
     full_sig = model.signature(convert.FULL)
     full = np.concatenate([full_sig(np.ascontiguousarray(x[None])) for x in xs])
@@ -177,17 +146,133 @@ def _parity(net, variables, plans, model, precision, test, parity_examples, exec
     return result, got_logits
 
 
-def _calibrations(logits, labels, net, nc, criterion, epsilons, source):
+def _calibrations(logits, labels, net, nc, criterion, epsilons, source, exit_costs, cost):
     rows = []
     for eps in epsilons:
         cal = exits_lib.calibrate(
-            logits, labels, nc.exit_flops, criterion=criterion, epsilon=eps, names=net.exit_names
+            logits, labels, exit_costs, criterion=criterion, epsilon=eps, names=net.exit_names
         )
-        row = {"source": source, **cal.to_dict()}
-        row["val_flops_ratio"] = cal.val.expected_cost / nc.backbone_flops
+        row = {"source": source, "cost": cost, **cal.to_dict()}
+        flops = cal.val.expected_cost if cost == FLOPS else _expected_flops(cal, nc)
+        row["val_flops_ratio"] = flops / nc.backbone_flops
         row["examples"] = int(len(labels))
         rows.append(row)
     return rows
+
+
+def _expected_flops(cal: exits_lib.Calibration, nc: costs_lib.NetCosts) -> float:
+    return float(sum(rate * nc.exit_flops[n] for n, rate in cal.val.rates.items()))
+
+
+def calibrate(
+    manifest: dict,
+    executor: EarlyExitExecutor,
+    config: Any,
+    splits: Any,
+    *,
+    exit_costs: Mapping[str, float] | None = None,
+    cost: str = FLOPS,
+    epsilons: Sequence[float],
+    test_logits: Mapping[str, np.ndarray],
+) -> dict:
+    """Calibrates a bundle's thresholds on its own model's outputs, into `manifest`.
+
+    The one place thresholds are chosen for a bundle: on the exported model's
+    validation logits (the validation split, and a validation-split video
+    stream when the config has video), minimising the expected cost of
+    `exit_costs` (default FLOPs, ``cost="flops"``; a job that measured its
+    signatures passes measured ms, ``cost="measured_ms"``) within each
+    epsilon. Sets every exit's ``threshold`` (the config's epsilon, still
+    images), ``calibration``, ``calibrations`` and the ``test`` section.
+
+    Args:
+      manifest: the bundle's manifest (updated in place and returned).
+      executor: runs the bundle's model.
+      config: the training config (``data``, ``video``, ``exits`` sections).
+      splits: its data splits (`flexjax.data.Splits`).
+      exit_costs: exit name -> cost of a frame leaving there.
+      cost: what `exit_costs` measure (recorded in the manifest).
+      epsilons: the calibration rows to compute (the config's is added).
+      test_logits: exit name -> the model's logits on the first test frames.
+    """
+    net = Net.from_dict(manifest["net"])
+    nc = costs_lib.of(net)
+    exit_costs = dict(nc.exit_flops if exit_costs is None else exit_costs)
+    criterion = config.exits.criterion
+    default_eps = float(config.exits.epsilon)
+    epsilons = sorted({*map(float, epsilons), default_eps})
+    val_logits = executor.all_logits(splits.val.x)
+    args = (net, nc, criterion, epsilons)
+    rows = _calibrations(val_logits, splits.val.y, *args, "val", exit_costs, cost)
+    if config.video.enabled:
+        v = config.video
+        vcfg = data_lib.VideoConfig(
+            num_clips=v.num_clips, frames_per_clip=v.frames_per_clip, seed=v.seed + 1000
+        )
+        stream = data_lib.make_stream(splits.val, vcfg)
+        vlogits = executor.all_logits(stream.x)
+        rows += _calibrations(vlogits, stream.y, *args, "video_val", exit_costs, cost)
+    default = next(r for r in rows if r["source"] == "val" and r["epsilon"] == default_eps)
+    test_y = splits.test.y[: len(next(iter(test_logits.values())))]
+    tested = exits_lib.simulate(
+        {n: test_logits[n] for n in net.exit_names},
+        test_y,
+        default["thresholds"],
+        criterion,
+        nc.exit_flops,
+        net.exit_names,
+    )
+    for e in manifest["exits"]:
+        e["threshold"] = default["thresholds"].get(e["name"])
+        e["val_accuracy"] = float((val_logits[e["name"]].argmax(-1) == splits.val.y).mean())
+        e["test_accuracy"] = float((test_logits[e["name"]].argmax(-1) == test_y).mean())
+    manifest["calibration"] = {**default, "exit_costs": exit_costs}
+    manifest["calibrations"] = rows
+    manifest["test"] = {
+        "examples": int(len(tested.correct)),
+        "accuracy": tested.accuracy,
+        "final_accuracy": next(e["test_accuracy"] for e in manifest["exits"] if e["name"] == FINAL),
+        "exit_rates": tested.rates,
+        "expected_flops": tested.expected_cost,
+        "flops_ratio": tested.expected_cost / nc.backbone_flops,
+    }
+    return manifest
+
+
+def calibrate_bundle(
+    bundle_dir: str,
+    config: Any,
+    exit_costs: Mapping[str, float],
+    *,
+    cost: str = MEASURED_MS,
+    log=print,
+) -> dict:
+    """Re-calibrates an exported bundle on `exit_costs` and rewrites its manifest (staged).
+
+    For a job that measured the bundle's signatures: the thresholds it ships
+    are then the ones its own report was measured with (`calibrate`, same
+    validation data and epsilons as at export). Returns the new manifest.
+
+    Raises:
+      BundleError: not a bundle. ValueError: `exit_costs` misses an exit.
+    """
+    bundle = Bundle.from_dir(bundle_dir)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    missing = sorted({e["name"] for e in manifest["exits"]} - set(exit_costs))
+    if missing:
+        raise ValueError(f"exit_costs has no cost for exits {missing}")
+    splits = training.load_data(config)
+    executor = EarlyExitExecutor(bundle, num_threads=1)
+    n = int(manifest["test"]["examples"])
+    calibrate(
+        manifest, executor, config, splits, exit_costs=exit_costs, cost=cost,
+        epsilons=[r["epsilon"] for r in manifest["calibrations"]],
+        test_logits=executor.all_logits(splits.test.x[:n]),
+    )  # fmt: skip
+    rewrite_manifest(bundle_dir, manifest)
+    thr = manifest["calibration"]["thresholds"]
+    log(f"calibrated {os.path.basename(bundle_dir)} on {cost}: thresholds {thr}")
+    return manifest
 
 
 def export_bundle(workdir: str, out: str, **kwargs: Any) -> dict:
@@ -207,7 +292,7 @@ def export_bundle(workdir: str, out: str, **kwargs: Any) -> dict:
 def _check_options(
     *,
     precision: str = "fp32",
-    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    epsilons: Sequence[float] = exits_lib.EPSILONS,
     min_agreement: float = AGREEMENT_TARGET,
     max_logit_diff: float = FP32_TOLERANCE,
     parity_examples: int = 1000,
@@ -236,7 +321,7 @@ def export_model(
     precision: str = "fp32",
     sparsity: bool = False,
     overwrite: bool = False,
-    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    epsilons: Sequence[float] = exits_lib.EPSILONS,
     parity_examples: int = 1000,
     num_calibration: int = 200,
     max_logit_diff: float = FP32_TOLERANCE,
@@ -265,7 +350,7 @@ def export_model(
     if partitions and precision == "int8":
         raise ValueError("--partitions supports fp32, fp16 and dynamic precision, not int8")
     t0 = time.perf_counter()
-    staged = _Staged(out, overwrite)
+    staged = Staged(out, overwrite)
     try:
         manifest = _export(
             config, net, variables, staged.dir, precision, sparsity, epsilons,
@@ -284,9 +369,6 @@ def _export(
     config, net, variables, tmp, precision, sparsity, epsilons, parity_examples,
     num_calibration, source, log, parity_limits, partitions=False,
 ) -> dict:  # fmt: skip
-    from flexjax import data as data_lib
-    from flexjax import training
-    from runtime.bundle import Bundle
 
     splits = training.load_data(config)
     plans = convert.plan_signatures(net)
@@ -309,7 +391,6 @@ def _export(
 
     criterion = config.exits.criterion
     default_eps = float(config.exits.epsilon)
-    epsilons = sorted({*map(float, epsilons), default_eps})
     signatures = {}
     for plan in plans:
         info = sig_info[plan.name]
@@ -364,7 +445,7 @@ def _export(
         "files": {},
     }
     # A provisional manifest lets the runtime open the staged model for parity and calibration.
-    _write_manifest(tmp, manifest)
+    write_manifest(tmp, manifest)
     bundle = Bundle.from_dir(tmp)
     executor = EarlyExitExecutor(bundle, num_threads=1)
 
@@ -379,76 +460,24 @@ def _export(
             for n, r in parity["exits"].items()
         )
     )
-    val_logits = executor.all_logits(splits.val.x)
-    rows = _calibrations(val_logits, splits.val.y, net, nc, criterion, epsilons, "val")
-    if config.video.enabled:
-        v = config.video
-        vcfg = data_lib.VideoConfig(
-            num_clips=v.num_clips, frames_per_clip=v.frames_per_clip, seed=v.seed + 1000
-        )
-        stream = data_lib.make_stream(splits.val, vcfg)
-        vlogits = executor.all_logits(stream.x)
-        rows += _calibrations(vlogits, stream.y, net, nc, criterion, epsilons, "video_val")
-    default = next(r for r in rows if r["source"] == "val" and r["epsilon"] == default_eps)
-    tested = exits_lib.simulate(
-        {n: test_logits[n] for n in net.exit_names},
-        splits.test.y[:parity_examples],
-        default["thresholds"],
-        criterion,
-        nc.exit_flops,
-        net.exit_names,
-    )
-    for e in exits:
-        e["threshold"] = default["thresholds"].get(e["name"])
-        e["val_accuracy"] = float((val_logits[e["name"]].argmax(-1) == splits.val.y).mean())
-        e["test_accuracy"] = float(
-            (test_logits[e["name"]].argmax(-1) == splits.test.y[:parity_examples]).mean()
-        )
-    manifest["calibration"] = default
-    manifest["calibrations"] = rows
-    manifest["test"] = {
-        "examples": int(len(tested.correct)),
-        "accuracy": tested.accuracy,
-        "final_accuracy": next(e["test_accuracy"] for e in exits if e["name"] == FINAL),
-        "exit_rates": tested.rates,
-        "expected_flops": tested.expected_cost,
-        "flops_ratio": tested.expected_cost / nc.backbone_flops,
-    }
+    calibrate(
+        manifest, executor, config, splits, epsilons=epsilons,
+        test_logits={n: v for n, v in test_logits.items()},
+    )  # fmt: skip
     manifest["parity"] = parity
     if partitions:
-        from export import partitions as partitions_lib
-
         k = min(8, len(splits.test.x))
         manifest["partitions"] = partitions_lib.export_partitions(
             net, variables, tmp, precision=precision, check_x=splits.test.x[:k],
             check_logits={n: v[:k] for n, v in test_logits.items()}, log=log,
         )  # fmt: skip
-    _write_manifest(tmp, manifest)
+    write_manifest(tmp, manifest)
     Bundle.from_dir(tmp)  # the final bundle verifies
     return manifest
 
 
-def _write_manifest(directory: str, manifest: dict) -> None:
-    files = {}
-    for name in sorted(os.listdir(directory)):
-        if name in (MANIFEST, MANIFEST_DIGEST):
-            continue
-        p = os.path.join(directory, name)
-        files[name] = {"sha256": sha256_file(p), "bytes": os.path.getsize(p)}
-    manifest["files"] = files
-    raw = (json.dumps(jsonable(manifest), indent=1, sort_keys=False) + "\n").encode()
-    with open(os.path.join(directory, MANIFEST), "wb") as f:
-        f.write(raw)
-    with open(os.path.join(directory, MANIFEST_DIGEST), "w") as f:
-        f.write(f"{hashlib.sha256(raw).hexdigest()}  {MANIFEST}\n")
-
-
 def main(argv: list[str]) -> None:
-    from absl import flags, logging
-
     logging.set_verbosity(logging.WARNING)
-
-    from train._cli import fail
 
     f = flags.FLAGS
     if len(argv) > 1:
@@ -473,14 +502,12 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-
     flags.DEFINE_string("workdir", None, "train.multi_exit workdir to export")
     flags.DEFINE_string("out", None, "bundle directory to create")
     flags.DEFINE_enum("precision", "fp32", list(convert.PRECISIONS), "weight/activation precision")
     flags.DEFINE_bool("sparsity", False, "store (magnitude-pruned) weights in sparse form")
     flags.DEFINE_bool("overwrite", False, "replace an existing bundle at --out")
-    flags.DEFINE_list("epsilons", [str(e) for e in DEFAULT_EPSILONS], "calibration epsilons")
+    flags.DEFINE_list("epsilons", [str(e) for e in exits_lib.EPSILONS], "calibration epsilons")
     flags.DEFINE_integer("parity_examples", 1000, "test examples checked against JAX")
     flags.DEFINE_integer("num_calibration", 200, "training images for int8 calibration")
     flags.DEFINE_float("max_logit_diff", FP32_TOLERANCE, "fp32 parity: max |delta logit| vs JAX")
@@ -492,7 +519,7 @@ if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from absl import app
 
-    from train._cli import parse_flags
+    from flexjax.cli import parse_flags
 
     _define_flags()
     app.run(main, flags_parser=parse_flags)

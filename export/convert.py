@@ -33,9 +33,9 @@ import numpy as np
 
 from flexjax import models
 from flexjax.spec import FINAL, PARAMETRIC, Net
+from runtime.names import FULL, head_name, segment_name
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
-FULL = "full"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +73,6 @@ class SignaturePlan:
         return d
 
 
-def exit_key(exit_name: str) -> str:
-    """``exit_3`` -> ``3``; any other name is kept as is."""
-    return exit_name[len("exit_") :] if exit_name.startswith("exit_") else exit_name
-
-
 def plan_signatures(net: Net) -> list[SignaturePlan]:
     """The signatures of `net`'s bundle, in execution order, then ``full``."""
     shapes = net.shapes()
@@ -90,17 +85,16 @@ def plan_signatures(net: Net) -> list[SignaturePlan]:
     start = 0
     for e in net.exits:
         stop = e.after + 1
-        key = exit_key(e.name)
         act = tuple(shapes[e.after][1])
         plans.append(
             SignaturePlan(
-                f"segment_{key}", "segment", start, stop, e.name,
+                segment_name(e.name), "segment", start, stop, e.name,
                 "x", "activation", in_shape(start), act,
             )
         )  # fmt: skip
         plans.append(
             SignaturePlan(
-                e.name if e.name.startswith("exit_") else f"exit_{key}", "head", stop, stop,
+                head_name(e.name), "head", stop, stop,
                 e.name, "activation", "logits", act, (net.num_classes,),
             )
         )  # fmt: skip
@@ -108,7 +102,7 @@ def plan_signatures(net: Net) -> list[SignaturePlan]:
     n = len(net.layers)
     logits = (net.num_classes,)
     plans.append(
-        SignaturePlan(f"segment_{FINAL}", "segment", start, n, FINAL, "x", "logits",
+        SignaturePlan(segment_name(FINAL), "segment", start, n, FINAL, "x", "logits",
                       in_shape(start), logits)
     )  # fmt: skip
     plans.append(SignaturePlan(FULL, "full", 0, n, FINAL, "x", "logits", input_shape, logits))
@@ -176,6 +170,7 @@ def jax_outputs(
 
 
 def _converter_options(converter, precision: str, sparsity: bool, representative) -> None:
+    # lazy: TensorFlow takes seconds to import and only conversion needs it
     import tensorflow as tf
 
     opts = []
@@ -234,6 +229,7 @@ def to_tflite_many(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    # lazy: TensorFlow takes seconds to import and only conversion needs it
     import tensorflow as tf
     from jax.experimental import jax2tf
 

@@ -18,17 +18,21 @@ import sys
 
 import numpy as np
 
+from runtime import names
+
 POLICIES = ("edgent", "device-only", "edge-only", "neurosurgeon", "right-sizing")
 
 
 def _exit_index(plan: str, exits: list[str]) -> int:
-    return exits.index(plan.split("@")[0])
+    return exits.index(names.parse_plan_label(plan)[0])
 
 
 def plot(rep: dict, out: str) -> list[str]:
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib.pyplot as plt
 
     # Reports written before the bench recorded its bundle's exits are the 5-exit AlexNet's.
@@ -40,7 +44,7 @@ def plot(rep: dict, out: str) -> list[str]:
     top = [max(s["plans"], key=s["plans"].get) for s in bw]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     a1.semilogx(x, [_exit_index(p, exits) + 1 for p in top], "o-", label="exit point")
-    part = [p.split("@")[1] for p in top]
+    part = [names.partition_text(p) for p in top]
     for xi, p in zip(x, part):
         a1.annotate(p, (xi, 0.6), rotation=90, fontsize=7, ha="center")
     a1.set(xlabel="bandwidth (Mbps)", ylabel=f"exit point (1-{len(exits)})",

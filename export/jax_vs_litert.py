@@ -10,23 +10,21 @@ runtime itself never imports it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
-import time
 
+import jax
 import numpy as np
+
+from export import convert
+from export.bundle import load_workdir
+from flexjax import training
+from runtime import Bundle, EarlyExitExecutor, timing
 
 
 def measure(workdir: str, bundle_dir: str, frames: int = 500, rounds: int = 3, threads: int = 1):
-    import jax
-
-    from export import convert
-    from export.bundle import load_workdir
-    from flexjax import training
-    from runtime import Bundle, EarlyExitExecutor
-    from runtime.bench import time_stats
-
     config, net, variables = load_workdir(workdir)
     bundle = Bundle.from_dir(bundle_dir)
     if bundle.manifest["net"] != net.to_dict():
@@ -38,31 +36,25 @@ def measure(workdir: str, bundle_dir: str, frames: int = 500, rounds: int = 3, t
     ex = EarlyExitExecutor(bundle, num_threads=threads)
     batch1 = [np.ascontiguousarray(x[None]) for x in xs]
     jax_in = [jax.device_put(x) for x in batch1]
-    fn(sub, jax_in[0]).block_until_ready()
-    for x in batch1[:20]:
-        ex.run_full(x)
-    t_jax, t_lite = [], []
-    agree = 0
-    for r in range(rounds):
-        for x in jax_in:
-            t0 = time.perf_counter_ns()
-            y = fn(sub, x).block_until_ready()
-            t_jax.append(time.perf_counter_ns() - t0)
-        for j, x in enumerate(batch1):
-            t0 = time.perf_counter_ns()
-            z = ex.run_full(x)
-            t_lite.append(time.perf_counter_ns() - t0)
-            if r == 0:
-                agree += int(np.argmax(z) == np.argmax(np.asarray(fn(sub, jax_in[j]))))
-    del y
+    fns = {
+        "jax_jit": lambda x: fn(sub, x).block_until_ready(),
+        "litert_full": ex.run_full,
+    }
+    t = timing.interleaved(
+        fns, {"jax_jit": jax_in, "litert_full": batch1}, rounds=rounds,
+        warmup=min(20, len(xs)), order="fixed",
+    )  # fmt: skip
+    agree = sum(
+        int(np.argmax(z) == np.argmax(np.asarray(y)))
+        for y, z in zip(t.outputs["jax_jit"], t.outputs["litert_full"])
+    )
 
     res = {
         "frames": len(xs),
         "rounds": rounds,
         "threads_litert": threads,
         "jax_backend": jax.default_backend(),
-        "jax_jit": time_stats(t_jax),
-        "litert_full": time_stats(t_lite),
+        **t.stats(),
         "top1_agreement": agree / len(xs),
     }
     res["litert_over_jax_p50"] = res["litert_full"]["p50_ms"] / res["jax_jit"]["p50_ms"]
@@ -70,8 +62,6 @@ def measure(workdir: str, bundle_dir: str, frames: int = 500, rounds: int = 3, t
 
 
 def main(argv=None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m export.jax_vs_litert")
     p.add_argument("--workdir", required=True)
     p.add_argument("--bundle", required=True)

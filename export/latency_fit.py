@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from export.staging import rewrite_manifest
+from flexjax.io import write_json_atomic
 from runtime import latency_model as lm
-from runtime.bundle import MANIFEST, MANIFEST_DIGEST, Bundle, BundleError
+from runtime.bundle import Bundle, BundleError
 
 FORMS = ("auto", "edgent", "interaction")
 HOLDOUT_EVERY = 4
@@ -51,6 +51,7 @@ def _variables(kind: str, form: str) -> tuple[str, ...]:
 
 
 def _fit(rows: Sequence[Mapping], ys: np.ndarray, names: Sequence[str]) -> dict:
+    # lazy: scikit-learn is slow to import and only the fit needs it
     from sklearn.linear_model import LinearRegression
 
     x = lm.design(rows, names)
@@ -110,6 +111,7 @@ def fit_target(profile: Mapping, form: str = "auto") -> tuple[dict, dict]:
         report[kind] = {"form": best, "forms": scores}
     loading = None
     if profile.get("loading"):
+        # lazy: scikit-learn is slow to import and only the fit needs it
         from sklearn.linear_model import LinearRegression
 
         x = np.array([[m["bytes"]] for m in profile["loading"]], np.float64)
@@ -173,23 +175,12 @@ def path_errors(
 
 def store(bundle_dir: str, models: Mapping, report: Mapping) -> None:
     """Rewrites the bundle's manifest with ``latency_models`` and ``latency_fit`` (staged)."""
-    from export.bundle import _Staged, _write_manifest
 
     bundle = Bundle.from_dir(bundle_dir)
     manifest = dict(bundle.manifest)
     manifest["latency_models"] = dict(models)
     manifest["latency_fit"] = dict(report)
-    staged = _Staged(bundle_dir, overwrite=True)
-    try:
-        for name in os.listdir(bundle_dir):
-            if name not in (MANIFEST, MANIFEST_DIGEST):
-                shutil.copy2(os.path.join(bundle_dir, name), os.path.join(staged.dir, name))
-        _write_manifest(staged.dir, manifest)
-        Bundle.from_dir(staged.dir)
-        staged.commit()
-    except BaseException:
-        staged.abort()
-        raise
+    rewrite_manifest(bundle_dir, manifest)
 
 
 def _load(path: str) -> dict:
@@ -283,8 +274,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             edge_paths=args.edge_paths, form=args.form,
         )  # fmt: skip
         if args.report:
-            from flexjax.io import write_json_atomic
-
             write_json_atomic(args.report, report)
     except (BundleError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -34,9 +34,11 @@ from typing import Any
 import numpy as np
 
 from export import convert
+from export.staging import ExportError
 from flexjax.spec import FINAL, Layer, Net, infer_shapes
+from runtime import names
+from runtime.lite import Model
 
-MODEL_FILE = "partitions.tflite"
 # Layers a partition point never precedes (see the module docstring).
 _NO_CUT_BEFORE = ("relu", "relu6", "dropout", "flatten")
 # Activations fused by the TFLite converter into the layer before them.
@@ -54,10 +56,6 @@ def exit_stop(net: Net, name: str) -> int:
     return len(net.layers) if name == FINAL else net.exit_position(name) + 1
 
 
-def _key(name: str, p: int) -> str:
-    return f"edge_{convert.exit_key(name)}_p{p:02d}"
-
-
 def plan_partitions(net: Net) -> list[convert.SignaturePlan]:
     """The device-prefix and edge-path signatures of `net`, device prefixes first."""
     shapes = net.shapes()
@@ -70,7 +68,7 @@ def plan_partitions(net: Net) -> list[convert.SignaturePlan]:
     logits = (net.num_classes,)
     plans = [
         convert.SignaturePlan(
-            f"dev_p{p:02d}", "segment", 0, p, FINAL, "x", "activation", act(0), act(p)
+            names.device_name(p), "segment", 0, p, FINAL, "x", "activation", act(0), act(p)
         )
         for p in cuts
         if 0 < p < n
@@ -82,7 +80,7 @@ def plan_partitions(net: Net) -> list[convert.SignaturePlan]:
                 continue
             kind = "segment" if name == FINAL else "path"
             plans.append(
-                convert.SignaturePlan(_key(name, p), kind, p, stop, name, "x", "logits",
+                convert.SignaturePlan(names.edge_name(name, p), kind, p, stop, name, "x", "logits",
                                       act(p), logits)
             )  # fmt: skip
     return plans
@@ -125,7 +123,7 @@ def manifest_section(net: Net, plans: list[convert.SignaturePlan], model_file: s
     acts = {}
     for p in cuts:
         shape = tuple(net.input_shape) if p == 0 else tuple(shapes[p - 1][1])
-        acts[str(p)] = {
+        acts[names.cut_key(p)] = {
             "shape": [1, *shape],
             "dtype": "float32",
             "bytes": 4 * math.prod(shape),
@@ -134,13 +132,13 @@ def manifest_section(net: Net, plans: list[convert.SignaturePlan], model_file: s
     exits = []
     for name in net.exit_names:
         stop = exit_stop(net, name)
-        edge = {str(p): _key(name, p) for p in cuts if p <= stop and p < n}
+        edge = {names.cut_key(p): names.edge_name(name, p) for p in cuts if p <= stop and p < n}
         exits.append({"name": name, "stop": stop, "edge": edge})
     return {
         "model": model_file,
         "cut_points": cuts,
         "layers": len(net.layers),
-        "device": {str(p): f"dev_p{p:02d}" for p in cuts if 0 < p < n},
+        "device": {names.cut_key(p): names.device_name(p) for p in cuts if 0 < p < n},
         "exits": exits,
         "activations": acts,
         "layer_table": layer_table(net),
@@ -176,10 +174,10 @@ def export_partitions(
         raise ValueError("partition signatures support fp32, fp16 and dynamic precision, not int8")
     plans = plan_partitions(net)
     buf = convert.to_tflite(net, variables, plans, precision=precision)
-    path = os.path.join(directory, MODEL_FILE)
+    path = os.path.join(directory, names.PARTITIONS_FILE)
     with open(path, "wb") as f:
         f.write(buf)
-    section = manifest_section(net, plans, MODEL_FILE)
+    section = manifest_section(net, plans, names.PARTITIONS_FILE)
     log(f"partitions: {len(plans)} signatures, {len(buf):,} bytes")
     if check_x is not None and check_logits is not None:
         section["parity"] = _check_pairs(path, section, check_x, check_logits, precision, tolerance)
@@ -187,8 +185,6 @@ def export_partitions(
 
 
 def _check_pairs(path, section, xs, ref, precision, tolerance) -> dict:
-    from runtime.lite import Model
-
     model = Model(path)
     worst = 0.0
     for e in section["exits"]:
@@ -210,8 +206,6 @@ def _check_pairs(path, section, xs, ref, precision, tolerance) -> dict:
                 else (got.argmax(-1) != want.argmax(-1)).any()
             )
             if bad:
-                from export.bundle import ExportError
-
                 raise ExportError(
                     f"partition {dev or 'input'} -> {edge} does not reproduce {e['name']}'s "
                     f"logits (max |d| = {diff:.2e})"

@@ -30,7 +30,13 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
+
+from export import convert, partitions
+from export.staging import Staged, write_manifest
+from flexjax import models, spec
+from flexjax.spec import FINAL
 
 SIZES = ("full", "smoke")
 FORMAT = "flexjax-sweep"
@@ -48,7 +54,6 @@ _LOAD_FLOATS = {
 
 def _configs(size: str, seed: int) -> list[tuple[str, tuple[int, ...], object]]:
     """``[(name, input_shape, layer)]`` drawn reproducibly from the sweep ranges."""
-    from flexjax import spec
 
     rng = np.random.default_rng(seed)
     counts = _COUNTS[size]
@@ -85,7 +90,6 @@ def _configs(size: str, seed: int) -> list[tuple[str, tuple[int, ...], object]]:
 
 def _one_layer_net(layer, input_shape):
     """A valid `Net` whose position 0 is `layer` (a tiny classifier follows it)."""
-    from flexjax import spec
 
     tail = [spec.dense(2)]
     out = spec.infer_shapes([layer], input_shape)[0][1]
@@ -95,19 +99,12 @@ def _one_layer_net(layer, input_shape):
 
 
 def _flat_input_net(layer, n_in: int):
-    from flexjax import spec
-
     # Dense/flat layers: the net's image input is (1, 1, n_in) flattened first.
     return spec.Net((1, 1, n_in), 2, (spec.flatten(), layer, spec.dense(2)))
 
 
 def build_parts(size: str, seed: int):
     """``(parts for convert.to_tflite_many, manifest rows)`` of the sweep."""
-    import jax
-
-    from export import convert, partitions
-    from flexjax import models
-    from flexjax.spec import FINAL
 
     parts, rows = [], []
     key = jax.random.PRNGKey(seed)
@@ -130,12 +127,6 @@ def build_parts(size: str, seed: int):
 
 
 def _loading_models(size: str, seed: int, directory: str) -> list[dict]:
-    import jax
-
-    from export import convert
-    from flexjax import models, spec
-    from flexjax.spec import FINAL
-
     out = []
     for i, floats in enumerate(_LOAD_FLOATS[size]):
         n_in = 256
@@ -160,13 +151,11 @@ def export_sweep(out: str, *, size: str = "full", seed: int = 0, overwrite: bool
     Raises:
       ValueError: unknown size. FileExistsError: `out` exists without `overwrite`.
     """
-    from export import convert
-    from export.bundle import _Staged, _write_manifest
 
     if size not in SIZES:
         raise ValueError(f"unknown sweep size {size!r}; valid: {', '.join(SIZES)}")
     t0 = time.perf_counter()
-    staged = _Staged(out, overwrite)
+    staged = Staged(out, overwrite)
     try:
         parts, rows = build_parts(size, seed)
         buf = convert.to_tflite_many(parts)
@@ -185,7 +174,7 @@ def export_sweep(out: str, *, size: str = "full", seed: int = 0, overwrite: bool
             "loading": loading,
             "files": {},
         }
-        _write_manifest(staged.dir, manifest)
+        write_manifest(staged.dir, manifest)
         staged.commit()
     except BaseException:
         staged.abort()

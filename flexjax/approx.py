@@ -44,11 +44,11 @@ from flexjax.models.build import layer_name
 from flexjax.spec import Layer, Net
 from flexjax.transforms import (
     TransformError,
-    _get,
-    _layers,
-    _parse_site,
-    _replace_layer,
-    _set,
+    get_path,
+    parse_site,
+    replace_layer,
+    set_path,
+    site_layers,
 )
 
 Transform = Callable[[Net, dict], tuple[Net, dict]]
@@ -65,12 +65,12 @@ class ApproxError(TransformError):
 
 def site_layer(net: Net, site: str) -> Layer:
     """The `Layer` at a site."""
-    s = _parse_site(net, site)
-    return _layers(net, s.exit, site)[s.index]
+    s = parse_site(net, site)
+    return site_layers(net, s.exit, site)[s.index]
 
 
 def _with_layer(net: Net, site: str, layer: Layer) -> Net:
-    return _replace_layer(net, _parse_site(net, site), layer)
+    return replace_layer(net, parse_site(net, site), layer)
 
 
 def _path(site: str) -> tuple[str, ...]:
@@ -153,7 +153,7 @@ def factorize_dense(
     layer = site_layer(net, site)
     if layer.kind != "dense":
         raise ApproxError(f"{site} is a '{layer.kind}' layer; factorize_dense needs 'dense'")
-    p = _get(variables["params"], _path(site))
+    p = get_path(variables["params"], _path(site))
     u, v, r = _truncated_svd(p["kernel"], rank, energy, site)
     new = {"u": {"kernel": u}, "v": {"kernel": v}}
     if layer["use_bias"]:
@@ -161,7 +161,7 @@ def factorize_dense(
     lr = Layer.make(
         "low_rank_dense", features=layer["features"], rank=r, use_bias=layer["use_bias"]
     )
-    variables = {**variables, "params": _set(variables["params"], _path(site), new)}
+    variables = {**variables, "params": set_path(variables["params"], _path(site), new)}
     return _with_layer(net, site, lr), variables
 
 
@@ -184,7 +184,7 @@ def factorize_conv(
             + (f" with groups={layer['groups']}" if layer.kind == "conv" else "")
             + "; factorize_conv needs an ungrouped 'conv'"
         )
-    p = _get(variables["params"], _path(site))
+    p = get_path(variables["params"], _path(site))
     kh, kw, c, n = p["kernel"].shape
     u, v, r = _truncated_svd(p["kernel"].reshape(kh * kw * c, n), rank, energy, site)
     new = {"u": {"kernel": u.reshape(kh, kw, c, r)}, "v": {"kernel": v.reshape(1, 1, r, n)}}
@@ -199,7 +199,7 @@ def factorize_conv(
         padding=layer["padding"],
         use_bias=layer["use_bias"],
     )
-    variables = {**variables, "params": _set(variables["params"], _path(site), new)}
+    variables = {**variables, "params": set_path(variables["params"], _path(site), new)}
     return _with_layer(net, site, lr), variables
 
 
@@ -247,7 +247,7 @@ def factorize(
 
 
 def _full_rank(net: Net, variables: dict, site: str) -> int:
-    k = _get(variables["params"], _path(site))["kernel"]
+    k = get_path(variables["params"], _path(site))["kernel"]
     return min(math.prod(k.shape[:-1]), k.shape[-1])
 
 
@@ -323,19 +323,21 @@ def magnitude_prune(
         raise ApproxError(f"no kernels to prune at sites {sites}")
     params = variables["params"]
     if scope == "global":
-        leaves = [_get(params, p) for p in paths]
+        leaves = [get_path(params, p) for p in paths]
         mags = jnp.concatenate([jnp.abs(x).reshape(-1) for x in leaves])
         keep = _keep_mask(mags, float(sparsity))
         offset = 0
         for p, x in zip(paths, leaves):
             m = keep[offset : offset + x.size].reshape(x.shape)
             offset += x.size
-            params = _set(params, p, jnp.where(m, x, 0.0).astype(x.dtype))
+            params = set_path(params, p, jnp.where(m, x, 0.0).astype(x.dtype))
     else:
         for p in paths:
             s = _sparsity_for(values, p) if per_site else float(values["*"])
-            x = _get(params, p)
-            params = _set(params, p, jnp.where(_keep_mask(jnp.abs(x), s), x, 0.0).astype(x.dtype))
+            x = get_path(params, p)
+            params = set_path(
+                params, p, jnp.where(_keep_mask(jnp.abs(x), s), x, 0.0).astype(x.dtype)
+            )
     return net, {**variables, "params": params}
 
 
@@ -349,7 +351,7 @@ def _sparsity_for(values: Mapping[str, float], path: tuple[str, ...]) -> float:
 
 def zero_fraction(variables: dict) -> float:
     """Fraction of kernel entries that are exactly zero."""
-    leaves = [np.asarray(_get(variables["params"], p)) for p in _kernel_paths(variables, None)]
+    leaves = [np.asarray(get_path(variables["params"], p)) for p in _kernel_paths(variables, None)]
     n = sum(x.size for x in leaves)
     return float(sum((x == 0).sum() for x in leaves) / max(n, 1))
 
@@ -398,7 +400,7 @@ def drop_layers(
     Dropping deepest-first keeps the shallower sites' names valid (a backbone
     drop shifts the positions after it).
     """
-    parsed = sorted(((_parse_site(net, s), s) for s in sites), key=lambda p: -p[0].index)
+    parsed = sorted(((parse_site(net, s), s) for s in sites), key=lambda p: -p[0].index)
     for i, (_, site) in enumerate(parsed):
         net, variables = transforms.drop_layer(net, variables, site, jax.random.fold_in(rng, i))
     return net, variables

@@ -98,21 +98,22 @@ def load(workdir: str, step: int | None = None) -> tuple[Net, dict]:
     return net, variables
 
 
-def save_workdir(
+def save_model(
     directory: str,
     net: Net,
     variables: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
     *,
     json_files: Mapping[str, Any] | None = None,
 ) -> None:
-    """Writes ``(net, variables)`` as a training workdir, atomically.
+    """Saves ``(net, variables)`` as a workdir that `load` reads, atomically.
 
-    The result (``checkpoints/`` at step 0, ``net.json``, plus one JSON file per
-    `json_files` entry, e.g. ``{"config.json": config.to_dict()}``) is what
-    `load` reads, so any job can start from it
-    (``train.init_from``, ``flexdnn.backbone_workdir``). Everything is written
-    to a temporary sibling directory first and renamed over `directory` when
-    complete: an interrupted save leaves the old directory (or none).
+    The workdir (``checkpoints/`` at step 0, ``net.json``, ``config.json`` if
+    `config` is given, and one JSON file per `json_files` entry) is what any
+    job starts from (``train.init_from``, ``flexdnn.backbone_workdir``). It is
+    assembled in a temporary sibling directory and renamed into place, so a
+    killed process leaves either the old model or the new one. An existing
+    `directory` is replaced.
     """
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
@@ -125,6 +126,8 @@ def save_workdir(
             save(mgr, 0, net, tree)
             mgr.wait_until_finished()
         write_json_atomic(os.path.join(tmp, "net.json"), net.to_dict())
+        if config is not None:
+            write_json_atomic(os.path.join(tmp, "config.json"), dict(config))
         for filename, obj in (json_files or {}).items():
             write_json_atomic(os.path.join(tmp, filename), obj)
         if os.path.exists(directory):
@@ -133,3 +136,16 @@ def save_workdir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def load_saved(directory: str, net: Net | None = None) -> tuple[Net, dict] | None:
+    """``(net, variables)`` saved in `directory` (by `save_model` or training), else None.
+
+    With `net` given, a saved model of another network also gives None.
+    """
+    if latest_step(os.path.join(directory, "checkpoints")) is None:
+        return None
+    saved = load(directory)
+    if net is not None and saved[0] != net:
+        return None
+    return saved

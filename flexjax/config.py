@@ -10,9 +10,9 @@ rejects unknown arguments itself).
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -70,8 +70,17 @@ def defaults() -> ml_collections.ConfigDict:
     c.video.frames_per_clip = 40
     c.video.seed = 0
 
-    # FlexDNN (python -m train.flexdnn): exit architecture search and insertion plan.
-    # Ignored by train.multi_exit. Validated by flexjax.flexdnn.validate.
+    return c
+
+
+def flexdnn_defaults() -> ml_collections.ConfigDict:
+    """A FlexDNN config (``python -m train.flexdnn``): a training config plus ``flexdnn``.
+
+    The ``flexdnn`` section (exit architecture search, insertion plan,
+    benchmark) lives only in FlexDNN's configs; ranges are checked by
+    `flexjax.flexdnn.validate`.
+    """
+    c = defaults()
     c.flexdnn = ml_collections.ConfigDict()
     c.flexdnn.backbone_workdir = ""  # train.multi_exit workdir; "" = train one in <workdir>
     c.flexdnn.positions = ()  # candidate exit positions; () = every block boundary
@@ -168,6 +177,62 @@ def load(ref: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
+def catalog_defaults() -> ml_collections.ConfigDict:
+    """An MCDNN catalog config (``python -m train.catalog``): every key, with its default.
+
+    ``base`` is the training config of the task models; ``variants`` lists
+    ``{"name", "recipe", "precision", "sparsity"}`` entries (recipes are
+    `flexjax.approx` techniques) and ``task_variants`` the names built for
+    the non-digit tasks. Semantic checks are `pipelines.mcdnn.validate`'s.
+    """
+    c = ml_collections.ConfigDict()
+    c.base = defaults()
+    c.tasks = ("digit",)  # names from flexjax.specialize.TASKS, "digit" first
+    c.stem = 6  # shared backbone positions [0, stem)
+    c.heads = ml_collections.ConfigDict(
+        {"steps": 800, "batch_size": 64, "learning_rate": 1e-3, "augment_shift": 2}
+    )
+    c.finetune = ml_collections.ConfigDict(
+        {"steps": 400, "batch_size": 64, "learning_rate": 5e-4, "distill_weight": 0.5,
+         "temperature": 4.0, "augment_shift": 2}
+    )  # fmt: skip
+    c.variants = [{"name": "original", "recipe": [], "precision": "fp32"}]
+    c.task_variants = ["original"]
+    c.bench = ml_collections.ConfigDict(
+        {"rounds": 5, "frames": 100, "warmup": 20, "load_repeats": 5, "threads": 1}
+    )
+    c.energy = ml_collections.ConfigDict(
+        {"cpu_power_w": 1.5, "dram_j_per_byte": 1.6e-10, "storage_j_per_byte": 1.0e-9,
+         "adb_serial": "", "adb_binary": ""}
+    )  # fmt: skip
+    c.cloud = ml_collections.ConfigDict(
+        {"enabled": True, "frame_bytes": 20000, "radio_j_per_byte": 2.0e-7, "rtt_ms": 80.0,
+         "speedup": 4.0, "money_per_request": 1.0e-5}
+    )  # fmt: skip
+    c.specialize = ml_collections.ConfigDict(
+        {"window": 200, "n": 2, "p": 0.9, "skew_seed": 0, "steps": 300, "batch_size": 128,
+         "learning_rate": 1e-2, "other_fraction": 0.2, "stream_frames": 2000,
+         "variant": "original", "time_original": True}
+    )  # fmt: skip
+    c.ams = ml_collections.ConfigDict(
+        {"budgets": {"energy": "0.05x", "memory_mb": 2.5, "money": 0.0, "latency_ms": 100.0},
+         "trace": {"hours": 10.0, "mean_rate": 1.0, "bursts": 12, "seed": 0}}
+    )  # fmt: skip
+    return c
+
+
+def schema_of(config: Any) -> Callable[[], ml_collections.ConfigDict]:
+    """The schema a config follows.
+
+    Catalog (has ``base``), Edgent (``model_config``), FlexDNN (``flexdnn``) or training.
+    """
+    if "base" in config:
+        return catalog_defaults
+    if "model_config" in config:
+        return edgent_defaults
+    return flexdnn_defaults if "flexdnn" in config else defaults
+
+
 def smoke_on_digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks a CIFAR-size config for tests: 256 digits at 32x32x3, one tiny epoch.
 
@@ -187,25 +252,27 @@ def smoke_on_digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     return config
 
 
+def _free_form(key: str) -> bool:
+    """Whether `key` is a free-form section (``model.kwargs``, also inside ``base``)."""
+    return any(key == f or key.endswith("." + f) for f in FREE_FORM)
+
+
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     out = {}
     items = d.items() if hasattr(d, "items") else []
     for k, v in items:
         key = f"{prefix}{k}"
-        if isinstance(v, (ml_collections.ConfigDict, dict)) and key not in FREE_FORM:
+        if isinstance(v, (ml_collections.ConfigDict, dict)) and not _free_form(key):
             out.update(_flat(v, key + "."))
         else:
             out[key] = v
     return out
 
 
-def check_key(key: str, schema: ml_collections.ConfigDict | None = None) -> None:
-    """Raises ValueError (listing the valid keys of its section) if `key` is not in the schema.
-
-    `schema` is the full default config of the job (`defaults()` when None).
-    """
-    schema = _flat(defaults() if schema is None else schema)
-    if key in schema or any(key.startswith(f + ".") for f in FREE_FORM):
+def check_key(key: str, schema_fn: Callable[[], ml_collections.ConfigDict] = defaults) -> None:
+    """Raises ValueError (listing the valid keys of its section) if `key` is not in the schema."""
+    schema = _flat(schema_fn())
+    if key in schema or any(f".{f}." in f".{key}" for f in FREE_FORM):
         return
     section = key.rsplit(".", 1)[0] if "." in key else ""
     valid = sorted(k for k in schema if "." in k and k.rsplit(".", 1)[0] == section)
@@ -215,19 +282,22 @@ def check_key(key: str, schema: ml_collections.ConfigDict | None = None) -> None
 
 
 def validate(
-    config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None
+    config: ml_collections.ConfigDict,
+    schema_fn: Callable[[], ml_collections.ConfigDict] | None = None,
 ) -> ml_collections.ConfigDict:
-    """Checks keys against `schema` (`defaults()` when None); returns a full config.
+    """Checks keys against the schema; returns a full config (defaults filled in).
+
+    `schema_fn` defaults to `schema_of(config)` (FlexDNN's or training's).
 
     Raises:
       ValueError: an unknown key (naming the valid keys of its section) or a
         value of the wrong type.
     """
-    base = defaults() if schema is None else schema
-    schema = _flat(base)
+    schema_fn = schema_fn or schema_of(config)
+    schema = _flat(schema_fn())
     given = _flat(config)
     for key, value in given.items():
-        check_key(key, base)
+        check_key(key, schema_fn)
         default = schema[key]
         if (
             isinstance(default, bool) != isinstance(value, bool)
@@ -237,6 +307,6 @@ def validate(
             raise ValueError(
                 f"config key '{key}' must be a {type(default).__name__}, got {value!r}"
             )
-    full = copy.deepcopy(base)
+    full = schema_fn()
     full.update(config)  # nested update keeps defaults for keys the config omits
     return full

@@ -23,7 +23,8 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
-from flexjax.spec import FINAL, Layer, Net, Shape, infer_shapes
+from flexjax.spec import Layer, Net, Shape, infer_shapes
+from runtime import criteria
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,10 +204,8 @@ def of(net: Net, *, bytes_per_param: int = 4, bytes_per_activation: int = 4) -> 
     layers = tuple(sequence_costs(net.layers, net.input_shape, **kw))
     shapes = net.shapes()
     heads = {e.name: total(sequence_costs(e.layers, shapes[e.after][1], **kw)) for e in net.exits}
-    exit_flops: dict[str, int] = {}
-    spent_on_heads = 0
-    for e in net.exits:
-        spent_on_heads += heads[e.name].flops
-        exit_flops[e.name] = sum(c.flops for c in layers[: e.after + 1]) + spent_on_heads
-    exit_flops[FINAL] = sum(c.flops for c in layers) + spent_on_heads
+    stops = [e.after + 1 for e in net.exits] + [len(layers)]
+    segments = [sum(c.flops for c in layers[a:b]) for a, b in zip([0, *stops[:-1]], stops)]
+    leave = criteria.leave_costs(segments, [heads[e.name].flops for e in net.exits] + [0])
+    exit_flops = dict(zip(net.exit_names, leave))
     return NetCosts(net, layers, heads, exit_flops)

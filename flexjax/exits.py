@@ -24,49 +24,19 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-CRITERIA = ("entropy", "max_softmax")
+from runtime import criteria
 
+# The rule itself is defined once, numpy-only, where the runtime executes it.
+CRITERIA = criteria.CRITERIA
+NEVER = criteria.NEVER  # score threshold that no input passes
+softmax = criteria.softmax
+score = criteria.score
+to_score = criteria.to_score
+from_score = criteria.from_score
 
-def _check_criterion(criterion: str) -> None:
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown exit criterion '{criterion}'; valid: {', '.join(CRITERIA)}")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def score(logits: np.ndarray, criterion: str) -> np.ndarray:
-    """Confidence per input, higher = more confident."""
-    _check_criterion(criterion)
-    p = softmax(logits)
-    if criterion == "max_softmax":
-        return p.max(axis=-1)
-    return (p * np.log(np.clip(p, 1e-30, None))).sum(axis=-1)  # = -entropy
-
-
-def to_score(threshold: float, criterion: str) -> float:
-    """Natural-unit threshold -> score-space threshold."""
-    _check_criterion(criterion)
-    return threshold if criterion == "max_softmax" else -threshold
-
-
-def from_score(s: float, criterion: str) -> float:
-    _check_criterion(criterion)
-    return s if criterion == "max_softmax" else -s
-
-
-NEVER = float("inf")  # score threshold that no input passes
-
-
-def _thr_score(threshold: float | None, criterion: str) -> float:
-    # None (or a non-finite value) means the exit never fires.
-    if threshold is None or not np.isfinite(threshold):
-        return NEVER
-    return to_score(threshold, criterion)
+# The epsilons every calibration table and trade-off sweep uses (fractions: 0.01 = 1 point):
+# the training report's sweep, the bundle's calibration rows and FlexDNN's benchmark sweep.
+EPSILONS = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +107,7 @@ def simulate(
     names = tuple(names or logits)
     labels = np.asarray(labels)
     scores, preds = _stack_scores(logits, names, criterion)
-    thr = np.array([_thr_score(thresholds.get(n), criterion) for n in names[:-1]])
+    thr = np.array([criteria.score_threshold(thresholds.get(n), criterion) for n in names[:-1]])
     cost = np.array([costs[n] for n in names], float) if costs else np.full(len(names), np.nan)
     idx, correct, acc, exp_cost = _simulate_scores(scores, preds, labels, thr, cost)
     counts = {n: int((idx == i).sum()) for i, n in enumerate(names)}
@@ -200,7 +170,7 @@ def calibrate(
     Raises:
       ValueError: bad criterion or epsilon.
     """
-    _check_criterion(criterion)
+    criteria.check(criterion)
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"epsilon must be a fraction in [0, 1) (0.01 = 1 point), got {epsilon}")
     names = tuple(names or logits)

@@ -20,8 +20,8 @@ import optax
 
 from flexjax.models import build
 from flexjax.spec import FINAL, Net
-from flexjax.training import _random_shift, make_optimizer
 from flexjax.training import exit_weights as default_exit_weights
+from flexjax.training import make_optimizer, random_shift
 
 
 def _paths(tree: Mapping[str, Any], prefix: str = "") -> dict:
@@ -157,7 +157,7 @@ def _make_step(net, tx, weights, backbone_frozen, augment_shift, distill_weight,
         params, batch_stats, opt_state = state
         rng_aug, rng_drop = jax.random.split(rng)
         if augment_shift:
-            x = _random_shift(x, rng_aug, augment_shift)
+            x = random_shift(x, rng_aug, augment_shift)
         grads, new_stats = jax.grad(loss_fn, has_aux=True)(
             params, batch_stats, x, y, teacher, rng_drop
         )

@@ -37,14 +37,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
+from flexjax import costs, evaluation
 from flexjax import exits as exits_lib
+from flexjax.finetune import finetune
+from flexjax.models import build
 from flexjax.spec import FINAL, Exit, Layer, Net, conv, dense, flatten, max_pool, relu
+from flexjax.transforms import TransformError, drop_layer, filter_norms, prune_filters
+from flexjax.transforms import prunable_sites as sites_of
+from runtime import criteria, timing
 
 
 class FlexDNNError(ValueError):
@@ -235,10 +241,6 @@ def keep_exits(net: Net, variables: Mapping[str, Any], names: Sequence[str]) -> 
 
 @functools.lru_cache(maxsize=32)
 def _features_fn(net: Net, stop: int):
-    import jax
-
-    from flexjax.models import build
-
     model = build(net)
     return jax.jit(lambda v, x: model.apply(v, x, False, stop=stop, heads=False)["activation"])
 
@@ -264,9 +266,7 @@ def features(
 
 
 def _accuracy(net: Net, variables: Mapping[str, Any], x: np.ndarray, y: np.ndarray) -> float:
-    from flexjax import training
-
-    return float((training.predict(net, dict(variables), x)[FINAL].argmax(-1) == y).mean())
+    return float((evaluation.predict(net, dict(variables), x)[FINAL].argmax(-1) == y).mean())
 
 
 def _site_index(site: str) -> int:
@@ -284,8 +284,6 @@ class SearchResult:
     history: list[dict]
 
     def to_dict(self) -> dict:
-        from flexjax import costs
-
         return {
             "reference_accuracy": self.reference_accuracy,
             "accuracy": self.accuracy,
@@ -327,7 +325,6 @@ def search_exit(
       The last architecture before the accuracy dropped, with the history of
       every step (action, site, sizes, accuracy, accepted).
     """
-    from flexjax import costs
 
     xt, yt = train
     xv, yv = val
@@ -337,11 +334,6 @@ def search_exit(
             {"trial": 0, "action": "start", "accuracy": ref, "accepted": True,
              "flops": costs.of(hnet).backbone_flops}
         ])  # fmt: skip
-
-    import jax
-
-    from flexjax.transforms import TransformError, drop_layer, filter_norms, prune_filters
-    from flexjax.transforms import prunable_sites as sites_of
 
     floor = ref - delta
     cur_net, cur_vars, cur_acc = hnet, dict(hvars), ref
@@ -362,8 +354,6 @@ def search_exit(
                             "accepted": False})  # fmt: skip
             return False
         if finetune_steps:
-            from flexjax.finetune import finetune
-
             vars2 = finetune(
                 net2, vars2, xt, yt, steps=finetune_steps, batch_size=min(batch_size, len(xt)),
                 learning_rate=learning_rate, seed=seed + trials,
@@ -435,34 +425,28 @@ def time_calls(
 ) -> dict[str, float]:
     """Median over `rounds` of the mean wall time (ms) of one call of each function.
 
-    Rounds are interleaved (every function once per round, order rotated) so
-    machine drift hits all of them alike.
+    Rounds are interleaved (`runtime.timing.interleaved`: every function once
+    per round, order rotated) so machine drift hits all of them alike.
     """
-    names = list(fns)
-    for n in names:
-        for _ in range(warmup):
-            fns[n]()
-    per: dict[str, list[float]] = {n: [] for n in names}
-    clock = time.perf_counter_ns
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for n in order:
-            fn = fns[n]
-            t0 = clock()
-            for _ in range(calls):
-                fn()
-            per[n].append((clock() - t0) / calls / 1e6)
-    return {n: float(np.median(v)) for n, v in per.items()}
+    t = timing.interleaved(
+        {n: (lambda _, f=f: f()) for n, f in fns.items()}, [None], rounds=rounds,
+        warmup=warmup, calls=calls, keep_outputs=False,
+    )  # fmt: skip
+    return t.median_round_ms()
 
 
 def signature_times(model, inputs: Mapping[str, np.ndarray], **kw) -> dict[str, float]:
-    """Measured ms per call of each signature of a loaded `runtime.lite.Model`."""
-    fns = {}
+    """Measured ms per call of each signature of a loaded `runtime.lite.Model`.
+
+    Keyword arguments are `time_calls`' (rounds, calls, warmup).
+    """
+    sigs, xs = {}, {}
     for name, x in inputs.items():
         sig = model.signature(name)
-        xin = np.ascontiguousarray(np.asarray(x, sig.input_dtype).reshape(sig.input_shape))
-        fns[name] = functools.partial(sig, xin)
-    return time_calls(fns, **kw)
+        sigs[name] = sig
+        xs[name] = [np.ascontiguousarray(np.asarray(x, sig.input_dtype).reshape(sig.input_shape))]
+    kw = {"rounds": 5, "calls": 50, "warmup": 5, **kw}
+    return timing.interleaved(sigs, xs, keep_outputs=False, **kw).median_round_ms()
 
 
 # ---------------------------------------------------------------------------
@@ -480,14 +464,7 @@ def passes_matrix(
 
     A missing or None threshold never passes.
     """
-    cols = []
-    for n in names:
-        t = thresholds.get(n)
-        s = exits_lib.score(logits[n], criterion)
-        if t is None or not np.isfinite(t):
-            cols.append(np.zeros(len(s), bool))
-        else:
-            cols.append(s >= exits_lib.to_score(float(t), criterion))
+    cols = [criteria.passes(logits[n], criterion, thresholds.get(n)) for n in names]
     if not cols:  # no side exit left
         return np.zeros((len(next(iter(logits.values()))), 0), bool)
     return np.stack(cols, axis=1)
@@ -590,13 +567,11 @@ def exit_costs(
 
     Leaving at j ran every segment up to j and every kept head up to j.
     """
-    out = {}
-    for j in sorted(kept):
-        out[names[j]] = float(sum(seg_cost[: j + 1])) + float(
-            sum(head_cost[k] for k in kept if k <= j)
-        )
-    out[FINAL] = float(sum(seg_cost)) + float(sum(head_cost[k] for k in kept))
-    return out
+    kept = sorted(kept)
+    stops = [j + 1 for j in kept] + [len(seg_cost)]
+    segments = [float(sum(seg_cost[a:b])) for a, b in zip([0, *stops[:-1]], stops)]
+    heads = [float(head_cost[j]) for j in kept] + [0.0]
+    return dict(zip([names[j] for j in kept] + [FINAL], criteria.leave_costs(segments, heads)))
 
 
 @dataclasses.dataclass(frozen=True)

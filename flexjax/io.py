@@ -45,6 +45,7 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def save_figure_atomic(fig: Any, path: str, dpi: int = 120) -> None:
     """Saves a matplotlib figure via a temp file + rename, then closes it."""
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib.pyplot as plt
 
     directory = os.path.dirname(os.path.abspath(path))

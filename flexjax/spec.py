@@ -25,8 +25,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from runtime.names import FINAL
+
 SCHEMA_VERSION = 1
-FINAL = "final"
 
 Shape = tuple[int, ...]
 

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from flexjax import models
+from flexjax.finetune import finetune
 from flexjax.spec import Net, dense
 
 TASKS = {"digit": 10, "parity": 2, "ge5": 2}
@@ -228,7 +229,6 @@ def retrain_times(
     batch size; JIT compilation is included (it is part of what a phone
     would pay). Returns the times and the specialized variables of each.
     """
-    from flexjax.finetune import finetune
 
     y_spec = specialized_labels(y, classes)
     keep = balance_other(y_spec, other_fraction, seed)

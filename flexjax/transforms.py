@@ -52,7 +52,7 @@ class TransformError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Site:
+class Site:
     exit: str | None  # None: the backbone
     index: int
 
@@ -64,7 +64,7 @@ class _Site:
         return "/".join((*self.prefix, layer_name(self.index)))
 
 
-def _parse_site(net: Net, site: str) -> _Site:
+def parse_site(net: Net, site: str) -> Site:
     head, sep, tail = site.rpartition("/")
     if not tail.startswith("layer_") or not tail[6:].isdigit():
         raise TransformError(
@@ -72,13 +72,13 @@ def _parse_site(net: Net, site: str) -> _Site:
         )
     index = int(tail[6:])
     exit_name = head if sep else None
-    layers = _layers(net, exit_name, site)
+    layers = site_layers(net, exit_name, site)
     if index >= len(layers):
         raise TransformError(f"site {site!r}: the sequence has only {len(layers)} layers")
-    return _Site(exit_name, index)
+    return Site(exit_name, index)
 
 
-def _layers(net: Net, exit_name: str | None, where: str = "") -> tuple[Layer, ...]:
+def site_layers(net: Net, exit_name: str | None, where: str = "") -> tuple[Layer, ...]:
     if exit_name is None:
         return net.layers
     try:
@@ -87,19 +87,19 @@ def _layers(net: Net, exit_name: str | None, where: str = "") -> tuple[Layer, ..
         raise TransformError(f"site {where!r}: {e.args[0]}") from None
 
 
-def _get(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
+def get_path(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set(tree: Mapping[str, Any], path: Sequence[str], value: Any) -> dict:
+def set_path(tree: Mapping[str, Any], path: Sequence[str], value: Any) -> dict:
     """A copy of `tree` with `path` set to `value` (copies only along the path)."""
     out = dict(tree)
     if len(path) == 1:
         out[path[0]] = value
     else:
-        out[path[0]] = _set(tree.get(path[0], {}), path[1:], value)
+        out[path[0]] = set_path(tree.get(path[0], {}), path[1:], value)
     return out
 
 
@@ -118,9 +118,9 @@ class _Edit:
     expand: int = 1  # flatten: each kept channel becomes `expand` positions
 
 
-def _trace(net: Net, site: _Site) -> list[_Edit]:
+def _trace(net: Net, site: Site) -> list[_Edit]:
     """The variable edits that follow the pruned filters of `site` to their consumers."""
-    layers = _layers(net, site.exit)
+    layers = site_layers(net, site.exit)
     layer = layers[site.index]
     if layer.kind not in ("conv", "dense") or layer.get("groups", 1) != 1:
         raise TransformError(
@@ -137,7 +137,7 @@ def _trace(net: Net, site: _Site) -> list[_Edit]:
     return edits
 
 
-def _head_input(net: Net, site: _Site) -> tuple[int, ...]:
+def _head_input(net: Net, site: Site) -> tuple[int, ...]:
     return net.shapes()[net.exit_position(site.exit)][1]
 
 
@@ -182,8 +182,8 @@ def prunable_sites(net: Net) -> list[str]:
     """Every site whose filters `prune_filters` can remove, backbone first."""
     out = []
     for exit_name in (None, *(e.name for e in net.exits)):
-        for i in range(len(_layers(net, exit_name))):
-            site = _Site(exit_name, i)
+        for i in range(len(site_layers(net, exit_name))):
+            site = Site(exit_name, i)
             try:
                 _trace(net, site)
             except TransformError:
@@ -194,19 +194,19 @@ def prunable_sites(net: Net) -> list[str]:
 
 def filter_norms(net: Net, variables: Mapping[str, Any], site: str) -> np.ndarray:
     """L1 norm of each output filter of `site` (kernel only), shape ``[features]``."""
-    s = _parse_site(net, site)
+    s = parse_site(net, site)
     _trace(net, s)
-    kernel = np.asarray(_get(variables["params"], (*s.prefix, layer_name(s.index), "kernel")))
+    kernel = np.asarray(get_path(variables["params"], (*s.prefix, layer_name(s.index), "kernel")))
     return np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(0)
 
 
 def _keep_indices(net, variables, site, keep) -> tuple[int, jax.Array]:
-    features = _layers(net, site.exit)[site.index]["features"]
+    features = site_layers(net, site.exit)[site.index]["features"]
     if isinstance(keep, (int, np.integer)):
         n = int(keep)
         if not 1 <= n <= features:
             raise TransformError(f"site {site}: keep must be in [1, {features}], got {n}")
-        kernel = _get(variables["params"], (*site.prefix, layer_name(site.index), "kernel"))
+        kernel = get_path(variables["params"], (*site.prefix, layer_name(site.index), "kernel"))
         norms = jnp.abs(jnp.asarray(kernel)).reshape(-1, features).sum(0)
         return n, jnp.sort(jnp.argsort(-norms, stable=True)[:n])
     idx = np.asarray(list(keep), np.int64)
@@ -245,21 +245,21 @@ def prune_filters(
       activations, pooling and flatten; for a backbone site also the first
       conv/dense of every exit reading an activation in between) are sliced.
     """
-    s = _parse_site(net, site)
+    s = parse_site(net, site)
     edits = _trace(net, s)
     n, index = _keep_indices(net, variables, s, keep)
     out = dict(variables)
     for ed in edits:
-        out[ed.collection] = _set(
+        out[ed.collection] = set_path(
             out[ed.collection],
             ed.path,
-            _take(_get(out[ed.collection], ed.path), index, ed.axis, ed.expand),
+            _take(get_path(out[ed.collection], ed.path), index, ed.axis, ed.expand),
         )
-    layer = _layers(net, s.exit)[s.index].replace(features=n)
-    return _replace_layer(net, s, layer), out
+    layer = site_layers(net, s.exit)[s.index].replace(features=n)
+    return replace_layer(net, s, layer), out
 
 
-def _replace_layer(net: Net, site: _Site, layer: Layer) -> Net:
+def replace_layer(net: Net, site: Site, layer: Layer) -> Net:
     if site.exit is None:
         layers = list(net.layers)
         layers[site.index] = layer
@@ -290,8 +290,8 @@ def drop_layer(
     positions: their parameters move to the new ``layer_NN`` names and exits
     hanging off later positions move with them, keeping their names.
     """
-    s = _parse_site(net, site)
-    layers = _layers(net, s.exit)
+    s = parse_site(net, site)
+    layers = site_layers(net, s.exit)
     layer = layers[s.index]
     if layer.kind not in PARAMETRIC:
         raise TransformError(
@@ -335,7 +335,7 @@ def _carry_over(old, new, variables, fresh, dropped_in, new_pos) -> dict:
     """`fresh` with every layer whose input shape is unchanged taking its old variables."""
     out = {col: dict(tree) for col, tree in fresh.items()}
     for exit_name in (None, *(e.name for e in new.exits)):
-        old_layers, new_layers = _layers(old, exit_name), _layers(new, exit_name)
+        old_layers, new_layers = site_layers(old, exit_name), site_layers(new, exit_name)
         old_in = _sequence_inputs(old, exit_name)
         new_in = _sequence_inputs(new, exit_name)
         prefix = () if exit_name is None else (exit_name,)
@@ -345,10 +345,10 @@ def _carry_over(old, new, variables, fresh, dropped_in, new_pos) -> dict:
                 continue
             for col in out:
                 try:
-                    value = _get(variables[col], (*prefix, layer_name(o)))
+                    value = get_path(variables[col], (*prefix, layer_name(o)))
                 except KeyError:
                     continue
-                out[col] = _set(out[col], (*prefix, layer_name(n)), value)
+                out[col] = set_path(out[col], (*prefix, layer_name(n)), value)
             assert new_layers[n] == old_layers[o]
     return out
 

@@ -34,22 +34,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flexjax.io import write_json_atomic
+from runtime import criteria, timing
 from runtime import data as data_lib
+from runtime.adb import AdbTarget
 from runtime.bundle import Bundle, BundleError
 from runtime.executor import EarlyExitExecutor
+from runtime.timing import time_stats
 
 MODES = ("early_exit", "full", "segments_only", "never_exit")
-
-
-def time_stats(ns: Sequence[int]) -> dict:
-    """Mean / p50 / p95 in ms of per-frame times given in ns."""
-    ms = np.asarray(ns, np.float64) / 1e6
-    return {
-        "mean_ms": float(ms.mean()),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "frames": int(ms.size),
-    }
 
 
 def pick_thresholds(bundle: Bundle, kind: str, epsilon: float | None, source: str) -> tuple:
@@ -70,13 +62,11 @@ def expected_time(
     (the heads before k did not pass; k's own head did). A frame reaching
     ``final`` ran all segments and all side heads.
     """
-    total, spent = 0.0, 0.0
-    for e in exits:
-        spent += sig_time[e["segment"]]
-        if e.get("head"):
-            spent += sig_time[e["head"]]
-        total += rates.get(e["name"], 0.0) * spent
-    return total
+    leave = criteria.leave_costs(
+        [sig_time[e["segment"]] for e in exits],
+        [sig_time[e["head"]] if e.get("head") else 0.0 for e in exits],
+    )
+    return float(sum(rates.get(e["name"], 0.0) * c for e, c in zip(exits, leave)))
 
 
 def run_local(
@@ -98,24 +88,12 @@ def run_local(
         "segments_only": seg_only.run,
         "never_exit": never.run,
     }
-    for fn in fns.values():
-        for x in xs[:warmup]:
-            fn(x)
-    times: dict[str, list[int]] = {m: [] for m in MODES}
-    results = []
-    full_pred = np.zeros(len(xs), np.int64)
+    # Modes run in a fixed order each round (MODES); round 0's outputs are the results.
+    t = timing.interleaved(fns, xs, rounds=rounds, warmup=min(warmup, len(xs)), order="fixed")
+    times = t.ns
+    results = t.outputs["early_exit"]
+    full_pred = np.array([int(out.argmax()) for out in t.outputs["full"]], np.int64)
     clock = time.perf_counter_ns
-    for r in range(rounds):
-        for mode in MODES:
-            fn, ts = fns[mode], times[mode]
-            for j, x in enumerate(xs):
-                t0 = clock()
-                out = fn(x)
-                ts.append(clock() - t0)
-                if r == 0 and mode == "early_exit":
-                    results.append(out)
-                elif r == 0 and mode == "full":
-                    full_pred[j] = int(out.argmax())
     t0 = clock()
     batch_logits, batch_where = ex.run_batch(frames.x)
     batched_ns = clock() - t0
@@ -189,8 +167,6 @@ def run_adb(
     warmup_runs: int,
     energy: bool,
 ) -> dict:
-    from runtime.adb import AdbTarget
-
     serial = target.partition(":")[2] or None
     adb = AdbTarget(serial, binary)
     used = adb.check()

@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from ai_edge_litert.interpreter import Interpreter
 
 # name -> (type, default, help); defaults are the real tool's.
 FLAGS: dict[str, tuple[type, object, str]] = {
@@ -250,7 +251,6 @@ def profile_tables(signature: str, stat: Stat) -> str:
 
 def benchmark(flags: dict[str, object]) -> None:
     """Loads the model, runs warmup and regular phases, prints the real tool's lines."""
-    from ai_edge_litert.interpreter import Interpreter
 
     graph = str(flags["graph"])
     signature = str(flags["signature_to_run_for"])

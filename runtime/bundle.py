@@ -17,9 +17,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from runtime import latency_model, tflite_model
+from runtime.lite import Model
+from runtime.names import MANIFEST, MANIFEST_DIGEST
+
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-MANIFEST_DIGEST = "manifest.sha256"
 _REQUIRED = (
     "schema_version",
     "format",
@@ -96,7 +98,6 @@ def check_files(path: str, manifest: Mapping[str, Any]) -> None:
 
 def _check_signatures(model_path: str, signatures: Mapping[str, Any]) -> None:
     """The flatbuffer parses and has every signature with the promised input shape."""
-    from runtime import tflite_model
 
     with open(model_path, "rb") as f:
         data = f.read()
@@ -236,8 +237,6 @@ class Bundle:
                 ) from None
         models = self.manifest.get("latency_models")
         if models is not None:
-            from runtime import latency_model
-
             try:
                 for target in models.values():
                     latency_model.check(target)
@@ -287,7 +286,6 @@ class Bundle:
 
     def load(self, num_threads: int = 1):
         """The interpreter for this bundle's model (`runtime.lite.Model`)."""
-        from runtime.lite import Model
 
         return Model(self.model_path, num_threads=num_threads)
 

@@ -49,10 +49,13 @@ from collections.abc import Mapping, Sequence
 import grpc
 import numpy as np
 
+from flexjax.io import write_json_atomic
+from runtime import data as data_lib
 from runtime import latency_model as lm
 from runtime import planner, wire
-from runtime.bundle import MANIFEST, Bundle, BundleError
+from runtime.bundle import Bundle, BundleError
 from runtime.lite import Model
+from runtime.names import MANIFEST
 from runtime.profile import Target
 
 DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
@@ -479,7 +482,6 @@ def run(opts: Options) -> dict:
         raise ValueError(f"unknown policy {opts.policy!r}; valid: {', '.join(planner.POLICIES)}")
     link = Link.parse(opts.bandwidth)
     bundle = Bundle.from_dir(opts.bundle)
-    from runtime import data as data_lib
 
     frames = data_lib.load(opts.data, bundle.manifest)
     addresses = [a.strip() for a in opts.edges if a.strip()]
@@ -573,8 +575,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileNotFoundError(f"directory of --json={args.json} does not exist")
         rep = run(opts)
         if args.json:
-            from flexjax.io import write_json_atomic
-
             write_json_atomic(args.json, rep)
     except (BundleError, planner.PlannerError, ValueError, FileNotFoundError, RuntimeError,
             KeyError) as e:  # fmt: skip

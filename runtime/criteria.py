@@ -1,17 +1,26 @@
-"""Exit confidence rules, in numpy (the same rule `flexjax.exits` calibrates).
+"""The exit rule, in numpy: the one definition the runtime executes and `flexjax.exits` calibrates.
 
 Thresholds are in natural units: ``entropy`` exits when the softmax entropy
 (nats) is at most the threshold; ``max_softmax`` exits when the top
-probability is at least the threshold. ``None`` means the exit never fires.
+probability is at least the threshold. ``None`` (or a non-finite value) means
+the exit never fires. Internally both map to a score where higher means
+surer (``p_max`` or ``-entropy``), compared against `score_threshold`.
+
+`leave_costs` is the cost of a frame that leaves at each exit, whatever the
+unit (FLOPs, measured ms): every segment and every side head up to that exit.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
 CRITERIA = ("entropy", "max_softmax")
+
+
+NEVER = float("inf")  # a score threshold no input passes
 
 
 def check(criterion: str) -> str:
@@ -54,13 +63,46 @@ def score_one(logits: np.ndarray, criterion: str) -> float:
     return math.fsum([ei * (v - m) for ei, v in zip(e, z)]) / s - math.log(s)
 
 
+def to_score(threshold: float, criterion: str) -> float:
+    """Natural-unit threshold -> score-space threshold."""
+    return threshold if check(criterion) == "max_softmax" else -threshold
+
+
+def from_score(s: float, criterion: str) -> float:
+    """Score-space threshold -> natural units (the inverse of `to_score`)."""
+    return s if check(criterion) == "max_softmax" else -s
+
+
 def score_threshold(threshold: float | None, criterion: str) -> float:
-    """A natural-unit threshold as a bound on `score` (inf: never exits)."""
+    """A natural-unit threshold as a bound on `score` (`NEVER`: the exit never fires)."""
     if threshold is None or not np.isfinite(threshold):
-        return float("inf")
-    return float(threshold) if check(criterion) == "max_softmax" else -float(threshold)
+        check(criterion)
+        return NEVER
+    return float(to_score(float(threshold), criterion))
 
 
 def passes(logits: np.ndarray, criterion: str, threshold: float | None) -> np.ndarray:
     """Whether each row may leave at an exit with this threshold."""
     return score(logits, criterion) >= score_threshold(threshold, criterion)
+
+
+def leave_costs(segment_costs: Sequence[float], head_costs: Sequence[float | None]) -> list:
+    """Cost of a frame that leaves at each exit, in execution order (last = final).
+
+    Leaving at exit k ran segments ``0..k`` and side heads ``0..k`` (the heads
+    before k did not pass; k's own head did). A frame reaching the final exit
+    ran every segment and every side head.
+
+    Args:
+      segment_costs: per exit, the cost of the backbone segment that ends there.
+      head_costs: per exit, the cost of its head (None or 0: no head, e.g. final).
+    """
+    if len(segment_costs) != len(head_costs):
+        raise ValueError(
+            f"need one head cost per segment; got {len(segment_costs)} and {len(head_costs)}"
+        )
+    out, spent = [], 0  # stays an int for integer costs (FLOPs)
+    for seg, head in zip(segment_costs, head_costs):
+        spent += seg + (head or 0)
+        out.append(spent)
+    return out

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from flexjax import data as data_lib
+
 SPLITS = ("train", "val", "test")
 
 
@@ -31,8 +33,6 @@ class Frames(NamedTuple):
 
 
 def _splits(name: str, data_cfg: Mapping[str, Any]):
-    from flexjax import data as data_lib
-
     def opt(key):
         v = data_cfg.get(key)
         return v or None
@@ -76,8 +76,6 @@ def load(spec: str, manifest: Mapping[str, Any], limit: int | None = None) -> Fr
             raise ValueError(f"{rest} is not a readable .npz file: {e}") from None
         what = "images"
     elif kind == "video":
-        from flexjax import data as data_lib
-
         v = manifest.get("video") or {}
         splits = _splits(rest, data_cfg)
         vcfg = data_lib.VideoConfig(

@@ -43,8 +43,9 @@ import grpc
 import numpy as np
 
 from runtime import wire
-from runtime.bundle import MANIFEST, Bundle, BundleError
+from runtime.bundle import Bundle, BundleError
 from runtime.lite import Model
+from runtime.names import MANIFEST
 
 DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from runtime import criteria
 from runtime.bundle import Bundle, BundleError
+from runtime.names import FULL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,7 @@ class EarlyExitExecutor:
     def run_full(self, x: np.ndarray) -> np.ndarray:
         """Logits of the ``full`` signature (the whole backbone as one graph)."""
         if self._full is None:
-            self._full = self.model.signature("full")
+            self._full = self.model.signature(FULL)
         return self._full(self.frame(x))
 
     def all_logits(self, xs: np.ndarray) -> dict[str, np.ndarray]:

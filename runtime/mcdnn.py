@@ -1,7 +1,7 @@
 """MCDNN runtime pieces: timing catalog variants, and a shared stem for several tasks.
 
 * `time_interleaved` times several single-input callables (catalog variants)
-  frame by frame, round-robin, so machine drift hits all of them alike; a
+  frame by frame, round-robin (`runtime.timing`), so drift hits all of them alike; a
   variant's speed is then a ratio to the original measured in the same run.
 * `time_load` measures what loading a variant into the model cache costs
   (interpreter creation + tensor allocation), the "load latency" AMS pays on
@@ -23,11 +23,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from runtime.bench import time_stats
+from runtime import timing
 from runtime.bundle import BundleError, sha256_file
 from runtime.lite import Model
-
-SHARED_MANIFEST = "shared.json"
+from runtime.names import SHARED_MANIFEST
+from runtime.timing import time_stats
 
 
 def time_interleaved(
@@ -39,25 +39,15 @@ def time_interleaved(
 ) -> dict[str, dict]:
     """Per-frame wall time of each callable on the same inputs, interleaved by round.
 
-    Returns ``{name: time_stats}`` (mean / p50 / p95 ms).
+    Returns ``{name: time_stats}`` (mean / p50 / p95 ms). The order alternates
+    (forward, backward) so no callable is always first.
     """
     if rounds < 1 or not xs:
         raise ValueError("time_interleaved needs rounds >= 1 and at least one input")
-    for fn in fns.values():
-        for x in xs[:warmup]:
-            fn(x)
-    times: dict[str, list[int]] = {n: [] for n in fns}
-    clock = time.perf_counter_ns
-    names = list(fns)
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]  # alternate so no one is always first
-        for n in order:
-            fn, ts = fns[n], times[n]
-            for x in xs:
-                t0 = clock()
-                fn(x)
-                ts.append(clock() - t0)
-    return {n: time_stats(ts) for n, ts in times.items()}
+    t = timing.interleaved(
+        fns, xs, rounds=rounds, warmup=min(warmup, len(xs)), order="alternate", keep_outputs=False
+    )
+    return t.stats()
 
 
 def time_load(model_path: str, signature: str = "full", repeats: int = 5, threads: int = 1) -> dict:

@@ -38,9 +38,11 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from runtime import latency_model as lm
+from runtime import names
+from runtime.bundle import Bundle, BundleError
+from runtime.names import FINAL
 
 POLICIES = ("edgent", "device-only", "edge-only", "neurosurgeon", "right-sizing")
-FINAL = "final"
 
 
 class PlannerError(ValueError):
@@ -86,8 +88,7 @@ class Option:
         return t
 
     def label(self) -> str:
-        where = {None: "device-only", 0: "edge-only"}.get(self.partition, f"p={self.partition}")
-        return f"{self.exit}@{where}"
+        return names.plan_label(self.exit, self.partition)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +129,7 @@ def options(manifest: Mapping) -> list[Option]:
     for i, e in enumerate(part["exits"]):
         name, stop = e["name"], e["stop"]
         for p, edge_sig in e["edge"].items():
-            start = int(p)
+            start = names.cut_point(p)
             dev_sig = part["device"].get(p)
             out.append(
                 Option(
@@ -277,8 +278,6 @@ def lookup(cmap: Sequence[tuple[float, Option]], bandwidth_bps: float) -> Option
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from runtime.bundle import Bundle, BundleError
-
     p = argparse.ArgumentParser(
         prog="python -m runtime.planner", description=__doc__.split("\n")[0]
     )

@@ -41,8 +41,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flexjax.io import write_json_atomic
-from runtime.bench import time_stats
-from runtime.bundle import BundleError, check_files, read_manifest
+from runtime.adb import AdbTarget
+from runtime.bundle import Bundle, BundleError, check_files, read_manifest
+from runtime.lite import Model
+from runtime.timing import time_stats
 
 SWEEP_FORMAT = "flexjax-sweep"
 
@@ -120,7 +122,6 @@ def time_signature(target: Target, sig, runs: int, warmup: int = 3) -> dict:
 
 def time_loading(target: Target, path: str, signature: str, runs: int) -> dict:
     """Model loading: interpreter creation + allocation + first invocation (ms, median)."""
-    from runtime.lite import Model
 
     ts = []
     for _ in range(runs):
@@ -135,8 +136,6 @@ def time_loading(target: Target, path: str, signature: str, runs: int) -> dict:
 
 
 def _adb_times(target: Target, binary: str, model_path: str, sigs: Sequence[str], runs: int):
-    from runtime.adb import AdbTarget
-
     adb = AdbTarget(target.serial, binary)
     adb.check()
     timings = adb.benchmark_all(
@@ -160,8 +159,6 @@ def profile_sweep(manifest: Mapping, path: str, target: Target, runs: int, binar
             loading.append({"file": m["file"], "bytes": m["bytes"],
                             "median_ms": t[m["signature"]].init_us / 1e3})  # fmt: skip
     else:
-        from runtime.lite import Model
-
         model = Model(model_path, num_threads=target.threads)
         for r in manifest["layers"]:
             layers[r["signature"]] = time_signature(target, model.signature(r["signature"]), runs)
@@ -191,8 +188,6 @@ def profile_partitions(manifest: Mapping, path: str, target: Target, runs: int, 
         sigs = {n: {"median_ms": t.avg_us / 1e3} for n, t in timings.items()}
         loading = []
     else:
-        from runtime.lite import Model
-
         model = Model(model_path, num_threads=target.threads)
         sigs = {n: time_signature(target, model.signature(n), runs) for n in names}
         loading = [
@@ -223,8 +218,6 @@ def profile(bundle: str, target: Target, runs: int = 20, binary: str | None = No
             msg = f"{bundle}: malformed sweep manifest ({type(e).__name__} {e})"
             raise BundleError(msg) from None
     else:
-        from runtime.bundle import Bundle
-
         b = Bundle.from_dir(bundle)
         result = profile_partitions(b.manifest, bundle, target, runs, binary)
     return {

@@ -162,7 +162,8 @@ def test_energy_is_measured_through_adb_when_a_phone_is_configured(
     """The adb path of `measure_costs`, on the stand-in adb + host benchmark_model."""
     import importlib.util
 
-    from flexjax import mcdnn, training
+    from flexjax import training
+    from pipelines import mcdnn
 
     spec = importlib.util.spec_from_file_location("mnist_catalog", CONFIG)
     mod = importlib.util.module_from_spec(spec)

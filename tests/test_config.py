@@ -53,7 +53,7 @@ def test_shipped_config_validates_and_builds_its_net(path, arg):
     config = _load(path).get_config(arg)
     config = config.base if "base" in config else config  # jobs wrapping a training config
     if "model_config" in config:  # an Edgent job: its own schema, the net's config by reference
-        config_lib.validate(config, config_lib.edgent_defaults())
+        config_lib.validate(config, config_lib.edgent_defaults)
         config = config_lib.load(config.model_config)
     config = config_lib.validate(config)
     kwargs = config.model.kwargs.to_dict()
@@ -72,11 +72,11 @@ def test_edgent_config_unknown_key_lists_the_edgent_keys():
 
     c = ml_collections.ConfigDict({"bench": {"frame": 9}})
     with pytest.raises(ValueError, match=r"unknown config key 'bench.frame'.*bench.frames"):
-        config_lib.validate(c, config_lib.edgent_defaults())
+        config_lib.validate(c, config_lib.edgent_defaults)
     # A training key is not an Edgent key: the two schemas do not mix.
     with pytest.raises(ValueError, match="unknown config key 'train.num_epochs'"):
         config_lib.validate(
-            ml_collections.ConfigDict({"train": {"num_epochs": 1}}), config_lib.edgent_defaults()
+            ml_collections.ConfigDict({"train": {"num_epochs": 1}}), config_lib.edgent_defaults
         )
 
 
@@ -84,3 +84,25 @@ def test_load_config_reference_missing_file_raises():
     with pytest.raises(FileNotFoundError, match="configs/nope.py does not exist"):
         config_lib.load("configs/nope.py:smoke")
     assert config_lib.load("configs/mnist_lenet_branchy.py:smoke").train.num_epochs == 2
+
+
+@pytest.mark.parametrize(
+    ("schema", "key"),
+    [
+        (config_lib.defaults, "flexdnn.delta"),  # FlexDNN's settings live in FlexDNN configs
+        (config_lib.flexdnn_defaults, "flexdnn.deltaa"),
+        (config_lib.catalog_defaults, "heads.stepz"),
+        (config_lib.catalog_defaults, "base.train.lr"),
+        (config_lib.edgent_defaults, "bench.framez"),
+    ],
+)
+def test_every_job_schema_rejects_unknown_keys_the_same_way(schema, key):
+    with pytest.raises(ValueError, match=f"unknown config key '{key}'"):
+        config_lib.check_key(key, schema)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_shipped_config_validates_against_its_own_schema(path):
+    config = _load(path).get_config("smoke")
+    schema = config_lib.schema_of(config)
+    assert set(config_lib.validate(config).keys()) == set(schema().keys())

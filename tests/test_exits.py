@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from flexjax import exits
+from runtime import criteria
 
 CONFIDENT = [10.0, 0.0, 0.0]
 UNSURE = [0.0, 0.1, 0.0]  # wrong, but not confident
@@ -74,3 +75,14 @@ def test_calibrate_bad_epsilon_and_criterion_raise():
         exits.calibrate(logits, y, {"a": 1, "final": 2}, epsilon=1.5)
     with pytest.raises(ValueError, match="unknown exit criterion 'margin'"):
         exits.calibrate(logits, y, {"a": 1, "final": 2}, criterion="margin")
+
+
+def test_leave_costs_sum_segments_and_side_heads_up_to_each_exit():
+    assert criteria.leave_costs([1, 2, 4], [10, 20, None]) == [11, 33, 37]
+    assert criteria.leave_costs([1.5], [0.0]) == [1.5]
+    with pytest.raises(ValueError, match="one head cost per segment"):
+        criteria.leave_costs([1, 2], [3])
+
+
+def test_exit_rule_is_the_runtime_rule():
+    assert exits.score is criteria.score and exits.CRITERIA == criteria.CRITERIA

@@ -13,7 +13,7 @@ from test_adb import fake_adb, host_binary  # noqa: F401  (fixtures)
 from flexjax import exits as exits_lib
 from runtime import Bundle, BundleError, EarlyExitExecutor, criteria
 from runtime.bench import expected_time
-from runtime.bundle import MANIFEST, MANIFEST_DIGEST
+from runtime.names import MANIFEST, MANIFEST_DIGEST
 
 from conftest import ROOT, run_job
 

@@ -268,7 +268,7 @@ setup = training.prepare(config)
 net, splits, t = setup.net, setup.splits, config.train
 tx = training.make_optimizer(t, 10)
 data, repl = training.data_parallel_mesh()
-state = jax.device_put(training._initial_state(net, tx, 0, None), repl)
+state = jax.device_put(training.initial_state(net, tx, 0, None), repl)
 step = training.jit_train_step(net, tx, training.exit_weights(net), t, data, repl)
 x, y = splits.train.x[:32], splits.train.y[:32].astype(np.int32)
 for _ in range(3):

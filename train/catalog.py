@@ -34,10 +34,12 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train._cli import fail, parse_flags
+from flexjax.cli import fail, limit_cpu_threads, note_if_finished, parse_flags
+from flexjax.config import catalog_defaults
 
 flags.DEFINE_string("workdir", None, "Directory for models, bundles and catalog.json.")
 config_flags.DEFINE_config_file("config", None, "Catalog config file (configs/*_catalog.py).")
+flags.DEFINE_integer("threads", 0, "CPU threads for JAX/XLA and TensorFlow (0 = every core).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -47,11 +49,17 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    try:
+        limit_cpu_threads(FLAGS.threads)
+    except ValueError as e:
+        fail(str(e))
+    # lazy: flag errors are reported, and --threads applied, before JAX loads
     from export.bundle import ExportError
-    from flexjax import mcdnn
     from flexjax.approx import ApproxError
     from flexjax.checkpoint import CheckpointMismatchError
+    from pipelines import mcdnn, mcdnn_report
 
+    note_if_finished(FLAGS.workdir, marker="ams.json")  # the catalog's last stage
     try:
         report = mcdnn.run(FLAGS.config, FLAGS.workdir)
     except (
@@ -63,9 +71,9 @@ def main(argv: list[str]) -> None:
         CheckpointMismatchError,
     ) as e:
         fail(str(e))
-    print(mcdnn.format_report(report))
+    print(mcdnn_report.format_report(report))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(main, flags_parser=functools.partial(parse_flags, check_keys=False))
+    app.run(main, flags_parser=functools.partial(parse_flags, schema_fn=catalog_defaults))

@@ -4,7 +4,7 @@ Usage:
   python -m train.edgent --config=configs/mnist_edgent.py --workdir=runs/edgent
   python -m train.edgent --config=configs/mnist_edgent.py:smoke --workdir=/tmp/edgent
 
-Stages (`jobs.edgent`): train -> export with partitions -> latency sweep ->
+Stages (`pipelines.edgent`): train -> export with partitions -> latency sweep ->
 profile device and edge -> fit the latency regressions -> benchmark against
 real gRPC edge servers. Re-running the same command continues after the last
 finished stage; a workdir made with another config is refused. Override any
@@ -20,8 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from flexjax.cli import fail, parse_flags
 from flexjax.config import edgent_defaults
-from train._cli import fail, parse_flags
 
 flags.DEFINE_string("workdir", None, "Directory for every stage's output and the report.")
 config_flags.DEFINE_config_file("config", None, "Edgent config file (configs/*_edgent.py[:arg]).")
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from export.bundle import ExportError
-    from jobs import edgent
+    from pipelines import edgent
     from runtime.bundle import BundleError
     from runtime.planner import PlannerError
 
@@ -60,4 +60,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(main, flags_parser=functools.partial(parse_flags, schema=edgent_defaults()))
+    app.run(main, flags_parser=functools.partial(parse_flags, schema_fn=edgent_defaults))

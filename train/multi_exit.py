@@ -15,10 +15,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train._cli import fail, parse_flags
+from flexjax.cli import fail, limit_cpu_threads, note_if_finished, parse_flags
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
+flags.DEFINE_integer("threads", 0, "CPU threads for JAX/XLA and TensorFlow (0 = every core).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -28,17 +29,23 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    try:
+        limit_cpu_threads(FLAGS.threads)
+    except ValueError as e:
+        fail(str(e))
+    # lazy: flag errors are reported, and --threads applied, before JAX loads
     import jax
 
-    from flexjax import training
+    from flexjax import evaluation, training
     from flexjax.checkpoint import CheckpointMismatchError
 
     print(f"devices: {jax.devices()}", file=sys.stderr)
+    note_if_finished(FLAGS.workdir)
     try:
         report = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointMismatchError) as e:
         fail(str(e))
-    print(training.format_report(report))
+    print(evaluation.format_report(report))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags, logging
 
-from train._cli import fail
+from flexjax.cli import fail
 
 flags.DEFINE_string("model", None, "efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2.")
 flags.DEFINE_string("workdir", None, "Directory to write the workdir to.")

@@ -17,7 +17,7 @@ import platform
 
 from absl import app, flags, logging
 
-from train._cli import fail, parse_flags
+from flexjax.cli import fail, parse_flags
 
 flags.DEFINE_multi_string("config", None, "Config file(s) (configs/*.py[:arg]).")
 flags.DEFINE_integer("steps", 100, "Timed steps per config.")
@@ -76,6 +76,7 @@ def main(argv: list[str]) -> None:
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    # lazy: flag errors are reported before JAX and TensorFlow load (seconds)
     from flexjax import training
     from flexjax.io import write_json_atomic
 

@@ -173,6 +173,7 @@ def _load_mnist5k(path: str, image_size: int | None, channels: int | None) -> _R
 
 def _load_digits(path: str, image_size: int | None, channels: int | None) -> _Raw:
     del path, image_size, channels
+    # lazy: scikit-learn is slow to import and only the digits dataset needs it
     from sklearn.datasets import load_digits  # heavy import; only when asked for
 
     bunch = load_digits()
@@ -297,6 +298,7 @@ def _load_cifar10(path: str, image_size: int | None, channels: int | None) -> _R
 
 
 def _load_image_folder(path: str, image_size: int | None, channels: int | None) -> _Raw:
+    # lazy: only image-folder datasets need Pillow
     from PIL import Image  # only needed for this loader
 
     if not path:
@@ -358,6 +360,7 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
     """Bilinearly resizes [N, H, W, C] float images to [N, size, size, C]."""
     if x.shape[1:3] == (size, size):
         return x
+    # lazy: only image-folder datasets need Pillow
     from PIL import Image
 
     out = np.empty((x.shape[0], size, size, x.shape[3]), dtype=np.float32)
@@ -381,7 +384,7 @@ def _convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
 
 
-def _stratified_order(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def stratified_order(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A random order of all examples in which every prefix is class-balanced.
 
     Each example gets the key (rank within its class + jitter) / class size,
@@ -477,10 +480,10 @@ def load(
 
     if test_x is None or test_y is None:
         if limit is not None and limit < y.shape[0]:
-            keep = _stratified_order(y, rng)[:limit]
+            keep = stratified_order(y, rng)[:limit]
             x, y = x[keep], y[keep]
         x = _prepare(x, image_size, channels)
-        order = _stratified_order(y, rng)
+        order = stratified_order(y, rng)
         n_test = round(test_fraction * len(order))
         n_val = round(val_fraction * len(order))
         test_idx, val_idx, train_idx = np.split(order, [n_test, n_test + n_val])
@@ -488,13 +491,13 @@ def load(
     else:
         if limit is not None and limit < y.shape[0] + test_y.shape[0]:
             n_test_keep = round(limit * test_y.shape[0] / (y.shape[0] + test_y.shape[0]))
-            keep = _stratified_order(y, rng)[: limit - n_test_keep]
-            keep_test = _stratified_order(test_y, rng)[:n_test_keep]
+            keep = stratified_order(y, rng)[: limit - n_test_keep]
+            keep_test = stratified_order(test_y, rng)[:n_test_keep]
             x, y = x[keep], y[keep]
             test_x, test_y = test_x[keep_test], test_y[keep_test]
         x = _prepare(x, image_size, channels)
         test_x = _prepare(test_x, image_size, channels)
-        order = _stratified_order(y, rng)
+        order = stratified_order(y, rng)
         n_val = round(val_fraction * len(order))
         val_idx, train_idx = np.split(order, [n_val])
         val, train = _take(x, y, val_idx), _take(x, y, train_idx)

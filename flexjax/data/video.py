@@ -101,7 +101,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from flexjax.data.datasets import Dataset, _stratified_order, load
+from flexjax.data.datasets import Dataset, load, stratified_order
 
 NUISANCES: tuple[str, ...] = (
     "scale",
@@ -315,6 +315,7 @@ def _render_clip(
     noise_rng: np.random.Generator,
 ) -> np.ndarray:
     """Renders the frames of one clip: float32 [F, H, W, C] in [0, 1]."""
+    # lazy: SciPy is slow to import and only the blur nuisance needs it
     from scipy import ndimage  # heavy import; only when rendering
 
     f = config.frames_per_clip
@@ -431,9 +432,9 @@ def make_stream(base: Dataset, config: VideoConfig = VideoConfig()) -> VideoStre
     n, f = config.num_clips, config.frames_per_clip
     pick_rng = np.random.default_rng(pick_ss)
     # Class-balanced choice of objects; repeat the order for very short bases.
-    picks = np.concatenate(
-        [_stratified_order(base.y, pick_rng) for _ in range(-(-n // len(base)))]
-    )[:n]
+    picks = np.concatenate([stratified_order(base.y, pick_rng) for _ in range(-(-n // len(base)))])[
+        :n
+    ]
     z = _intensities(config, np.random.default_rng(inten_ss))
     enabled = np.array([config.maxima()[name] > 0 for name in NUISANCES])
     z = np.where(enabled, z, 0.0)

@@ -365,5 +365,5 @@ def write_workdir(
                 "pass --overwrite to replace it or choose a new --workdir"
             )
     net, variables = load(name, size)
-    checkpoint.save_workdir(workdir, net, variables, json_files={PRETRAINED_FILE: info})
+    checkpoint.save_model(workdir, net, variables, json_files={PRETRAINED_FILE: info})
     return net

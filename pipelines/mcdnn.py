@@ -18,14 +18,25 @@ import jax
 import ml_collections
 import numpy as np
 
-from flexjax import approx, checkpoint, costs, specialize, training
+from export import convert
+from export.bundle import export_model
+from flexjax import approx, checkpoint, costs, evaluation, models, specialize, training
 from flexjax import config as config_lib
 from flexjax.approx import plain
-from flexjax.io import save_figure_atomic, write_json_atomic
+from flexjax.finetune import finetune
+from flexjax.io import write_json_atomic
 from flexjax.models import count_params, layer_name
 from flexjax.spec import FINAL, Net, dense
+from pipelines.mcdnn_report import plot_fig11, plot_pareto, targets
+from runtime import ams
+from runtime import traces as traces_lib
+from runtime.adb import AdbTarget
+from runtime.bundle import sha256_file
+from runtime.lite import Model
+from runtime.mcdnn import SharedStem, time_interleaved, time_load
+from runtime.names import CATALOG_FILE, FULL, MODEL_FILE, SHARED_MANIFEST
+from runtime.skew import scan, skew_init
 
-CATALOG_FILE = "catalog.json"
 _VARIANT_KEYS = {"name", "recipe", "precision", "sparsity"}
 
 
@@ -40,18 +51,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Raises:
       ValueError: one line naming the bad key and what is expected.
     """
-    from export import convert
-
-    known = {"base", "tasks", "stem", "heads", "finetune", "variants", "task_variants",
-             "bench", "energy", "cloud", "specialize", "ams"}  # fmt: skip
-    unknown = sorted(set(config.keys()) - known)
-    if unknown:
-        raise ValueError(f"unknown catalog config key(s) {unknown}; valid: {sorted(known)}")
-    missing = sorted(known - set(config.keys()))
-    if missing:
-        raise ValueError(f"catalog config is missing {missing}")
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.base = config_lib.validate(config.base)
+    c = config_lib.validate(config, config_lib.catalog_defaults)  # keys and types
+    c.base = config_lib.validate(c.base, config_lib.defaults)
     tasks = tuple(c.tasks)
     bad = [t for t in tasks if t not in specialize.TASKS]
     if bad or not tasks or tasks[0] != "digit" or len(set(tasks)) != len(tasks):
@@ -120,15 +121,8 @@ def stem_trainable(stem: int):
     return lambda path: path.split("/")[0] not in frozen
 
 
-def _save_model(directory: str, net: Net, variables: dict) -> None:
-    with checkpoint.manager(os.path.join(directory, "checkpoints")) as mgr:
-        checkpoint.save(mgr, 0, net, dict(variables))
-        mgr.wait_until_finished()
-
-
 def train_tasks(c, splits, workdir: str, log=print) -> dict[str, tuple[Net, dict]]:
     """``{task: (net, variables)}``: digit trained fully, the others on its frozen stem."""
-    from flexjax.finetune import finetune
 
     models_dir = os.path.join(workdir, "models")
     digit_dir = os.path.join(models_dir, "digit")
@@ -143,7 +137,6 @@ def train_tasks(c, splits, workdir: str, log=print) -> dict[str, tuple[Net, dict
             out[task] = checkpoint.load(d)
             continue
         tnet = task_net(net, task)
-        from flexjax import models
 
         init = models.init(tnet, jax.random.PRNGKey(c.base.seed + 1))
         params = dict(init["params"])
@@ -159,7 +152,7 @@ def train_tasks(c, splits, workdir: str, log=print) -> dict[str, tuple[Net, dict
             seed=int(c.base.seed), augment_shift=int(c.heads.augment_shift),
         )  # fmt: skip
         tvars = jax.device_get(tvars)
-        _save_model(d, tnet, tvars)
+        checkpoint.save_model(d, tnet, tvars)
         log(f"{task} head trained on the shared stem ({time.perf_counter() - t0:.0f} s)")
         out[task] = (tnet, tvars)
     return out
@@ -187,7 +180,6 @@ def make_variant(
     recipe = list(spec.get("recipe", []))
     if not recipe:
         return net, variables, 0.0
-    from flexjax.finetune import finetune
 
     vnet, vvars = approx.apply_recipe(net, variables, recipe, seed=seed)
     t0 = time.perf_counter()
@@ -206,9 +198,7 @@ def make_variant(
 
 
 def _litert_accuracy(model_path: str, x: np.ndarray, y: np.ndarray, threads: int) -> float:
-    from runtime.lite import Model
-
-    sig = Model(model_path, num_threads=threads).signature("full")
+    sig = Model(model_path, num_threads=threads).signature(FULL)
     pred = np.array([int(np.argmax(sig(np.ascontiguousarray(xi[None])))) for xi in x])
     return float((pred == y).mean())
 
@@ -230,7 +220,6 @@ def energy_model(entry: Mapping[str, Any], e: Mapping[str, Any]) -> tuple[float,
 
 def build_variants(c, splits, tasks, workdir: str, log=print) -> dict[str, list[dict]]:
     """Makes, exports and measures the accuracy of every variant (resumable per variant)."""
-    from export.bundle import export_model
 
     out: dict[str, list[dict]] = {}
     entries_dir = os.path.join(workdir, "entries")
@@ -241,7 +230,7 @@ def build_variants(c, splits, tasks, workdir: str, log=print) -> dict[str, list[
             names = [n for n in names if n in set(c.task_variants)]
         y_train = specialize.relabel(splits.train.y, task)
         y_test = specialize.relabel(splits.test.y, task)
-        teacher = training.predict(net, variables, splits.train.x)[FINAL]
+        teacher = evaluation.predict(net, variables, splits.train.x)[FINAL]
         out[task] = []
         for i, name in enumerate(names):
             path = os.path.join(entries_dir, f"{task}__{name}.json")
@@ -263,8 +252,10 @@ def build_variants(c, splits, tasks, workdir: str, log=print) -> dict[str, list[
                 parity_examples=200, log=lambda *_: None,
             )  # fmt: skip
             export_s = time.perf_counter() - t0
-            _save_model(os.path.join(workdir, "models", "variants", task, name), vnet, vvars)
-            model_path = os.path.join(workdir, rel, "model.tflite")
+            checkpoint.save_model(
+                os.path.join(workdir, "models", "variants", task, name), vnet, vvars
+            )
+            model_path = os.path.join(workdir, rel, MODEL_FILE)
             nc = costs.of(vnet)
             leaves = [np.asarray(a) for a in jax.tree.leaves(vvars["params"])]
             entry = {
@@ -295,21 +286,17 @@ def build_variants(c, splits, tasks, workdir: str, log=print) -> dict[str, list[
 
 def measure_costs(c, variants: dict[str, list[dict]], splits, workdir: str) -> dict:
     """Adds measured latency (interleaved vs the original), load time and energy to entries."""
-    from runtime.lite import Model
-    from runtime.mcdnn import time_interleaved, time_load
 
     b = c.bench
     xs = [np.ascontiguousarray(x[None]) for x in splits.test.x[: b.frames]]
     info: dict[str, Any] = {"frames": len(xs), "rounds": int(b.rounds), "threads": int(b.threads)}
     adb = None
     if c.energy.adb_binary:
-        from runtime.adb import AdbTarget
-
         adb = AdbTarget(c.energy.adb_serial or None, c.energy.adb_binary)
         info["adb_serial"] = adb.check()
     for entries in variants.values():
-        paths = {e["name"]: os.path.join(workdir, e["bundle"], "model.tflite") for e in entries}
-        sigs = {n: Model(p, num_threads=b.threads).signature("full") for n, p in paths.items()}
+        paths = {e["name"]: os.path.join(workdir, e["bundle"], MODEL_FILE) for e in entries}
+        sigs = {n: Model(p, num_threads=b.threads).signature(FULL) for n, p in paths.items()}
         stats = time_interleaved(sigs, xs, rounds=int(b.rounds), warmup=int(b.warmup))
         base = stats["original"]["mean_ms"]
         orig = next(e for e in entries if e["name"] == "original")
@@ -324,7 +311,7 @@ def measure_costs(c, variants: dict[str, list[dict]], splits, workdir: str) -> d
             e["energy_run_j"], e["energy_load_j"] = energy_model(e, c.energy)
             e["energy_source"] = "model"
             if adb is not None:
-                t = adb.benchmark(paths[e["name"]], "full", num_threads=b.threads, energy=True)
+                t = adb.benchmark(paths[e["name"]], FULL, num_threads=b.threads, energy=True)
                 if t.energy:
                     e["energy_run_j"] = t.energy["energy_per_inference_active_j"]
                     e["energy_load_j"] = (
@@ -336,62 +323,6 @@ def measure_costs(c, variants: dict[str, list[dict]], splits, workdir: str) -> d
     return info
 
 
-def targets(entries: Sequence[Mapping[str, Any]], max_drop_points: float = 2.0) -> dict:
-    """The issue's catalog targets: >= 5x smaller, >= 2x faster, each within 2 points."""
-    ok = [e for e in entries if e["accuracy_drop_points"] <= max_drop_points]
-
-    def best(key):
-        e = max(ok, key=lambda e: e[key]) if ok else None
-        return (
-            {
-                "variant": e["name"],
-                "ratio": e[key],
-                "accuracy_drop_points": e["accuracy_drop_points"],
-            }
-            if e
-            else None
-        )
-
-    mem, lat = best("memory_ratio"), best("latency_ratio")
-    return {
-        "max_drop_points": max_drop_points,
-        "memory": {**(mem or {}), "target": 5.0, "met": bool(mem and mem["ratio"] >= 5.0)},
-        "latency": {**(lat or {}), "target": 2.0, "met": bool(lat and lat["ratio"] >= 2.0)},
-    }
-
-
-def plot_pareto(entries: Sequence[Mapping[str, Any]], title: str, path: str) -> None:
-    """Accuracy vs bytes / FLOPs / measured latency / energy per run; Pareto points joined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [("bytes", "bytes on disk"), ("flops", "FLOPs"), ("latency_ms", "LiteRT ms"),
-            ("energy_run_j", "energy / run (J)")]  # fmt: skip
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    acc = np.array([e["accuracy"] for e in entries])
-    for ax, (k, label) in zip(axes, keys):
-        v = np.array([e[k] for e in entries], np.float64)
-        ax.scatter(v, acc, s=18)
-        for e, vi, ai in zip(entries, v, acc):
-            ax.annotate(e["name"], (vi, ai), fontsize=6)
-        order = np.argsort(v)
-        front, best = [], -1.0
-        for i in order:
-            if acc[i] > best:
-                front.append(i)
-                best = acc[i]
-        ax.plot(v[front], acc[front], "r-", lw=1)
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy (LiteRT)")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure_atomic(fig, path, dpi=110)
-
-
 # ---------------------------------------------------------------------------
 # Sharing.
 # ---------------------------------------------------------------------------
@@ -399,10 +330,6 @@ def plot_pareto(entries: Sequence[Mapping[str, Any]], title: str, path: str) -> 
 
 def build_shared(c, tasks, splits, workdir: str) -> dict:
     """Exports the stem once and a head per task; times shared vs separate execution."""
-    from export import convert
-    from runtime.bundle import sha256_file
-    from runtime.lite import Model
-    from runtime.mcdnn import SHARED_MANIFEST, SharedStem, time_interleaved
 
     net, variables = tasks["digit"]
     k = int(c.stem)
@@ -442,7 +369,7 @@ def build_shared(c, tasks, splits, workdir: str) -> dict:
     preds = shared.run_batch(splits.test.x)
     acc = {t: float((preds[t] == specialize.relabel(splits.test.y, t)).mean()) for t in tasks}
     fulls = {
-        t: Model(os.path.join(workdir, "bundles", t, "original", "model.tflite")).signature("full")
+        t: Model(os.path.join(workdir, "bundles", t, "original", MODEL_FILE)).signature(FULL)
         for t in tasks
     }
     xs = [np.ascontiguousarray(x[None]) for x in splits.test.x[: c.bench.frames]]
@@ -454,8 +381,7 @@ def build_shared(c, tasks, splits, workdir: str) -> dict:
         xs, rounds=int(c.bench.rounds), warmup=int(c.bench.warmup),
     )  # fmt: skip
     sep_bytes = sum(
-        os.path.getsize(os.path.join(workdir, "bundles", t, "original", "model.tflite"))
-        for t in tasks
+        os.path.getsize(os.path.join(workdir, "bundles", t, "original", MODEL_FILE)) for t in tasks
     )
     return {
         "tasks": list(tasks),
@@ -473,7 +399,6 @@ def build_shared(c, tasks, splits, workdir: str) -> dict:
 
 def run_specialization(c, tasks, variants, splits, workdir: str) -> dict:
     """Skew detection, Table 3 timings, and the cascade on a skewed stream."""
-    from runtime.skew import scan, skew_init
 
     s = c.specialize
     net, variables = tasks["digit"]
@@ -483,7 +408,7 @@ def run_specialization(c, tasks, variants, splits, workdir: str) -> dict:
         splits.test.y, true_classes, min(0.97, s.p + 0.05), int(s.stream_frames), int(s.skew_seed)
     )
     xs, ys = splits.test.x[idx], splits.test.y[idx]
-    general = training.predict(net, variables, xs)[FINAL]
+    general = evaluation.predict(net, variables, xs)[FINAL]
     # the detector sees the general model's results, as MCDNN does (no labels at run time)
     _, verdicts = scan(skew_init(int(s.window), int(s.n), float(s.p)), general.argmax(-1))
     first = next((i for i, d in enumerate(verdicts) if d is not None), None)
@@ -506,10 +431,10 @@ def run_specialization(c, tasks, variants, splits, workdir: str) -> dict:
             other_fraction=float(s.other_fraction), seed=int(s.skew_seed),
         )  # fmt: skip
     after = slice(first + 1, None)
-    spec_logits = training.predict(spec_net, spec_vars["retarget_preforward"], xs[after])[FINAL]
+    spec_logits = evaluation.predict(spec_net, spec_vars["retarget_preforward"], xs[after])[FINAL]
     cas = specialize.cascade(spec_logits, general[after], classes, ys[after])
     orig = next(e for e in variants["digit"] if e["name"] == "original")
-    cheap_alone = training.predict(vnet, vvars, xs[after])[FINAL].argmax(-1)
+    cheap_alone = evaluation.predict(vnet, vvars, xs[after])[FINAL].argmax(-1)
     return {
         "detected": True,
         "true_classes": true_classes,
@@ -524,7 +449,7 @@ def run_specialization(c, tasks, variants, splits, workdir: str) -> dict:
         "retarget_accuracy": {
             k: float(
                 (
-                    training.predict(spec_net, v, xs[after])[FINAL].argmax(-1)
+                    evaluation.predict(spec_net, v, xs[after])[FINAL].argmax(-1)
                     == specialize.specialized_labels(ys[after], classes)
                 ).mean()
             )
@@ -551,8 +476,6 @@ def run_specialization(c, tasks, variants, splits, workdir: str) -> dict:
 
 def run_ams(c, workdir: str, apps: Sequence[str]) -> dict:
     """A day trace and every AMS policy on it (``trace.json``, ``ams.json``, ``fig11.png``)."""
-    from runtime import ams
-    from runtime import traces as traces_lib
 
     tr = traces_lib.make_day(list(apps), **plain(c.ams.trace))
     traces_lib.save(tr, os.path.join(workdir, "trace.json"))
@@ -566,42 +489,6 @@ def run_ams(c, workdir: str, apps: Sequence[str]) -> dict:
     write_json_atomic(os.path.join(workdir, "ams.json"), rep)
     plot_fig11(rep, os.path.join(workdir, "fig11.png"))
     return rep
-
-
-def plot_fig11(rep: Mapping[str, Any], path: str) -> None:
-    """Served fraction, energy per served request and accuracy per policy, and over the day."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rep["policies"])
-    pols = rep["policies"]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    axes[0].bar(names, [pols[n]["served_fraction"] for n in names])
-    axes[0].set_ylabel("fraction of requests served")
-    axes[1].bar(names, [pols[n]["energy_per_served_j"] or 0 for n in names])
-    axes[1].set_ylabel("energy per served request (J)")
-    axes[2].bar(names, [pols[n]["accuracy_served"] or 0 for n in names])
-    axes[2].set_ylim(0.5, 1.0)
-    axes[2].set_ylabel("accuracy of served requests")
-    for n in names:
-        tl = pols[n]["timeline"]
-        axes[3].plot(
-            [b["t0_s"] / 3600 for b in tl], [b["served_fraction"] or 0 for b in tl], label=n
-        )
-    axes[3].set_xlabel("hour of the day")
-    axes[3].set_ylabel("served fraction")
-    axes[3].legend(fontsize=7)
-    for ax in axes[:3]:
-        ax.tick_params(axis="x", rotation=30)
-    b = rep["budgets"]
-    fig.suptitle(
-        f"AMS over a day: {rep['requests']} requests, {b['energy_j']:.3g} J, "
-        f"{b['memory_bytes'] / 1e6:.1f} MB cache"
-    )
-    fig.tight_layout()
-    save_figure_atomic(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------------------
@@ -660,45 +547,3 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
     write_json_atomic(os.path.join(workdir, CATALOG_FILE), catalog)
     catalog["ams_report"] = run_ams(c, workdir, list(tasks))
     return catalog
-
-
-def format_report(cat: Mapping[str, Any]) -> str:
-    """A readable summary: variants per task, targets, sharing, specialization, AMS."""
-    lines = []
-    for t, task in cat["tasks"].items():
-        lines.append(f"== {t} ==")
-        lines.append(
-            f"{'variant':<24} {'acc':>6} {'drop':>5} {'bytes':>9} {'mem x':>6} "
-            f"{'ms':>7} {'lat x':>6} {'mJ/run':>7}"
-        )
-        for e in task["variants"]:
-            lines.append(
-                f"{e['name']:<24} {e['accuracy']:>6.4f} {e['accuracy_drop_points']:>5.2f} "
-                f"{e['bytes']:>9,} {e['memory_ratio']:>6.2f} {e['latency_ms']:>7.4f} "
-                f"{e['latency_ratio']:>6.2f} {e['energy_run_j'] * 1e3:>7.4f}"
-            )
-        tg = task["targets"]
-        lines.append(
-            f"targets: memory >=5x {'MET' if tg['memory']['met'] else 'missed'} "
-            f"({tg['memory'].get('variant')}, {tg['memory'].get('ratio', 0):.2f}x); "
-            f"latency >=2x {'MET' if tg['latency']['met'] else 'missed'} "
-            f"({tg['latency'].get('variant')}, {tg['latency'].get('ratio', 0):.2f}x)"
-        )
-    sh = cat.get("shared")
-    if sh:
-        lines.append(f"sharing: {sh['speedup']:.2f}x vs separate models; accuracy {sh['accuracy']}")
-    sp = cat.get("specialize")
-    if sp and sp.get("detected"):
-        r = sp["retrain_seconds"]
-        lines.append(
-            f"specialize {sp['detected_classes']}: full {r['full_retrain_s']:.1f} s, retarget "
-            f"{r['retarget_s']:.1f} s, +pre-forward {r['retarget_preforward_s']:.2f} s; cascade "
-            f"acc {sp['stream']['cascade_accuracy']:.4f} vs general "
-            f"{sp['stream']['general_accuracy']:.4f} at "
-            f"{sp['stream']['cascade_latency_ratio']:.2f}x the latency"
-        )
-    if "ams_report" in cat:
-        from runtime.ams import format_report as ams_format
-
-        lines.append(ams_format(cat["ams_report"]))
-    return "\n".join(lines)

@@ -181,7 +181,7 @@ def run(
       FileNotFoundError / FileExistsError / ExportError / BundleError /
       RuntimeError: a stage failed (its partial output is not recorded as done).
     """
-    config = config_lib.validate(config, config_lib.edgent_defaults())
+    config = config_lib.validate(config, config_lib.edgent_defaults)
     model_config = _check(config)
     w = _Workdir(workdir)
     saved = os.path.join(workdir, "config.json")

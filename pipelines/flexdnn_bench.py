@@ -1,0 +1,245 @@
+"""FlexDNN's benchmark and report: every system timed in one interleaved LiteRT run.
+
+Systems are bundles run by the runtime's `EarlyExitExecutor` (early exits
+with the thresholds their bundle carries, or the ``full`` signature for the
+input-agnostic baselines); `benchmark` times them together on each data
+source (`runtime.timing.interleaved`); `targets`, `plot` and `format_report`
+turn the job's report into the issue's targets, a figure and text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from export.bundle import FLOPS
+from flexjax import exits, flexdnn
+from flexjax.io import save_figure_atomic
+from runtime import timing
+from runtime.bundle import Bundle
+from runtime.executor import EarlyExitExecutor
+from runtime.names import FULL
+from runtime.timing import time_stats
+
+TARGETS = {"max_accuracy_loss": 0.01, "vs_backbone": 0.6, "vs_branchynet": 0.7}
+
+
+class EarlyExitSystem:
+    """A bundle run with the runtime's early-exit executor and the thresholds it carries."""
+
+    def __init__(self, bundle_dir: str, full: bool = False):
+        self.bundle = Bundle.from_dir(bundle_dir)
+        self.ex = EarlyExitExecutor(self.bundle, num_threads=1)
+        self.full = full
+        self.names = [e.name for e in self.bundle.exits]
+        m = self.bundle.manifest
+        self.flops = {e["name"]: e["flops"] for e in m["exits"]}
+        self.backbone_flops = m["costs"]["backbone_flops"]
+
+    def measure(self, x_probe, rounds, calls) -> None:
+        sigs = self.bundle.manifest["signatures"]
+        inputs = {}
+        h = x_probe[None].astype(np.float32)
+        for e in self.bundle.exits:
+            inputs[e.segment] = h
+            h = self.ex.model.signature(e.segment)(np.ascontiguousarray(h))
+            if e.head:
+                inputs[e.head] = h
+        inputs[FULL] = x_probe[None].astype(np.float32)
+        self.sig_ms = flexdnn.signature_times(
+            self.ex.model, {k: v for k, v in inputs.items() if k in sigs}, rounds=rounds,
+            calls=calls,
+        )  # fmt: skip
+        ex = self.bundle.exits
+        self.head_ms = [self.sig_ms[e.head] for e in ex if e.head]
+        self.seg_ms = [self.sig_ms[e.segment] for e in ex]
+
+    def exit_ms(self) -> dict[str, float]:
+        side = self.names[:-1]
+        return flexdnn.exit_costs(range(len(side)), self.head_ms, self.seg_ms, side)
+
+    def reload(self) -> None:
+        """Re-reads the bundle (after `calibrate_bundle`); keeps the measured times."""
+        self.bundle = Bundle.from_dir(self.bundle.path)
+        self.ex = EarlyExitExecutor(self.bundle, num_threads=1)
+
+    def use_calibration(self, source: str, epsilon: float) -> dict:
+        """Runs with the bundle's own thresholds calibrated on `source` at `epsilon`."""
+        row = self.bundle.calibration(source, epsilon)
+        self.set_thresholds(row["thresholds"])
+        return row
+
+    def set_thresholds(self, thresholds) -> None:
+        self.thresholds = dict(thresholds)
+        self.ex = EarlyExitExecutor(
+            self.bundle, thresholds=self.thresholds or None, model=self.ex.model
+        )
+
+    def fn(self) -> Callable:
+        if self.full:
+            return lambda x: int(self.ex.run_full(x).argmax())
+        return lambda x: self.ex.run(x).prediction
+
+
+def _sweep(system: EarlyExitSystem, source, test_logits, test_y, criterion) -> list[dict]:
+    """Accuracy vs expected time per frame over the bundle's calibrations (val -> test)."""
+
+    ms = system.exit_ms()
+    out = []
+    for eps in exits.EPSILONS:
+        thresholds = system.bundle.calibration(source, eps)["thresholds"]
+        st = exits.simulate(test_logits, test_y, thresholds, criterion, ms, system.names)
+        flops = sum(st.rates[n] * system.flops[n] for n in system.names)
+        out.append(
+            {
+                "epsilon": eps,
+                "accuracy": st.accuracy,
+                "expected_ms": st.expected_cost,
+                "flops_ratio": flops / system.backbone_flops,
+                "exit_rates": st.rates,
+            }
+        )
+    return out
+
+
+def benchmark(systems: dict, sources: dict, criterion, epsilon, rounds, log) -> dict:
+    """Sweeps and times every system on every data source, interleaved.
+
+    `sources` maps a data source to ``(calibration source, frames)``: each
+    early-exit system runs with its bundle's thresholds for that calibration
+    source at `epsilon` (what ``runtime.bench`` picks for the same data).
+    """
+
+    out: dict = {}
+    for src, (cal_source, test) in sources.items():
+        log(f"benchmark on {src}: {len(test.y)} frames, {len(systems)} systems, {rounds} rounds")
+        rows: dict = {}
+        for name, sys_ in systems.items():
+            row: dict = {}
+            if not sys_.full:
+                cal = sys_.use_calibration(cal_source, epsilon)
+                test_logits = sys_.ex.all_logits(test.x)
+                row["thresholds"] = cal["thresholds"]
+                row["calibration"] = {"source": cal_source, "epsilon": epsilon,
+                                      "cost": cal.get("cost", FLOPS)}  # fmt: skip
+                row["sweep"] = _sweep(sys_, cal_source, test_logits, test.y, criterion)
+                row["test_logits"] = test_logits
+            rows[name] = row
+        fns = {n: s.fn() for n, s in systems.items()}
+        xs = [systems[next(iter(systems))].ex.frame(x) for x in test.x]
+        t = timing.interleaved(fns, xs, rounds=rounds, warmup=min(20, len(xs)), order="rotate")
+        times = t.ns
+        preds = {n: np.asarray(p, np.int64) for n, p in t.outputs.items()}
+        for n, s in systems.items():
+            row = rows[n]
+            row["accuracy"] = float((preds[n] == test.y).mean())
+            row["time_per_frame"] = time_stats(times[n])
+            if not s.full:
+                st = exits.simulate(
+                    row.pop("test_logits"), test.y, s.thresholds, criterion, None, s.names
+                )
+                row["exit_rates"] = st.rates
+                row["expected_flops"] = sum(st.rates[k] * s.flops[k] for k in s.names)
+            else:
+                row["expected_flops"] = s.backbone_flops
+        base = rows["backbone"]["time_per_frame"]["mean_ms"]
+        base_flops = rows["backbone"]["expected_flops"]
+        for row in rows.values():
+            row["ratio_vs_backbone"] = row["time_per_frame"]["mean_ms"] / base
+            row["flops_ratio"] = row["expected_flops"] / base_flops
+        out[src] = {"frames": len(xs), "rounds": rounds, "systems": rows}
+    return out
+
+
+def targets(report: dict) -> dict:
+    """The issue's targets, met or missed, per data source."""
+    out = {}
+    for src, b in report["benchmark"].items():
+        s = b["systems"]
+        loss = s["backbone"]["accuracy"] - s["flexdnn"]["accuracy"]
+        vs_b = (
+            s["flexdnn"]["time_per_frame"]["mean_ms"] / s["backbone"]["time_per_frame"]["mean_ms"]
+        )
+        vs_br = (
+            s["flexdnn"]["time_per_frame"]["mean_ms"] / s["branchynet"]["time_per_frame"]["mean_ms"]
+        )
+        r = report["R_remeasured_on_test"].get(src, {})
+        out[src] = {
+            "accuracy_loss_vs_backbone": loss,
+            "accuracy_loss_ok": loss <= TARGETS["max_accuracy_loss"] + 1e-12,
+            "time_vs_backbone": vs_b,
+            "time_vs_backbone_ok": vs_b <= TARGETS["vs_backbone"],
+            "time_vs_branchynet": vs_br,
+            "time_vs_branchynet_ok": vs_br <= TARGETS["vs_branchynet"],
+            "kept_R": r,
+            "kept_R_above_1": all(v > 1 for v in r.values()),
+        }
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    """Accuracy vs time per frame: sweeps (lines), measured operating points (stars)."""
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
+    import matplotlib.pyplot as plt
+
+    srcs = list(report["benchmark"])
+    fig, axes = plt.subplots(1, len(srcs), figsize=(6 * len(srcs), 4.5), squeeze=False)
+    colors = {"flexdnn": "tab:red", "branchynet": "tab:blue", "backbone": "black"}
+    for ax, src in zip(axes[0], srcs):
+        systems = report["benchmark"][src]["systems"]
+        for name, row in systems.items():
+            c = colors.get(name, "tab:green")
+            if "sweep" in row:
+                pts = row["sweep"]
+                label = f"{name} (threshold sweep; expected from signature times)"
+                ax.plot([p["expected_ms"] for p in pts], [p["accuracy"] for p in pts], "o-",
+                        color=c, ms=3, lw=1, label=label)  # fmt: skip
+            t = row["time_per_frame"]["mean_ms"]
+            ax.plot([t], [row["accuracy"]], "*", color=c, ms=12, label=f"{name} (measured)")
+        ax.set_xlabel("time per frame (ms, LiteRT, 1 thread)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{report['net']} on {report['dataset']}: {src}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    save_figure_atomic(fig, path, dpi=120)
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"FlexDNN on {report['net']} / {report['dataset']} "
+        f"(delta={report['delta']}, epsilon={report['epsilon']})",
+        f"{'exit':<10}{'pos':>4}{'MFLOPs':>9}{'ms':>8}{'R by round':>28}  kept",
+    ]
+    for c in report["candidates"]:
+        rs = " ".join("-" if r is None else f"{r:.2f}" for r in c["R_by_round"])
+        kept = "yes" if c["kept"] else f"removed #{c['removed_at']}"
+        lines.append(
+            f"{c['name']:<10}{c['position']:>4}{c['flops'] / 1e6:>9.3f}{c['latency_ms']:>8.4f}"
+            f"  {rs:>26}  {kept}"
+        )
+    for src, b in report["benchmark"].items():
+        lines.append(f"{src} ({b['frames']} frames, {b['rounds']} interleaved rounds):")
+        for name, row in b["systems"].items():
+            lines.append(
+                f"  {name:<14} accuracy {row['accuracy']:.4f}  "
+                f"{row['time_per_frame']['mean_ms']:.4f} ms/frame  "
+                f"{row['ratio_vs_backbone']:.3f}x backbone  FLOPs {row['flops_ratio']:.3f}x"
+            )
+        t = report["targets"][src]
+
+        def ok(key: str) -> str:
+            return "ok" if t[key] else "MISSED"  # noqa: B023 - used in this iteration only
+
+        lines.append(
+            f"  targets: accuracy loss {t['accuracy_loss_vs_backbone']:+.4f} "
+            f"({ok('accuracy_loss_ok')}), {t['time_vs_backbone']:.3f}x backbone "
+            f"({ok('time_vs_backbone_ok')}), {t['time_vs_branchynet']:.3f}x BranchyNet "
+            f"({ok('time_vs_branchynet_ok')}), kept R > 1: {ok('kept_R_above_1')}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,340 @@
+"""AMS policies, each a pure ``step(state, request) -> (decision, state)``.
+
+``mcdnn`` (MCDNN's Algorithm 1), ``pace`` (ours), ``best_model`` and ``original``
+(see `runtime.ams`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+from runtime.ams.catalog import CLOUD, DEVICE, AmsError, Catalog, Option, knee
+from runtime.ams.state import (
+    Budgets,
+    Decision,
+    Policy,
+    Request,
+    State,
+    cached_entry,
+    execute,
+    install,
+    observe,
+    rate,
+    unknown_app,
+)
+
+
+def _init(budgets: Budgets) -> Callable[[], State]:
+    return lambda: State(0.0, budgets.energy_j, budgets.money)
+
+
+def mcdnn_budgets(state: State, app: str, budgets: Budgets) -> tuple[float, float]:
+    """Algorithm 1's per-request energy and money budgets ``(e_n, c_n)`` at ``state.t``."""
+    t = state.t
+    remaining = max(budgets.day_s - t, 1.0)
+    apps = {e.app for e in state.cache} | {app}
+    denom = remaining * sum(rate(state, a, t) ** 2 for a in apps)
+    f_n = rate(state, app, t)
+    if denom <= 0 or f_n <= 0:
+        return 0.0, 0.0
+    dt_n = max(t - state.first_seen.get(app, t), 1.0)
+    reload = state.load_energy.get(app, 0.0) * remaining / dt_n
+    e_n = max(state.energy_left - reload, 0.0) * f_n / denom
+    c_n = max(state.money_left, 0.0) * f_n / denom
+    return e_n, c_n
+
+
+def _pick(
+    options: Sequence[Option], e_n: float, c_n: float, budgets: Budgets, *, with_load: bool
+) -> tuple[Option | None, str]:
+    """Most accurate option within the budgets (ties: less energy); or why none is."""
+    fits = [o for o in options if o.location == CLOUD or o.mem_bytes <= budgets.memory_bytes]
+    if not fits:
+        return None, f"no variant fits the {budgets.memory_bytes} B cache"
+
+    def lat(o):
+        return o.latency_ms + (o.load_ms if with_load and o.location == DEVICE else 0.0)
+
+    fits = [o for o in fits if lat(o) <= budgets.latency_ms]
+    if not fits:
+        return None, f"no variant meets the {budgets.latency_ms:g} ms latency limit"
+    fits = [o for o in fits if o.money <= c_n]
+    if not fits:
+        return None, "no variant within the cloud-money budget"
+    fits = [o for o in fits if o.energy_j <= e_n]
+    if not fits:
+        return None, f"no variant within the per-request energy budget ({e_n:.2e} J)"
+    return max(fits, key=lambda o: (o.accuracy, -o.energy_j, -o.money)), ""
+
+
+def mcdnn_policy(catalog: Catalog, budgets: Budgets) -> Policy:
+    """MCDNN's Algorithm 1 (see the module docstring)."""
+
+    def step(state: State, req: Request) -> tuple[Decision, State]:
+        bad = unknown_app(req, catalog)
+        if bad:
+            return bad, state
+        state = observe(state, req)
+        opts = catalog.options[req.app]
+        e_n, c_n = mcdnn_budgets(state, req.app, budgets)
+        chosen = state.choice.get(req.app)
+        entry = cached_entry(state, req.app)
+        current = None
+        if chosen and chosen[1] == CLOUD:
+            current = next(o for o in opts if (o.variant, o.location) == chosen)
+        elif entry is not None:
+            current = catalog.device(req.app, entry.variant)
+        decision = None
+        if current is not None:  # hit: run what is cached
+            decision, state = execute(
+                state, req, current, load=False, capacity=budgets.memory_bytes
+            )
+        if decision is None or not decision.served:
+            # miss (or the cached choice can no longer be paid for): pick with the load
+            # latency, load, run
+            opt, why = _pick(opts, e_n, c_n, budgets, with_load=True)
+            if opt is None:
+                return Decision(
+                    req.t, req.app, False, reason=decision.reason if decision else why
+                ), state
+            hit = opt.location == CLOUD or (entry is not None and entry.variant == opt.variant)
+            return execute(state, req, opt, load=not hit, capacity=budgets.memory_bytes)
+        # re-pick in the background for later requests
+        better, _ = _pick(opts, e_n, c_n, budgets, with_load=False)
+        if better is None or better.key == current.key:
+            return decision, state
+        if better.location == CLOUD:
+            return decision, dataclasses.replace(
+                state, choice={**state.choice, req.app: (better.variant, CLOUD)}
+            )
+        if better.load_energy_j > state.energy_left:
+            return decision, state
+        got = install(state, better, budgets.memory_bytes)
+        if got is None:
+            return decision, state
+        state, evicted = got
+        state = dataclasses.replace(
+            state,
+            energy_left=state.energy_left - better.load_energy_j,
+            load_energy={
+                **state.load_energy,
+                req.app: state.load_energy.get(req.app, 0.0) + better.load_energy_j,
+            },
+            choice={**state.choice, req.app: (better.variant, DEVICE)},
+        )
+        decision = dataclasses.replace(
+            decision,
+            energy_j=decision.energy_j + better.load_energy_j,
+            loaded=(better.variant,),
+            evicted=decision.evicted + evicted,
+        )
+        return decision, state
+
+    return Policy("mcdnn", _init(budgets), step)
+
+
+def static_policy(
+    catalog: Catalog, budgets: Budgets, variants: Mapping[str, str], name: str
+) -> Policy:
+    """Always the same device variant per app (loads on a miss, LRU eviction)."""
+    chosen = {a: catalog.device(a, v) for a, v in variants.items()}
+
+    def step(state: State, req: Request) -> tuple[Decision, State]:
+        bad = unknown_app(req, catalog)
+        if bad:
+            return bad, state
+        state = observe(state, req)
+        opt = chosen[req.app]
+        if opt.latency_ms > budgets.latency_ms:
+            return Decision(req.t, req.app, False, reason="variant misses the latency limit"), state
+        hit = cached_entry(state, req.app) is not None
+        return execute(state, req, opt, load=not hit, capacity=budgets.memory_bytes)
+
+    return Policy(name, _init(budgets), step)
+
+
+def best_model_policy(catalog: Catalog, budgets: Budgets) -> Policy:
+    return static_policy(
+        catalog, budgets, {a: knee(o).variant for a, o in catalog.options.items()}, "best_model"
+    )
+
+
+def original_policy(catalog: Catalog, budgets: Budgets) -> Policy:
+    return static_policy(catalog, budgets, dict(catalog.original), "original")
+
+
+def _plan(
+    catalog: Catalog,
+    budgets: Budgets,
+    demand: Mapping[str, float],
+    energy: float,
+    money: float,
+) -> tuple[dict[str, Option | None], dict[str, Option | None], float]:
+    """Priced plans ``(within, over, mix)`` for the remaining `demand`.
+
+    Per app, the option maximizing ``acc - lam*e - mu*m`` (or none). ``lam``
+    is the smallest energy price whose plan (`within`) fits `energy`; `over` is
+    the plan just below that price (it overspends), and `mix` the fraction of
+    requests that can follow `over` so the expected spend equals `energy` --
+    the LP relaxation's mix of two adjacent options. Energy per request
+    includes the app's load amortized over its expected requests. ``mu``
+    (money) is found the same way inside. The chosen device variants must fit
+    the cache together (the least valuable downgrade first).
+    """
+
+    def feasible(a):
+        return [
+            o
+            for o in catalog.options[a]
+            if o.latency_ms <= budgets.latency_ms
+            and (o.location == CLOUD or o.mem_bytes <= budgets.memory_bytes)
+        ]
+
+    cands = {a: feasible(a) for a in catalog.apps}
+
+    def eff_e(o, a):
+        return o.energy_j + o.load_energy_j / max(demand.get(a, 0.0), 1.0)
+
+    def choose(lam, mu):
+        out = {}
+        for a, opts in cands.items():
+            best, val = None, 0.0
+            for o in opts:
+                v = o.accuracy - lam * eff_e(o, a) - mu * o.money
+                if v > val:
+                    best, val = o, v
+            out[a] = best
+        return out
+
+    def spend(ch, which):
+        return sum(
+            demand.get(a, 0.0) * (eff_e(o, a) if which == "e" else o.money)
+            for a, o in ch.items()
+            if o is not None
+        )
+
+    def with_mu(lam):
+        if spend(choose(lam, 0.0), "m") <= money:
+            return choose(lam, 0.0)
+        lo, hi = 0.0, 1.0
+        while spend(choose(lam, hi), "m") > money and hi < 1e12:
+            hi *= 4
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if spend(choose(lam, mid), "m") > money else (lo, mid)
+        return choose(lam, hi)
+
+    plan = with_mu(0.0)
+    over, mix = plan, 0.0
+    if spend(plan, "e") > energy:
+        lo, hi = 0.0, 1.0
+        while spend(with_mu(hi), "e") > energy and hi < 1e15:
+            hi *= 4
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if spend(with_mu(mid), "e") > energy else (lo, mid)
+        plan, over = with_mu(hi), with_mu(lo)
+        e_in, e_over = spend(plan, "e"), spend(over, "e")
+        mix = (energy - e_in) / (e_over - e_in) if e_over > e_in else 0.0
+    return _fit_cache(plan, cands, demand, budgets), _fit_cache(over, cands, demand, budgets), mix
+
+
+def _fit_cache(
+    plan: dict[str, Option | None],
+    cands: Mapping[str, Sequence[Option]],
+    demand: Mapping[str, float],
+    budgets: Budgets,
+) -> dict[str, Option | None]:
+    """Downgrades the cheapest-to-downgrade app until the plan's device variants fit the cache."""
+    plan = dict(plan)
+    while sum(o.mem_bytes for o in plan.values() if o) > budgets.memory_bytes:
+        moves = []
+        for a, o in plan.items():
+            if o is None or o.location != DEVICE:
+                continue
+            smaller = [c for c in cands[a] if c.location == DEVICE and c.mem_bytes < o.mem_bytes]
+            if smaller:
+                c = max(smaller, key=lambda c: c.accuracy)
+                moves.append((demand.get(a, 0.0) * (o.accuracy - c.accuracy), a, c))
+            else:
+                moves.append((demand.get(a, 0.0) * o.accuracy, a, None))
+        _, a, c = min(moves, key=lambda m: m[0])
+        plan[a] = c
+    return plan
+
+
+SKIP = "skip"
+
+
+def pace_policy(catalog: Catalog, budgets: Budgets, resolve_s: float = 60.0) -> Policy:
+    """Ours: re-solve the priced plan every `resolve_s` (see the module docstring).
+
+    The plans live in the state (app -> (variant, location), location
+    ``"skip"`` for apps priced out), so the step stays a pure function.
+    """
+
+    def demand(state: State, t: float) -> dict[str, float]:
+        remaining = max(budgets.day_s - t, 0.0)
+        elapsed = max(t, 1.0)
+        return {
+            a: (0.25 * rate(state, a, t) + 0.75 * state.seen.get(a, 0) / elapsed) * remaining
+            for a in catalog.apps
+        }
+
+    def step(state: State, req: Request) -> tuple[Decision, State]:
+        bad = unknown_app(req, catalog)
+        if bad:
+            return bad, state
+        state = observe(state, req)
+        if req.t - state.plan_at >= resolve_s:
+            plan, over, mix = _plan(
+                catalog, budgets, demand(state, req.t), state.energy_left, state.money_left
+            )
+
+            def keys(p):
+                return {a: (o.variant, o.location) if o else ("", SKIP) for a, o in p.items()}
+
+            state = dataclasses.replace(
+                state, plan_at=req.t, plan=keys(plan), alt=keys(over), mix=min(max(mix, 0.0), 1.0)
+            )
+        # dithering: a fraction `mix` of requests follows the over-budget plan
+        # (never between two device variants of one app: that would reload on every switch)
+        credit = state.credit + state.mix
+        mine, alt = state.plan[req.app], state.alt[req.app]
+        use_alt = (
+            credit >= 1.0
+            and alt != mine
+            and (SKIP in (mine[1], alt[1]) or CLOUD in (mine[1], alt[1]))
+        )
+        state = dataclasses.replace(state, credit=credit - 1.0 if use_alt else min(credit, 1.0))
+        variant, location = (state.alt if use_alt else state.plan)[req.app]
+        if location == SKIP:
+            opt, why = _pick(catalog.options[req.app], math.inf, math.inf, budgets, with_load=False)
+            if opt is not None:  # feasible, but priced out by the energy / money budgets
+                why = "planned to skip (budget kept for requests worth more)"
+            return Decision(req.t, req.app, False, reason=why), state
+        opt = next(
+            o for o in catalog.options[req.app] if (o.variant, o.location) == (variant, location)
+        )
+        hit = opt.location == CLOUD or (
+            (e := cached_entry(state, req.app)) is not None and e.variant == opt.variant
+        )
+        return execute(state, req, opt, load=not hit, capacity=budgets.memory_bytes)
+
+    return Policy("pace", _init(budgets), step)
+
+
+POLICIES: dict[str, Callable[[Catalog, Budgets], Policy]] = {
+    "mcdnn": mcdnn_policy,
+    "pace": pace_policy,
+    "best_model": best_model_policy,
+    "original": original_policy,
+}
+
+
+def make_policy(name: str, catalog: Catalog, budgets: Budgets) -> Policy:
+    if name not in POLICIES:
+        raise AmsError(f"unknown policy {name!r}; valid: {', '.join(POLICIES)}")
+    return POLICIES[name](catalog, budgets)
