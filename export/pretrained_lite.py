@@ -28,6 +28,7 @@ from flexjax import costs
 from flexjax.io import write_json_atomic
 from flexjax.models import pretrained
 from runtime import tflite_model
+from runtime.lite import Model
 from runtime.profile import Target, time_signature
 
 CHECK_PHOTOS, PHOTOS_DIR = pretrained.CHECK_PHOTOS, pretrained.PHOTOS_DIR
@@ -35,8 +36,6 @@ CHECK_PHOTOS, PHOTOS_DIR = pretrained.CHECK_PHOTOS, pretrained.PHOTOS_DIR
 
 def export_and_check(name: str, out: str, image_size: int | None = None) -> dict:
     """Writes ``<out>/<name>_<size>.tflite`` (fp32, ``full`` only) and checks it against JAX."""
-    from runtime.lite import Model
-
     net, variables = pretrained.load(name, image_size)
     size = net.input_shape[0]
     plans = [p for p in convert.plan_signatures(net) if p.name == convert.FULL]
@@ -76,8 +75,6 @@ def time_models(
     the process) is reported next to wall time because on a shared machine the
     wall time of a multi-threaded run includes waiting for a core.
     """
-    from runtime.lite import Model
-
     loaded = {
         (r["model"], t): Model(r["file"], num_threads=t).signature(convert.FULL)
         for r in rows

@@ -34,6 +34,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    # lazy: flag errors are reported before JAX, TensorFlow and the job load
     import jax
 
     from export.bundle import ExportError

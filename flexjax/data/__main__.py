@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from flexjax.data import clips as clips_lib
 from flexjax.data import datasets as datasets_lib
+from flexjax.io import write_json_atomic
 
 
 def _parse_tiles(text: str) -> tuple[clips_lib.Tile, ...]:
@@ -104,8 +105,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr)
         return 1
     if args.json:
-        from flexjax.io import write_json_atomic
-
         write_json_atomic(args.json, summary)
     return 0
 

@@ -528,7 +528,7 @@ def imagenet_class_names() -> tuple[str, ...]:
 
 def _av() -> Any:
     try:
-        import av  # imported here: only decoding needs it
+        import av  # lazy: only decoding needs PyAV (FFmpeg)
     except ImportError:
         raise sources.MissingSourceError(
             "decoding video clips needs PyAV (av==18.1.0, setup.cfg extra 'train'); run: make setup"
@@ -602,7 +602,7 @@ def _tile_box(tile: Tile, width: int, height: int) -> tuple[float, float, float,
 
 
 def _crop(image: Any, tile: Tile, size: int) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # lazy: only resizing needs Pillow
 
     box = _tile_box(tile, *image.size)
     # PIL's bilinear filter widens its support when shrinking (antialiasing).
@@ -683,18 +683,13 @@ def _pretrained_predictor(model_name: str, height: int, width: int, batch_size: 
         )
     if height != width:
         raise ValueError(f"reference model {model_name} takes square frames; got {height}x{width}")
-    # Imported here: labelling is the only part of flexjax.data that needs JAX.
+    # lazy: labelling is the only part of flexjax.data that needs JAX; the runtime
+    # reads this package without it.
     import jax
     import jax.numpy as jnp
 
+    from flexjax.models import build, pretrained
     from flexjax.spec import FINAL
-
-    try:
-        from flexjax.models import build, pretrained
-    except ImportError as e:
-        raise RuntimeError(
-            f"reference model {model_name}: flexjax.models.pretrained is not available ({e})"
-        ) from None
 
     net, variables = pretrained.load(model_name, image_size=height)
     module = build(net)

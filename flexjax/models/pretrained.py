@@ -287,7 +287,7 @@ def center_crop(image: np.ndarray, image_size: int) -> np.ndarray:
     short side and resizes it (bicubic) to ``image_size``. `image` is uint8
     (0..255) or float in [0, 1].
     """
-    from PIL import Image
+    from PIL import Image  # lazy: only image files need Pillow
 
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
@@ -303,7 +303,7 @@ def center_crop(image: np.ndarray, image_size: int) -> np.ndarray:
 
 def load_image(path: str, image_size: int) -> np.ndarray:
     """Reads an image file (JPEG, PNG, ...) and applies `center_crop`: ``[S, S, 3]`` in [0, 1]."""
-    from PIL import Image
+    from PIL import Image  # lazy: only image files need Pillow
 
     try:
         with Image.open(path) as img:
@@ -334,6 +334,7 @@ def write_workdir(
       FileExistsError: `workdir` holds something else and `overwrite` is False.
       PretrainedError / TorchWeightsError: as `load`.
     """
+    # lazy: orbax (through checkpoint) is slow to import; only writing a workdir needs it
     import json
 
     from flexjax import checkpoint
