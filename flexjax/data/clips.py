@@ -683,8 +683,8 @@ def _pretrained_predictor(model_name: str, height: int, width: int, batch_size: 
         )
     if height != width:
         raise ValueError(f"reference model {model_name} takes square frames; got {height}x{width}")
-    # lazy: labelling is the only part of flexjax.data that needs JAX; the runtime
-    # reads this package without it.
+    # The runtime reads flexjax.data without JAX; labelling is the only part that needs it.
+    # lazy: JAX and the reference model, for labelling only
     import jax
     import jax.numpy as jnp
 
