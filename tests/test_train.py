@@ -327,6 +327,7 @@ OTHER_CONFIGS = [
     "cifar10_vgg16",
     "cifar10_inception_v3",
     "cifar10_resnet",
+    "fashion_alexnet_branchy",  # the real Fashion-MNIST IDX files, a 600-image slice
 ]
 
 
