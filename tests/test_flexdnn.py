@@ -311,7 +311,7 @@ def test_job_report_plan_bundle_and_resume(tmp_path):
     assert bench["accuracy"] == job["accuracy"]
     assert bench["exit_rates"] == pytest.approx(job["exit_rates"], abs=1e-12)
     # Time per frame vs the backbone (`full`), measured in two runs: the issue asks for the
-    # means within 5%, which is not shown yet (no idle machine this round). Here the medians are compared
+    # means within 5%, not shown yet (no idle machine this round). Medians are compared here
     # (on a shared CI machine preemption puts p95 at ~100x p50, so means are noise) with
     # 10%: the job's loop also runs three other bundles' models between frames (cache).
     base = test["systems"]["backbone"]["time_per_frame"]["p50_ms"]
