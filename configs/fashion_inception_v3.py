@@ -11,7 +11,7 @@ trained jointly. BENCHMARKS.md records accuracy and wall time. `:smoke` runs a
 few steps on a 600-image slice for tests.
 """
 
-from flexjax.config import defaults
+from flexjax.config import defaults, smoke_on_slice
 
 
 def get_config(arg: str | None = None):
@@ -33,11 +33,7 @@ def get_config(arg: str | None = None):
     config.exits.epsilon = 0.01
     if arg == "smoke":
         config.model.kwargs.width = 0.0625
-        config.data.limit = 600
-        config.train.batch_size = 32
-        config.train.num_epochs = 1
-        config.train.log_every = 5
-        config.train.eval_batch_size = 64
+        smoke_on_slice(config, limit=600)
     elif arg:
         raise ValueError(f"unknown config argument '{arg}'; valid: smoke")
     return config

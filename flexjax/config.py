@@ -243,11 +243,20 @@ def smoke_on_digits(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     config.data.path = ""
     config.data.image_size = 32
     config.data.channels = 3
-    config.data.limit = 256
+    smoke_on_slice(config, limit=256)
+    config.train.log_every = 2
+    return config
+
+
+def smoke_on_slice(
+    config: ml_collections.ConfigDict, limit: int = 600
+) -> ml_collections.ConfigDict:
+    """Shrinks a config for tests: a `limit`-example slice of its own data, one tiny epoch."""
+    config.data.limit = limit
     config.train.batch_size = 32
     config.train.num_epochs = 1
     config.train.warmup_steps = 0
-    config.train.log_every = 2
+    config.train.log_every = 5
     config.train.eval_batch_size = 64
     return config
 

@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from flexjax.io import sha256_file
 from runtime import latency_model, tflite_model
 from runtime.lite import Model
 from runtime.names import MANIFEST, MANIFEST_DIGEST
@@ -39,14 +40,6 @@ _REQUIRED = (
 
 class BundleError(ValueError):
     """A bundle that is missing, corrupt or does not match its manifest."""
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(path: str) -> dict:

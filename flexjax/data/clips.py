@@ -129,6 +129,7 @@ import numpy as np
 
 from flexjax.data import sources
 from flexjax.data.datasets import Dataset
+from flexjax.io import sha256_file
 
 # Bump when the entry layout or the sampling / cropping arithmetic changes, so
 # old entries are not mistaken for new ones.
@@ -489,11 +490,7 @@ def clip_source(name: str, files: Mapping[str, str] | None = None) -> str:
 @functools.lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
     del size, mtime_ns  # part of the memo key: a changed file is hashed again
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def file_sha256(path: str) -> str:
