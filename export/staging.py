@@ -13,8 +13,8 @@ import os
 import shutil
 import tempfile
 
-from flexjax.io import jsonable
-from runtime.bundle import Bundle, sha256_file
+from flexjax.io import jsonable, sha256_file
+from runtime.bundle import Bundle
 from runtime.names import MANIFEST, MANIFEST_DIGEST
 
 

@@ -24,14 +24,13 @@ from flexjax import approx, checkpoint, costs, evaluation, models, specialize, t
 from flexjax import config as config_lib
 from flexjax.approx import plain
 from flexjax.finetune import finetune
-from flexjax.io import write_json_atomic
+from flexjax.io import sha256_file, write_json_atomic
 from flexjax.models import count_params, layer_name
 from flexjax.spec import FINAL, Net, dense
 from pipelines.mcdnn_report import plot_fig11, plot_pareto, targets
 from runtime import ams
 from runtime import traces as traces_lib
 from runtime.adb import AdbTarget
-from runtime.bundle import sha256_file
 from runtime.lite import Model
 from runtime.mcdnn import SharedStem, time_interleaved, time_load
 from runtime.names import CATALOG_FILE, FULL, MODEL_FILE, SHARED_MANIFEST

@@ -23,8 +23,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from flexjax.io import sha256_file
 from runtime import timing
-from runtime.bundle import BundleError, sha256_file
+from runtime.bundle import BundleError
 from runtime.lite import Model
 from runtime.names import SHARED_MANIFEST
 from runtime.timing import time_stats
