@@ -40,6 +40,10 @@ MAX_SEED = 2**32 - 1
 EXPECTED: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError)
 
 
+class DomainError(argparse.ArgumentTypeError, ValueError):
+    """A value outside its declared domain: argparse reports it as is; elsewhere a ValueError."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Domain:
     """What a converter accepts: the truth a test derives bad values from.
@@ -60,6 +64,7 @@ class Domain:
     allow_inf: bool = False
     items: bool = False
     content: str = ""
+    prefix: str = ""
 
     def describe(self) -> str:
         if self.kind in ("int", "real"):
@@ -101,9 +106,9 @@ def parse_number(text: str, domain: Domain) -> float:
         else:
             x = float(text.strip())
     except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"must be {domain.describe()}, got {text!r}") from None
+        raise DomainError(f"must be {domain.describe()}, got {text!r}") from None
     if not domain.contains(float(x) if domain.kind == "real" else _clip(x)):
-        raise argparse.ArgumentTypeError(f"must be {domain.describe()}, got {text!r}")
+        raise DomainError(f"must be {domain.describe()}, got {text!r}")
     return x
 
 
@@ -155,7 +160,7 @@ def number_list(of: Callable[[str], Any]) -> Callable[[str], list]:
     def convert(text: str) -> list:
         parts = [p for p in text.split(",")]
         if not text.strip() or any(not p.strip() for p in parts):
-            raise argparse.ArgumentTypeError(f"must be {domain.describe()}, got {text!r}")
+            raise DomainError(f"must be {domain.describe()}, got {text!r}")
         return [of(p) for p in parts]
 
     return _with_domain(convert, domain, "list")
@@ -222,10 +227,11 @@ def _file(content: str) -> Callable[[str], str]:
     def convert(path: str) -> str:
         try:
             if not path:
-                raise ValueError("must be an existing file, got ''")
+                raise ValueError("must name an existing file, got ''")
+            if os.path.isdir(path):
+                raise ValueError(f"{path} is a directory, expected a file")
             if not os.path.isfile(path):
-                what = "a directory" if os.path.isdir(path) else "missing"
-                raise ValueError(f"must be an existing file, {path} is {what}")
+                raise ValueError(f"{path} does not exist")
             if content.startswith("json:"):
                 read_json(path, content.split(":", 1)[1])
             elif content == "text":
@@ -236,12 +242,48 @@ def _file(content: str) -> Callable[[str], str]:
             elif not os.access(path, os.R_OK):
                 raise ValueError(f"file {path} is not readable")
         except OSError as e:
-            raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror or e}") from None
+            raise DomainError(f"cannot read {path}: {e.strerror or e}") from None
         except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+            raise DomainError(str(e)) from None
         return path
 
     return _with_domain(convert, domain, "file")
+
+
+def prefixed_file(prefix: str, content: str = "binary") -> Callable[[str], str]:
+    """An argument that names a file as ``PREFIX+PATH`` (``npz:PATH``) or something else.
+
+    Only the ``PREFIX+PATH`` form is checked here (as `existing_file` /
+    `text_file` / `json_file`); other forms are returned for the command.
+    """
+    check = _file(content)
+    domain = dataclasses.replace(check.domain, prefix=prefix)  # type: ignore[attr-defined]
+
+    def convert(text: str) -> str:
+        if text.startswith(prefix):
+            check(text[len(prefix) :])
+        return text
+
+    return _with_domain(convert, domain, "file")
+
+
+def number_or_file(number: Callable[[str], Any], content: str = "text") -> Callable[[str], Any]:
+    """A number in the domain of `number` (a converter here), or else a file (`content`).
+
+    What looks like a number is checked as one (``nan`` is a bad number, not
+    a file name); anything else must be a file, returned as its path.
+    """
+    check = _file(content)
+    domain = dataclasses.replace(number.domain, content=content)  # type: ignore[attr-defined]
+
+    def convert(text: str) -> Any:
+        try:
+            float(text)
+        except ValueError:
+            return check(text)
+        return number(text)
+
+    return _with_domain(convert, domain, "number or file")
 
 
 def existing_file() -> Callable[[str], str]:
@@ -270,9 +312,12 @@ def existing_dir() -> Callable[[str], str]:
     domain = Domain("dir")
 
     def convert(path: str) -> str:
-        if not path or not os.path.isdir(path):
-            what = "a file" if path and os.path.isfile(path) else "missing"
-            raise argparse.ArgumentTypeError(f"must be an existing directory, {path!r} is {what}")
+        if not path:
+            raise DomainError("must name an existing directory, got ''")
+        if os.path.isfile(path):
+            raise DomainError(f"{path} is a file, expected a directory")
+        if not os.path.isdir(path):
+            raise DomainError(f"{path} does not exist")
         return path
 
     return _with_domain(convert, domain, "directory")
@@ -284,7 +329,7 @@ def existing_path() -> Callable[[str], str]:
 
     def convert(path: str) -> str:
         if not path or not os.path.exists(path):
-            raise argparse.ArgumentTypeError(f"must be an existing file or directory, got {path!r}")
+            raise DomainError(f"{path!r} does not exist")
         return path
 
     return _with_domain(convert, domain, "path")
@@ -296,10 +341,10 @@ def output_file() -> Callable[[str], str]:
 
     def convert(path: str) -> str:
         if not path or os.path.isdir(path):
-            raise argparse.ArgumentTypeError(f"must be a file path to write, got {path!r}")
+            raise DomainError(f"must be a file path to write, got {path!r}")
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
-            raise argparse.ArgumentTypeError(f"directory of {path} does not exist")
+            raise DomainError(f"directory of {path} does not exist")
         return path
 
     return _with_domain(convert, domain, "output")

@@ -24,7 +24,6 @@ bundle's validation rates without ``--data``) into an expected time per frame.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -34,10 +33,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flexjax.io import write_json_atomic
+from runtime import args as args_lib
 from runtime import criteria, timing
 from runtime import data as data_lib
 from runtime.adb import AdbTarget
-from runtime.bundle import Bundle, BundleError
+from runtime.bundle import Bundle
 from runtime.executor import EarlyExitExecutor
 from runtime.timing import time_stats
 
@@ -236,38 +236,39 @@ def format_report(rep: Mapping) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--data", default=None, help="DATASET:SPLIT, video:DATASET or npz:PATH")
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m runtime.bench`` (every value's domain declared)."""
+    p = args_lib.ArgumentParser(prog="python -m runtime.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", required=True, type=args_lib.existing_dir())
+    p.add_argument("--data", default=None, type=args_lib.prefixed_file("npz:"),
+                   help="DATASET:SPLIT, video:DATASET or npz:PATH")  # fmt: skip
     p.add_argument("--target", default="local", help="local or adb[:SERIAL]")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", default=None, help="write the report here")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N frames")
-    p.add_argument("--rounds", type=int, default=3, help="timed passes over the frames (local)")
-    p.add_argument("--epsilon", type=float, default=None, help="calibration to use")
+    p.add_argument("--threads", type=args_lib.threads(), default=1)
+    p.add_argument("--json", default=None, type=args_lib.output_file(),
+                   help="write the report here")  # fmt: skip
+    p.add_argument("--limit", type=args_lib.count(1), default=None,
+                   help="use only the first N frames")  # fmt: skip
+    p.add_argument("--rounds", type=args_lib.count(1), default=3,
+                   help="timed passes over the frames (local)")  # fmt: skip
+    p.add_argument("--epsilon", type=args_lib.probability(), default=None,
+                   help="calibration to use")  # fmt: skip
     p.add_argument("--calibration", default="auto", choices=("auto", "val", "video_val"))
-    p.add_argument("--benchmark-binary", default=None, help="benchmark_model for --target=adb")
+    p.add_argument("--benchmark-binary", default=None, type=args_lib.existing_file(),
+                   help="benchmark_model for --target=adb")  # fmt: skip
     p.add_argument("--use-gpu", action="store_true", help="adb: run with the GPU delegate")
-    p.add_argument("--num-runs", type=int, default=50, help="adb: timed runs per signature")
-    p.add_argument("--warmup-runs", type=int, default=5, help="adb: warmup runs per signature")
+    p.add_argument("--num-runs", type=args_lib.count(1), default=50,
+                   help="adb: timed runs per signature")  # fmt: skip
+    p.add_argument("--warmup-runs", type=args_lib.count(0), default=5,
+                   help="adb: warmup runs per signature")  # fmt: skip
     p.add_argument("--energy", action="store_true", help="adb: sample battery current/voltage")
-    args = p.parse_args(argv)
-    try:
-        return _main(args)
-    except (BundleError, ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return args_lib.run(build_parser(), _main, argv, errors=(KeyError,))
 
 
 def _main(args) -> int:
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1; got {args.threads}")
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be >= 1; got {args.rounds}")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise FileNotFoundError(f"directory of --json={args.json} does not exist")
     bundle = Bundle.from_dir(args.bundle)
     frames = data_lib.load(args.data, bundle.manifest, args.limit) if args.data else None
     kind = frames.kind if frames else "images"

@@ -37,7 +37,6 @@ says why. The failing server is skipped for ``--cooldown-s``. With several
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import math
@@ -50,10 +49,11 @@ import grpc
 import numpy as np
 
 from flexjax.io import write_json_atomic
+from runtime import args as args_lib
 from runtime import data as data_lib
 from runtime import latency_model as lm
 from runtime import planner, wire
-from runtime.bundle import Bundle, BundleError
+from runtime.bundle import Bundle
 from runtime.lite import Model
 from runtime.names import MANIFEST
 from runtime.profile import Target
@@ -97,7 +97,7 @@ class Link:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"bandwidth trace {path} does not exist (or give Mbps)")
         times, mbps = [], []
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 line = line.strip()
                 if not line or line.startswith("#") or (n == 1 and line[0].isalpha()):
@@ -542,45 +542,50 @@ def run(opts: Options) -> dict:
     return rep
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m runtime.coinfer`` (every value's domain declared)."""
+    p = args_lib.ArgumentParser(
         prog="python -m runtime.coinfer", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, type=args_lib.existing_dir())
     p.add_argument("--edge", required=True, help="HOST:PORT[,HOST:PORT...]")
-    p.add_argument("--deadline-ms", type=float, required=True)
-    p.add_argument("--bandwidth", required=True, help="Mbps, or a CSV trace of t_s,mbps")
-    p.add_argument("--frames", type=int, default=100)
-    p.add_argument("--json", default=None, help="write the report (summary + per-frame log)")
-    p.add_argument("--data", default="mnist5k:test", help="frames: DATASET:SPLIT or npz:PATH")
+    p.add_argument("--deadline-ms", type=args_lib.positive(), required=True)
+    p.add_argument("--bandwidth", required=True, help="Mbps, or a CSV trace of t_s,mbps",
+                   type=args_lib.number_or_file(args_lib.positive(), "text"))  # fmt: skip
+    p.add_argument("--frames", type=args_lib.count(1), default=100)
+    p.add_argument("--json", default=None, type=args_lib.output_file(),
+                   help="write the report (summary + per-frame log)")  # fmt: skip
+    p.add_argument("--data", default="mnist5k:test", type=args_lib.prefixed_file("npz:"),
+                   help="frames: DATASET:SPLIT or npz:PATH")  # fmt: skip
     p.add_argument("--policy", default="edgent", choices=planner.POLICIES)
-    p.add_argument("--margin", type=float, default=0.1, help="relative headroom in planning")
+    p.add_argument("--margin", type=args_lib.real(0.0, 10.0), default=0.1,
+                   help="relative headroom in planning")  # fmt: skip
     p.add_argument("--device", default=None, help="device target (default: the fitted one)")
     p.add_argument("--token", default=None)
-    p.add_argument("--tls-ca", default=None, help="PEM CA certificate (enables TLS)")
+    p.add_argument("--tls-ca", default=None, type=args_lib.existing_file(),
+                   help="PEM CA certificate (enables TLS)")  # fmt: skip
     p.add_argument("--tls-server-name", default=None, help="TLS name override (tests)")
-    p.add_argument("--cooldown-s", type=float, default=2.0)
-    p.add_argument("--probe-every", type=int, default=10)
-    p.add_argument("--probe-bytes", type=int, default=1024)
-    args = p.parse_args(argv)
+    p.add_argument("--cooldown-s", type=args_lib.real(0.0, 3600.0), default=2.0)
+    p.add_argument("--probe-every", type=args_lib.count(1), default=10)
+    p.add_argument("--probe-bytes", type=args_lib.count(1, DEFAULT_MAX_MESSAGE // 2), default=1024)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return args_lib.run(build_parser(), _main, argv, errors=(KeyError,))
+
+
+def _main(args) -> int:
     opts = Options(
         bundle=args.bundle, edges=tuple(args.edge.split(",")), deadline_ms=args.deadline_ms,
-        bandwidth=args.bandwidth, frames=args.frames, data=args.data, policy=args.policy,
+        bandwidth=str(args.bandwidth), frames=args.frames, data=args.data, policy=args.policy,
         margin=args.margin, device=args.device, token=args.token, tls_ca=args.tls_ca,
         tls_server_name=args.tls_server_name, cooldown_s=args.cooldown_s,
         probe_every=args.probe_every, probe_bytes=args.probe_bytes,
     )  # fmt: skip
-    try:
-        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-            raise FileNotFoundError(f"directory of --json={args.json} does not exist")
-        rep = run(opts)
-        if args.json:
-            write_json_atomic(args.json, rep)
-    except (BundleError, planner.PlannerError, ValueError, FileNotFoundError, RuntimeError,
-            KeyError) as e:  # fmt: skip
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+    rep = run(opts)
+    if args.json:
+        write_json_atomic(args.json, rep)
     s = rep["summary"]
     print(
         f"{s['frames']} frames, deadline {s['deadline_ms']} ms, {rep['policy']} on "

@@ -27,7 +27,6 @@ once: ``--workers`` RPC threads share a pool of as many LiteRT interpreters
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import hashlib
 import hmac
@@ -42,6 +41,7 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
+from runtime import args as args_lib
 from runtime import wire
 from runtime.bundle import Bundle, BundleError
 from runtime.lite import Model
@@ -171,44 +171,50 @@ def make_server(
     return server, port
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.edge_server",
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m runtime.edge_server`` (every value's domain declared)."""
+    p = args_lib.ArgumentParser(prog="python -m runtime.edge_server",
                                 description=__doc__.split("\n")[0])  # fmt: skip
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--port", type=int, required=True, help="0 picks a free port (printed)")
+    p.add_argument("--bundle", required=True, type=args_lib.existing_dir())
+    p.add_argument("--port", type=args_lib.count(0, 65535), required=True,
+                   help="0 picks a free port (printed)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--workers", type=int, default=4, help="RPC threads = interpreters")
-    p.add_argument("--threads", type=int, default=1, help="LiteRT threads per interpreter")
+    p.add_argument("--workers", type=args_lib.count(1, 256), default=4,
+                   help="RPC threads = interpreters")  # fmt: skip
+    p.add_argument("--threads", type=args_lib.threads(), default=1,
+                   help="LiteRT threads per interpreter")  # fmt: skip
     p.add_argument("--token", default=None, help="shared secret clients must send")
-    p.add_argument("--token-file", default=None, help="read the shared secret from a file")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
-    p.add_argument("--tls-key", default=None, help="PEM private key")
-    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE)
-    args = p.parse_args(argv)
-    try:
-        if args.workers < 1 or args.threads < 1 or args.max_message_bytes < 1024:
-            raise ValueError("--workers and --threads must be >= 1, --max-message-bytes >= 1024")
-        if not 0 <= args.port < 65536:
-            raise ValueError(f"--port must be in 0..65535; got {args.port}")
-        token = args.token
-        if args.token_file:
-            with open(args.token_file) as f:
-                token = f.read().strip()
-        tls = None
-        if bool(args.tls_cert) != bool(args.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together")
-        if args.tls_cert:
-            with open(args.tls_cert, "rb") as f, open(args.tls_key, "rb") as g:
-                tls = (f.read(), g.read())
-        service = EdgeService(Bundle.from_dir(args.bundle), workers=args.workers,
-                              threads=args.threads, token=token)  # fmt: skip
-        server, port = make_server(
-            service, f"{args.host}:{args.port}", workers=args.workers,
-            max_message_bytes=args.max_message_bytes, tls=tls,
-        )  # fmt: skip
-    except (BundleError, ValueError, OSError, RuntimeError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+    p.add_argument("--token-file", default=None, type=args_lib.text_file(),
+                   help="read the shared secret from a file")  # fmt: skip
+    p.add_argument("--tls-cert", default=None, type=args_lib.existing_file(),
+                   help="PEM certificate chain (enables TLS)")  # fmt: skip
+    p.add_argument("--tls-key", default=None, type=args_lib.existing_file(),
+                   help="PEM private key")  # fmt: skip
+    p.add_argument("--max-message-bytes", type=args_lib.count(1024, 1 << 30),
+                   default=DEFAULT_MAX_MESSAGE)  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return args_lib.run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
+    token = args.token
+    if args.token_file:
+        token = args_lib.read_text(args.token_file, "token file").strip()
+    tls = None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        with open(args.tls_cert, "rb") as f, open(args.tls_key, "rb") as g:
+            tls = (f.read(), g.read())
+    service = EdgeService(Bundle.from_dir(args.bundle), workers=args.workers,
+                          threads=args.threads, token=token)  # fmt: skip
+    server, port = make_server(
+        service, f"{args.host}:{args.port}", workers=args.workers,
+        max_message_bytes=args.max_message_bytes, tls=tls,
+    )  # fmt: skip
     server.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

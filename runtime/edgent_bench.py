@@ -21,7 +21,6 @@ Writes ``DIR/edgent_bench.json`` (every run's summary) and ``DIR/edgent_bench.md
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import subprocess
@@ -32,8 +31,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from flexjax.io import write_json_atomic, write_text_atomic
-from runtime import coinfer, planner
-from runtime.bundle import Bundle, BundleError
+from runtime import args as args_lib
+from runtime import coinfer
+from runtime.bundle import Bundle
 
 BANDWIDTHS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0, 10.0)
 DEADLINES = (2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
@@ -200,28 +200,31 @@ def run(bundle: str, out: str, settings: Settings = Settings(), log=print) -> di
     return rep
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.edgent_bench",
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m runtime.edgent_bench`` (every value's domain declared)."""
+    p = args_lib.ArgumentParser(prog="python -m runtime.edgent_bench",
                                 description=__doc__.split("\n")[0])  # fmt: skip
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--frames", type=int, default=200)
-    p.add_argument("--servers", type=int, default=2)
-    p.add_argument("--deadline-ms", type=float, default=10.0)
-    p.add_argument("--bandwidth-mbps", type=float, default=2.0)
-    p.add_argument("--margin", type=float, default=0.1)
-    p.add_argument("--trace-frames", type=int, default=1000)
-    args = p.parse_args(argv)
+    p.add_argument("--bundle", required=True, type=args_lib.existing_dir())
+    p.add_argument("--out", required=True, help="directory for the report (created)")
+    p.add_argument("--frames", type=args_lib.count(1), default=200)
+    p.add_argument("--servers", type=args_lib.count(1, 64), default=2)
+    p.add_argument("--deadline-ms", type=args_lib.positive(), default=10.0)
+    p.add_argument("--bandwidth-mbps", type=args_lib.positive(), default=2.0)
+    p.add_argument("--margin", type=args_lib.real(0.0, 10.0), default=0.1)
+    p.add_argument("--trace-frames", type=args_lib.count(1), default=1000)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return args_lib.run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
     settings = Settings(
         frames=args.frames, servers=args.servers, deadline_ms=args.deadline_ms,
         bandwidth_mbps=args.bandwidth_mbps, margin=args.margin, trace_frames=args.trace_frames,
     )  # fmt: skip
-    try:
-        rep = run(args.bundle, args.out, settings, log=lambda m: print(m, flush=True))
-    except (BundleError, planner.PlannerError, ValueError, FileNotFoundError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+    rep = run(args.bundle, args.out, settings, log=lambda m: print(m, flush=True))
     print(markdown(rep))
     return 0
 

@@ -31,15 +31,15 @@ used right after a change point. Every function is `(state, observation) ->
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
 from collections.abc import Mapping, Sequence
 
+from runtime import args as args_lib
 from runtime import latency_model as lm
 from runtime import names
-from runtime.bundle import Bundle, BundleError
+from runtime.bundle import Bundle
 from runtime.names import FINAL
 
 POLICIES = ("edgent", "device-only", "edge-only", "neurosurgeon", "right-sizing")
@@ -277,29 +277,32 @@ def lookup(cmap: Sequence[tuple[float, Option]], bandwidth_bps: float) -> Option
     return chosen
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m runtime.planner`` (every value's domain declared)."""
+    p = args_lib.ArgumentParser(
         prog="python -m runtime.planner", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--deadline-ms", type=float, required=True)
-    p.add_argument("--bandwidths", default="0.05,0.1,0.25,0.5,1,1.5,2,5,10", help="Mbps list")
+    p.add_argument("--bundle", required=True, type=args_lib.existing_dir())
+    p.add_argument("--deadline-ms", type=args_lib.positive(), required=True)
+    p.add_argument("--bandwidths", default="0.05,0.1,0.25,0.5,1,1.5,2,5,10", help="Mbps list",
+                   type=args_lib.number_list(args_lib.positive()))  # fmt: skip
     p.add_argument("--policy", default="edgent", choices=POLICIES)
-    p.add_argument("--rtt-ms", type=float, default=0.0)
-    p.add_argument("--margin", type=float, default=0.0, help="relative headroom")
-    args = p.parse_args(argv)
-    try:
-        opts = allowed(options(Bundle.from_dir(args.bundle).manifest), args.policy)
-        bws = [float(b) * 1e6 for b in args.bandwidths.split(",")]
-        print(f"{'Mbps':>8}  {'plan':<24}{'predicted ms':>13}  feasible")
-        for b in bws:
-            pl = plan(opts, b, args.deadline_ms, rtt_ms=args.rtt_ms, margin=args.margin)
-            print(
-                f"{b / 1e6:>8.3f}  {pl.option.label():<24}{pl.predicted_ms:>13.2f}  {pl.feasible}"
-            )
-    except (BundleError, PlannerError, ValueError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+    p.add_argument("--rtt-ms", type=args_lib.real(0.0), default=0.0)
+    p.add_argument("--margin", type=args_lib.real(0.0, 10.0), default=0.0,
+                   help="relative headroom")  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return args_lib.run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
+    opts = allowed(options(Bundle.from_dir(args.bundle).manifest), args.policy)
+    print(f"{'Mbps':>8}  {'plan':<24}{'predicted ms':>13}  feasible")
+    for b in (mbps * 1e6 for mbps in args.bandwidths):
+        pl = plan(opts, b, args.deadline_ms, rtt_ms=args.rtt_ms, margin=args.margin)
+        print(f"{b / 1e6:>8.3f}  {pl.option.label():<24}{pl.predicted_ms:>13.2f}  {pl.feasible}")
     return 0
 
 

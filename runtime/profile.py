@@ -30,7 +30,6 @@ signature on a phone with TFLite's ``benchmark_model`` (`runtime.adb`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import platform
@@ -41,12 +40,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flexjax.io import write_json_atomic
+from runtime import args as args_lib
 from runtime.adb import AdbTarget
 from runtime.bundle import Bundle, BundleError, check_files, read_manifest
 from runtime.lite import Model
 from runtime.timing import time_stats
 
 SWEEP_FORMAT = "flexjax-sweep"
+MAX_SLOWDOWN = 1000.0  # an emulated device this many times slower than one core here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +79,13 @@ class Target:
             key, _, value = part.partition("=")
             try:
                 if key == "threads":
-                    threads = int(value)
+                    threads = args_lib.threads()(value)
                 elif key == "slowdown":
-                    slowdown = float(value)
+                    slowdown = args_lib.real(1.0, MAX_SLOWDOWN)(value)
                 else:
-                    raise ValueError
-            except ValueError:
-                raise ValueError(
-                    f"bad target option {part!r} in {spec!r}; valid: threads=N, slowdown=S"
-                ) from None
-        if threads < 1 or not slowdown >= 1.0:
-            raise ValueError(f"target {spec!r}: threads must be >= 1 and slowdown >= 1")
+                    raise ValueError("valid: threads=N, slowdown=S")
+            except ValueError as e:
+                raise ValueError(f"bad target option {part!r} in {spec!r}: {e}") from None
         return Target("local", threads, slowdown, spec=spec)
 
     def pad(self, start_s: float, cpu_s: float) -> None:
@@ -230,29 +227,40 @@ def profile(bundle: str, target: Target, runs: int = 20, binary: str | None = No
     }  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+def _target(spec: str) -> Target:
+    try:
+        return Target.parse(spec)
+    except ValueError as e:
+        raise args_lib.DomainError(str(e)) from None
+
+
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m runtime.profile`` (every value's domain declared)."""
+    p = args_lib.ArgumentParser(
         prog="python -m runtime.profile", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--bundle", required=True, help="a sweep bundle or a --partitions bundle")
-    p.add_argument(
-        "--target", default="local", help="local[:threads=N][:slowdown=S] or adb[:SERIAL]"
-    )
-    p.add_argument("--out", required=True, help="profile JSON to write")
-    p.add_argument("--runs", type=int, default=20, help="timed runs per signature")
-    p.add_argument("--benchmark-binary", default=None, help="benchmark_model for --target=adb")
-    args = p.parse_args(argv)
-    try:
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-            raise FileNotFoundError(f"directory of --out={args.out} does not exist")
-        rep = profile(args.bundle, Target.parse(args.target), args.runs, args.benchmark_binary)
-        write_json_atomic(args.out, rep)
-    except (BundleError, ValueError, FileNotFoundError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+    p.add_argument("--bundle", required=True, type=args_lib.existing_dir(),
+                   help="a sweep bundle or a --partitions bundle")  # fmt: skip
+    p.add_argument("--target", default="local", type=_target,
+                   help="local[:threads=N][:slowdown=S] or adb[:SERIAL]")  # fmt: skip
+    p.add_argument("--out", required=True, type=args_lib.output_file(),
+                   help="profile JSON to write")  # fmt: skip
+    p.add_argument("--runs", type=args_lib.count(1, 100_000), default=20,
+                   help="timed runs per signature")  # fmt: skip
+    p.add_argument("--benchmark-binary", default=None, type=args_lib.existing_file(),
+                   help="benchmark_model for --target=adb")  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return args_lib.run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
+    rep = profile(args.bundle, args.target, args.runs, args.benchmark_binary)
+    write_json_atomic(args.out, rep)
     n = len(rep.get("layers", rep.get("signatures", [])))
-    print(f"profiled {n} signatures on {args.target} -> {args.out}")
+    print(f"profiled {n} signatures on {args.target.spec} -> {args.out}")
     return 0
 
 

@@ -21,7 +21,6 @@ numpy only, reproducible from the seed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,6 +29,13 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from runtime import args as args_lib
+
+# Caps: make_day draws ~60x its expected requests as candidates (thinning), all in memory.
+MAX_HOURS = 24.0 * 7
+MAX_REQUESTS = 500_000
+MAX_BURSTS = 10_000
 
 
 class TraceError(ValueError):
@@ -69,8 +75,16 @@ def make_day(
     """A synthetic day (see the module docstring); `mean_rate` is total requests/s on average."""
     if not apps or len(set(apps)) != len(apps):
         raise TraceError(f"apps must be distinct names, got {list(apps)}")
-    if hours <= 0 or mean_rate <= 0 or bursts < 0 or slot_s <= 0:
-        raise TraceError("hours, mean_rate and slot_s must be > 0 and bursts >= 0")
+    values = (hours, mean_rate, slot_s)
+    if not all(math.isfinite(v) and v > 0 for v in values) or not 0 <= bursts <= MAX_BURSTS:
+        raise TraceError(
+            f"hours, mean_rate and slot_s must be finite and > 0 and bursts in [0, {MAX_BURSTS}]"
+        )
+    if hours > MAX_HOURS or hours * 3600.0 * mean_rate > MAX_REQUESTS:
+        raise TraceError(
+            f"a trace of {hours} h at {mean_rate} requests/s is too long: at most {MAX_HOURS} h "
+            f"and {MAX_REQUESTS} requests (hours x 3600 x mean_rate)"
+        )
     rng = np.random.default_rng(seed)
     day = hours * 3600.0
     n_apps = len(apps)
@@ -125,6 +139,8 @@ def from_dict(d: object, known_apps: Sequence[str] | None = None) -> Trace:
         day = float(d["day_s"])
     except (TypeError, ValueError) as e:
         raise TraceError(f"trace times must be numbers: {e}") from None
+    if not isinstance(d["app"], list) or not isinstance(d.get("apps", []), list):
+        raise TraceError("trace fields app and apps must be lists of app names")
     names = [str(a) for a in d["app"]]
     if len(names) != t.size:
         raise TraceError(f"trace has {t.size} times but {len(names)} app names")
@@ -157,10 +173,9 @@ def load(path: str, known_apps: Sequence[str] | None = None) -> Trace:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"trace {path} does not exist")
     try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TraceError(f"trace {path} is not valid JSON: {e}") from None
+        d = args_lib.read_json(path, "dict", "trace")
+    except ValueError as e:  # empty, not UTF-8, not JSON, not an object
+        raise TraceError(str(e)) from None
     return from_dict(d, known_apps)
 
 
@@ -172,26 +187,29 @@ def save(trace: Trace, path: str) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.traces", description=__doc__.split("\n")[0])
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m runtime.traces`` (every value's domain declared)."""
+    p = args_lib.ArgumentParser(prog="python -m runtime.traces", description=__doc__.split("\n")[0])
     p.add_argument("--apps", required=True, help="comma-separated app names")
-    p.add_argument("--out", required=True)
-    p.add_argument("--hours", type=float, default=10.0)
-    p.add_argument("--mean-rate", type=float, default=1.0, help="requests per second")
-    p.add_argument("--bursts", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        apps = [a for a in args.apps.split(",") if a]
-        tr = make_day(
-            apps, hours=args.hours, mean_rate=args.mean_rate, bursts=args.bursts, seed=args.seed
-        )
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-            raise FileNotFoundError(f"directory of --out={args.out} does not exist")
-        save(tr, args.out)
-    except (TraceError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    p.add_argument("--out", required=True, type=args_lib.output_file())
+    p.add_argument("--hours", type=args_lib.positive(MAX_HOURS), default=10.0)
+    p.add_argument("--mean-rate", type=args_lib.positive(1000.0), default=1.0,
+                   help="requests per second")  # fmt: skip
+    p.add_argument("--bursts", type=args_lib.count(0, MAX_BURSTS), default=12)
+    p.add_argument("--seed", type=args_lib.seed(), default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return args_lib.run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
+    apps = [a for a in args.apps.split(",") if a]
+    tr = make_day(
+        apps, hours=args.hours, mean_rate=args.mean_rate, bursts=args.bursts, seed=args.seed
+    )
+    save(tr, args.out)
     print(f"{len(tr)} requests over {tr.day_s / 3600:.1f} h: {tr.counts()}")
     return 0
 

@@ -11,24 +11,28 @@ one ``error:`` line if the bundle does not verify.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 
-from runtime.bundle import Bundle, BundleError, summary
+from runtime import args as args_lib
+from runtime.bundle import Bundle, summary
+
+
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m runtime.verify``."""
+    p = args_lib.ArgumentParser(prog="python -m runtime.verify", description=__doc__.split("\n")[0])
+    p.add_argument("bundle", type=args_lib.existing_dir())
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.verify", description=__doc__.split("\n")[0])
-    p.add_argument("bundle")
-    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
-    args = p.parse_args(argv)
-    try:
-        bundle = Bundle.from_dir(args.bundle)
-    except BundleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return args_lib.run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
+    bundle = Bundle.from_dir(args.bundle)
     if args.json:
         print(json.dumps(bundle.manifest, indent=1))
     else:

@@ -183,7 +183,7 @@ def test_profile_and_fit_cli_reject_bad_input_in_one_line(bundle, edgent_dir, tm
         [f"--bundle={bundle.path}", "--target=local:threads=0", f"--out={tmp_path}/p.json"],
     ):
         proc = run_job("runtime.profile", *args)
-        assert proc.returncode == 1 and proc.stderr.startswith("error:"), proc.stderr
+        assert proc.returncode in (1, 2) and proc.stderr.startswith("error:"), proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     # A partition profile is not a sweep profile.
     proc = run_job(
@@ -398,7 +398,7 @@ def test_coinfer_bad_input_is_one_error_line(bundle, tmp_path):
                 "--deadline-ms=10", "--bandwidth=1"),
     ]  # fmt: skip
     for proc in cases:
-        assert proc.returncode == 1, proc.stdout
+        assert proc.returncode in (1, 2), proc.stdout  # 2: refused while parsing
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
 

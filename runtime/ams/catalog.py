@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -11,6 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from runtime import args as args_lib
 from runtime.names import CATALOG_FILE
 
 DEVICE, CLOUD = "device", "cloud"  # where an option runs
@@ -77,10 +77,9 @@ def load_catalog(path: str, *, cloud: bool = True) -> Catalog:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no {CATALOG_FILE} at {path} (run python -m train.catalog)")
     try:
-        with open(file) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise AmsError(f"{file} is not valid JSON: {e}") from None
+        raw = args_lib.read_json(file, "dict", "catalog")
+    except ValueError as e:  # empty, not UTF-8, not JSON, not an object
+        raise AmsError(str(e)) from None
     tasks = raw.get("tasks") if isinstance(raw, dict) else None
     if not isinstance(tasks, dict) or not tasks:
         raise AmsError(f"{file} has no 'tasks' section")

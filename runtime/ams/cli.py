@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import platform
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flexjax.io import write_json_atomic
+from runtime import args as args_lib
 from runtime import traces as traces_lib
 from runtime.ams.catalog import AmsError, Catalog, knee, load_catalog
 from runtime.ams.optimum import offline_optimum
@@ -19,6 +18,19 @@ from runtime.ams.policies import POLICIES, make_policy
 from runtime.ams.replay import execute_sampled
 from runtime.ams.simulate import simulate, summarize
 from runtime.ams.state import Budgets
+
+MAX_MEMORY_MB = 1e6  # a model cache of a terabyte is a typo
+_ENERGY_J = args_lib.real(0.0)
+_ENERGY_MULTIPLE = args_lib.real(0.0, 1000.0)
+
+
+def energy_budget(text: str) -> str:
+    """``--energy-budget``: joules (finite, >= 0) or a multiple of Original's need (``0.12x``)."""
+    (_ENERGY_MULTIPLE if text.strip().endswith("x") else _ENERGY_J)(text.strip().removesuffix("x"))
+    return text
+
+
+energy_budget.domain = _ENERGY_J.domain  # type: ignore[attr-defined]
 
 
 def resolve_budgets(
@@ -34,19 +46,23 @@ def resolve_budgets(
     energy = str(energy).strip()
     try:
         if energy.endswith("x"):
-            frac = float(energy[:-1])
+            frac = _ENERGY_MULTIPLE(energy[:-1])
             need = sum(
                 n * catalog.device(a, catalog.original[a]).energy_j
                 for a, n in trace.counts().items()
             )
             e = frac * need
         else:
-            e = float(energy)
-    except ValueError:
+            e = _ENERGY_J(energy)
+        memory = args_lib.real(0.0, MAX_MEMORY_MB)(str(memory_mb))
+        money = args_lib.real(0.0)(str(money))
+        latency_ms = args_lib.positive()(str(latency_ms))
+    except ValueError as e:
         raise AmsError(
-            f"--energy-budget must be joules or a multiple like 0.12x, got {energy!r}"
+            f"budgets: energy is joules or a multiple like 0.12x, memory_mb in [0, "
+            f"{MAX_MEMORY_MB:g}], money >= 0, latency_ms > 0 (all finite): {e}"
         ) from None
-    return Budgets(e, int(memory_mb * 1e6), float(money), float(latency_ms), trace.day_s)
+    return Budgets(e, int(memory * 1e6), float(money), float(latency_ms), trace.day_s)
 
 
 def run(
@@ -102,33 +118,36 @@ def format_report(rep: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.ams", description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", required=True, help="catalog directory (or its catalog.json)")
-    p.add_argument("--trace", required=True, help="trace JSON (python -m runtime.traces)")
-    p.add_argument("--json", default=None, help="write the report here")
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m runtime.ams`` (every value's domain declared)."""
+    p = args_lib.ArgumentParser(prog="python -m runtime.ams", description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", required=True, type=args_lib.existing_path(),
+                   help="catalog directory (or its catalog.json)")  # fmt: skip
+    p.add_argument("--trace", required=True, type=args_lib.json_file("dict"),
+                   help="trace JSON (python -m runtime.traces)")  # fmt: skip
+    p.add_argument("--json", default=None, type=args_lib.output_file(),
+                   help="write the report here")  # fmt: skip
     p.add_argument("--policies", default="mcdnn,pace,best_model,original")
-    p.add_argument("--energy-budget", default=None, help="joules, or e.g. 0.12x of Original's need")
-    p.add_argument("--memory-mb", type=float, default=None, help="model cache size")
-    p.add_argument("--money", type=float, default=None, help="cloud money for the day")
-    p.add_argument("--latency-ms", type=float, default=None, help="limit per request")
+    p.add_argument("--energy-budget", default=None, type=energy_budget,
+                   help="joules, or e.g. 0.12x of Original's need")  # fmt: skip
+    p.add_argument("--memory-mb", type=args_lib.real(0.0, MAX_MEMORY_MB), default=None,
+                   help="model cache size")  # fmt: skip
+    p.add_argument("--money", type=args_lib.real(0.0), default=None,
+                   help="cloud money for the day")  # fmt: skip
+    p.add_argument("--latency-ms", type=args_lib.positive(), default=None,
+                   help="limit per request")  # fmt: skip
     p.add_argument("--no-cloud", action="store_true", help="device execution only")
-    p.add_argument("--execute", type=int, default=0, help="also run N sampled requests for real")
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    try:
-        return _main(args)
-    except (AmsError, traces_lib.TraceError, FileNotFoundError, KeyError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+    p.add_argument("--execute", type=args_lib.count(0, 100_000), default=0,
+                   help="also run N sampled requests for real")  # fmt: skip
+    p.add_argument("--threads", type=args_lib.threads(), default=1)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return args_lib.run(build_parser(), _main, argv, errors=(KeyError,))
 
 
 def _main(args) -> int:
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise FileNotFoundError(f"directory of --json={args.json} does not exist")
-    if args.execute < 0:
-        raise AmsError(f"--execute must be >= 0, got {args.execute}")
     catalog = load_catalog(args.bundle, cloud=not args.no_cloud)
     trace = traces_lib.load(args.trace, catalog.apps)
     defaults = catalog.raw.get("ams", {}).get("budgets", {})
