@@ -11,13 +11,12 @@ fluctuating trace). matplotlib lives here, not in `runtime/`.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
+from runtime import args as args_lib
 from runtime import names
 
 POLICIES = ("edgent", "device-only", "edge-only", "neurosurgeon", "right-sizing")
@@ -96,20 +95,24 @@ def plot(rep: dict, out: str) -> list[str]:
     return paths
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.edgent_figures",
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m export.edgent_figures``."""
+    p = args_lib.ArgumentParser(prog="python -m export.edgent_figures",
                                 description=__doc__.split("\n")[0])  # fmt: skip
-    p.add_argument("--bench", required=True, help="edgent_bench.json")
+    p.add_argument("--bench", required=True, type=args_lib.json_file("dict"),
+                   help="edgent_bench.json")  # fmt: skip
     p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    try:
-        with open(args.bench) as f:
-            rep = json.load(f)
-        os.makedirs(args.out, exist_ok=True)
-        paths = plot(rep, args.out)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+    return p
+
+
+def main(argv=None) -> int:
+    return args_lib.run(build_parser(), _main, argv, errors=(KeyError, TypeError))
+
+
+def _main(args) -> int:
+    rep = args_lib.read_json(args.bench, "dict", "report")
+    os.makedirs(args.out, exist_ok=True)
+    paths = plot(rep, args.out)
     print("\n".join(paths))
     return 0
 

@@ -10,8 +10,6 @@ runtime itself never imports it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -21,7 +19,9 @@ import numpy as np
 from export import convert
 from export.bundle import load_workdir
 from flexjax import training
+from flexjax.io import write_json_atomic
 from runtime import Bundle, EarlyExitExecutor, timing
+from runtime import args as args_lib
 
 
 def measure(workdir: str, bundle_dir: str, frames: int = 500, rounds: int = 3, threads: int = 1):
@@ -61,20 +61,24 @@ def measure(workdir: str, bundle_dir: str, frames: int = 500, rounds: int = 3, t
     return res
 
 
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m export.jax_vs_litert`` (every value's domain declared)."""
+    p = args_lib.ArgumentParser(prog="python -m export.jax_vs_litert")
+    p.add_argument("--workdir", required=True, type=args_lib.existing_dir())
+    p.add_argument("--bundle", required=True, type=args_lib.existing_dir())
+    p.add_argument("--frames", type=args_lib.count(1, 100_000), default=500)
+    p.add_argument("--rounds", type=args_lib.count(1, 1000), default=3)
+    p.add_argument("--threads", type=args_lib.threads(), default=1)
+    p.add_argument("--json", default=None, type=args_lib.output_file())
+    return p
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.jax_vs_litert")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--frames", type=int, default=500)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
-    try:
-        res = measure(a.workdir, a.bundle, a.frames, a.rounds, a.threads)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
+    return args_lib.run(build_parser(), _main, argv)
+
+
+def _main(a) -> int:
+    res = measure(a.workdir, a.bundle, a.frames, a.rounds, a.threads)
     print(
         f"batch-1 time per frame ({res['frames']} frames x {res['rounds']} rounds): "
         f"JAX jit ({res['jax_backend']}) p50 {res['jax_jit']['p50_ms']:.4f} ms, "
@@ -83,8 +87,7 @@ def main(argv=None) -> int:
         f"top-1 agreement {res['top1_agreement']:.3f}"
     )
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json_atomic(a.json, res)
     return 0
 
 

@@ -29,8 +29,7 @@ rewritten through a staged copy, so a failure leaves it untouched.
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -38,6 +37,7 @@ import numpy as np
 
 from export.staging import rewrite_manifest
 from flexjax.io import write_json_atomic
+from runtime import args as args_lib
 from runtime import latency_model as lm
 from runtime.bundle import Bundle, BundleError
 
@@ -184,13 +184,9 @@ def store(bundle_dir: str, models: Mapping, report: Mapping) -> None:
 
 
 def _load(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"profile {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"profile {path} is not valid JSON: {e}") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"profile {path} does not exist")
+    return args_lib.read_json(path, "dict", "profile")
 
 
 def run(
@@ -257,28 +253,36 @@ def format_report(report: Mapping) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.latency_fit",
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m export.latency_fit`` (every file's kind declared)."""
+    p = args_lib.ArgumentParser(prog="python -m export.latency_fit",
                                 description=__doc__.split("\n")[0])  # fmt: skip
-    p.add_argument("--bundle", required=True, help="bundle to store the models in")
-    p.add_argument("--device", required=True, help="device sweep profile (runtime.profile)")
-    p.add_argument("--edge", required=True, help="edge sweep profile (runtime.profile)")
-    p.add_argument("--device-paths", default=None, help="device partition profile")
-    p.add_argument("--edge-paths", default=None, help="edge partition profile")
+    profile = args_lib.json_file("dict")
+    p.add_argument("--bundle", required=True, type=args_lib.existing_dir(),
+                   help="bundle to store the models in")  # fmt: skip
+    p.add_argument("--device", required=True, type=profile,
+                   help="device sweep profile (runtime.profile)")  # fmt: skip
+    p.add_argument("--edge", required=True, type=profile,
+                   help="edge sweep profile (runtime.profile)")  # fmt: skip
+    p.add_argument("--device-paths", default=None, type=profile, help="device partition profile")
+    p.add_argument("--edge-paths", default=None, type=profile, help="edge partition profile")
     p.add_argument("--form", default="auto", choices=FORMS)
-    p.add_argument("--report", default=None, help="also write the fit report here")
-    args = p.parse_args(argv)
-    try:
-        report = run(
-            args.bundle, args.device, args.edge, device_paths=args.device_paths,
-            edge_paths=args.edge_paths, form=args.form,
-        )  # fmt: skip
-        if args.report:
-            write_json_atomic(args.report, report)
-    except (BundleError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+    p.add_argument("--report", default=None, type=args_lib.output_file(),
+                   help="also write the fit report here")  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return args_lib.run(build_parser(), _main, argv, errors=(KeyError, TypeError))
+
+
+def _main(args) -> int:
+    report = run(
+        args.bundle, args.device, args.edge, device_paths=args.device_paths,
+        edge_paths=args.edge_paths, form=args.form,
+    )  # fmt: skip
+    if args.report:
+        write_json_atomic(args.report, report)
     print(format_report(report))
     return 0
 

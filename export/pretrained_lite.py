@@ -19,7 +19,6 @@ Writes ``<out>/<model>_<size>.tflite`` and ``<out>/report.json``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ from flexjax import costs
 from flexjax.data import clips as clips_lib
 from flexjax.io import write_json_atomic
 from flexjax.models import pretrained
+from runtime import args as args_lib
 from runtime import tflite_model
 from runtime.lite import Model
 from runtime.profile import Target, time_signature
@@ -121,26 +121,31 @@ def time_models(
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m export.pretrained_lite`` (every value's domain declared)."""
+    p = args_lib.ArgumentParser(prog="python -m export.pretrained_lite",
+                                description=__doc__.splitlines()[0])  # fmt: skip
     p.add_argument("--out", required=True)
     p.add_argument("--models", default=",".join(pretrained.PACKAGES))
-    p.add_argument("--image_size", type=int, default=None)
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--runs", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--image_size", type=args_lib.count(*pretrained.IMAGE_SIZES), default=None)
+    p.add_argument("--threads", default="1,2", type=args_lib.number_list(args_lib.threads()))
+    p.add_argument("--runs", type=args_lib.count(1, 100_000), default=30)
+    p.add_argument("--rounds", type=args_lib.count(1, 1000), default=3)
     p.add_argument("--clips", default="", help="also measure agreement on this clip split")
-    args = p.parse_args(argv)
-    try:
-        threads = [int(t) for t in args.threads.split(",")]
-        os.makedirs(args.out, exist_ok=True)
-        rows = [export_and_check(m, args.out, args.image_size) for m in args.models.split(",")]
-        if args.clips:
-            for r in rows:
-                r["clips"] = clip_agreement(r, args.clips)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return args_lib.run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
+    threads = args.threads
+    os.makedirs(args.out, exist_ok=True)
+    rows = [export_and_check(m, args.out, args.image_size) for m in args.models.split(",")]
+    if args.clips:
+        for r in rows:
+            r["clips"] = clip_agreement(r, args.clips)
     times = time_models(rows, threads, args.runs, args.rounds)
     for r in rows:
         r["ms_per_frame"] = {

@@ -24,7 +24,6 @@ file's sha256; the directory is staged and renamed into place.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -37,6 +36,7 @@ from export import convert, partitions
 from export.staging import Staged, write_manifest
 from flexjax import models, spec
 from flexjax.spec import FINAL
+from runtime import args as args_lib
 
 SIZES = ("full", "smoke")
 FORMAT = "flexjax-sweep"
@@ -186,18 +186,22 @@ def export_sweep(out: str, *, size: str = "full", seed: int = 0, overwrite: bool
     return manifest
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.sweep", description=__doc__.split("\n")[0])
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m export.sweep`` (every value's domain declared)."""
+    p = args_lib.ArgumentParser(prog="python -m export.sweep", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="sweep bundle directory to create")
     p.add_argument("--size", default="full", choices=SIZES)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=args_lib.seed(), default=0)
     p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        export_sweep(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite)
-    except (ValueError, FileExistsError, OSError) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+    return p
+
+
+def main(argv=None) -> int:
+    return args_lib.run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
+    export_sweep(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite)
     return 0
 
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from flexjax.data import clips as clips_lib
 from flexjax.data import datasets as datasets_lib
 from flexjax.io import write_json_atomic
+from runtime import args as args_lib
 
 
 def _parse_tiles(text: str) -> tuple[clips_lib.Tile, ...]:
@@ -78,32 +79,40 @@ def _datasets(args: argparse.Namespace) -> dict:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m flexjax.data`` (every value's domain declared)."""
     d = clips_lib.ClipConfig()
-    p = argparse.ArgumentParser(prog="python -m flexjax.data", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = args_lib.ArgumentParser(prog="python -m flexjax.data", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=args_lib.ArgumentParser)
     c = sub.add_parser("clips", help="decode + label clips into the cache")
     c.add_argument("--train", default=",".join(d.train))
     c.add_argument("--val", default=",".join(d.val))
     c.add_argument("--test", default=",".join(d.test))
-    c.add_argument("--fps", type=float, default=d.fps)
-    c.add_argument("--max-frames", type=int, default=d.max_frames)
-    c.add_argument("--resolution", type=int, default=d.resolution)
+    c.add_argument("--fps", type=args_lib.real(0.0, clips_lib.MAX_FPS), default=d.fps,
+                   help="sampled frames per second (0 = every frame)")  # fmt: skip
+    c.add_argument("--max-frames", type=args_lib.count(0, clips_lib.MAX_FRAMES),
+                   default=d.max_frames, help="per clip (0 = all)")  # fmt: skip
+    c.add_argument("--resolution", type=args_lib.count(8, clips_lib.MAX_RESOLUTION),
+                   default=d.resolution)  # fmt: skip
     c.add_argument("--tiles", default="1:0.5:0.5", help="scale:y:x,... (see flexjax.data.clips)")
     c.add_argument("--reference", default=d.reference)
     c.add_argument("--cache-dir", default=None)
-    c.add_argument("--json", default=None, help="also write the summary here")
+    c.add_argument("--json", default=None, type=args_lib.output_file(),
+                   help="also write the summary here")  # fmt: skip
     ds = sub.add_parser("datasets", help="load datasets, print sizes and load time")
     ds.add_argument("names", nargs="+")
-    ds.add_argument("--repeat", type=int, default=1)
-    ds.add_argument("--json", default=None, help="also write the summary here")
-    args = p.parse_args(argv)
-    try:
-        summary = _clips(args) if args.command == "clips" else _datasets(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        text = str(e).strip()
-        print(f"error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr)
-        return 1
+    ds.add_argument("--repeat", type=args_lib.count(1, 100), default=1)
+    ds.add_argument("--json", default=None, type=args_lib.output_file(),
+                    help="also write the summary here")  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return args_lib.run(build_parser(), _main, argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    summary = _clips(args) if args.command == "clips" else _datasets(args)
     if args.json:
         write_json_atomic(args.json, summary)
     return 0

@@ -49,6 +49,8 @@ CLASS_NAMES_FILE = (
     "/usr/share/doc/opencv-doc/examples/data/dnn/classification_classes_ILSVRC2012.txt"
 )
 NUM_CLASSES = 1000
+# Input sizes `load` accepts: the architecture's minimum; above the cap, a typo, not a size.
+IMAGE_SIZES = (32, 1024)
 PRETRAINED_FILE = "pretrained.json"  # provenance, in a workdir written by `write_workdir`
 # Photos that opencv-doc ships, each with one unambiguous ImageNet class (top-1 for
 # EfficientNet-Lite0 at 224 px; checked by tests/test_pretrained.py).
@@ -253,6 +255,10 @@ def load(name: str, image_size: int | None = None) -> tuple[Net, dict]:
       TorchWeightsError: a corrupt, truncated or unsafe weights file.
     """
     _check_name(name)
+    if image_size is not None and not IMAGE_SIZES[0] <= image_size <= IMAGE_SIZES[1]:
+        raise PretrainedError(
+            f"image_size must be in [{IMAGE_SIZES[0]}, {IMAGE_SIZES[1]}] px, got {image_size}"
+        )
     try:
         net = efficientnet_lite(name, num_classes=NUM_CLASSES, image_size=image_size)
     except ValueError as e:
