@@ -10,12 +10,16 @@ rejects unknown arguments itself).
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
+import math
 import os
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+
+from runtime.args import MAX_COUNT, MAX_SEED, MAX_THREADS, Domain
 
 FREE_FORM = ("model.kwargs",)
 
@@ -149,6 +153,149 @@ def edgent_defaults() -> ml_collections.ConfigDict:
     c.bench.trace_step_s = 0.5
     c.bench.trace_seed = 0
     return c
+
+
+def _int(lo: int, hi: int) -> Domain:
+    return Domain("int", lo, hi)
+
+
+def _real(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Domain:
+    return Domain("real", lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+
+def _each(d: Domain) -> Domain:
+    return Domain(d.kind, d.lo, d.hi, d.lo_open, d.hi_open, items=True)
+
+
+_RATE = _real(0.0, 10.0, lo_open=True)  # a learning rate
+_FRACTION = _real(0.0, 1.0, hi_open=True)  # an allowed accuracy loss, a split share
+_STEPS = _int(0, MAX_COUNT)
+_MS = _real(0.0, 1e6, lo_open=True)  # a deadline / latency (ms), at most ~17 minutes
+_MBPS = _real(0.0, 1e5, lo_open=True)
+_POSITION = _each(_int(0, 10_000))
+
+# The domain of every numeric config value, declared once: (pattern, domain), matched with
+# fnmatch against the flat key ("train.batch_size", "base.train.batch_size" in a catalog);
+# the first match wins. `validate` refuses NaN and inf everywhere and a value outside its
+# domain; tests check that every numeric key of every schema has one. Caps sit where a
+# value sizes an allocation or a loop (batches, frames, threads, image sizes).
+DOMAINS: tuple[tuple[str, Domain], ...] = (
+    ("*seed", _int(0, MAX_SEED)),
+    ("*learning_rate", _RATE),
+    ("flexdnn.finetune_lr", _RATE),
+    ("*batch_size", _int(1, 65_536)),
+    ("*augment_shift", _int(0, 64)),
+    ("train.num_epochs", _int(1, 100_000)),
+    ("train.warmup_steps", _STEPS),
+    ("train.momentum", _real(0.0, 1.0)),
+    ("train.weight_decay", _real(0.0, 1.0)),
+    ("train.exit_weights", _each(_real(0.0, 1000.0))),
+    ("train.log_every", _int(1, MAX_COUNT)),
+    ("train.eval_every", _STEPS),  # 0 = once per epoch
+    ("train.checkpoint_every", _int(1, MAX_COUNT)),
+    ("train.max_to_keep", _int(1, 1000)),
+    ("data.val_fraction", _FRACTION),
+    ("data.test_fraction", _FRACTION),
+    ("data.image_size", _int(0, 1024)),  # 0 = keep the dataset's size
+    ("data.channels", _int(0, 3)),  # 0 = keep; 1 or 3
+    ("data.limit", _int(0, MAX_COUNT)),  # 0 = all
+    ("exits.epsilon", _FRACTION),
+    ("video.num_clips", _int(1, 10_000)),
+    ("video.frames_per_clip", _int(1, 1000)),
+    ("flexdnn.positions", _POSITION),
+    ("flexdnn.branchy_positions", _POSITION),
+    ("flexdnn.head_features", _int(1, 4096)),
+    ("flexdnn.head_convs", _int(1, 64)),
+    ("flexdnn.exit_epochs", _int(0, 100_000)),
+    ("flexdnn.delta", _FRACTION),
+    ("flexdnn.prune_fraction", _real(0.0, 1.0, lo_open=True, hi_open=True)),
+    ("flexdnn.min_filters", _int(1, 4096)),
+    ("flexdnn.finetune_steps", _STEPS),
+    ("flexdnn.max_trials", _int(0, 10_000)),
+    ("flexdnn.timing_rounds", _int(1, 1000)),
+    ("flexdnn.timing_calls", _int(1, 100_000)),
+    ("flexdnn.lossy_widths", _each(_real(0.0, 1.0, lo_open=True, hi_open=True))),
+    ("flexdnn.bench_rounds", _int(1, 1000)),
+    ("flexdnn.bench_frames", _int(0, MAX_COUNT)),  # 0 = all
+    # Edgent.
+    ("export.parity_examples", _int(0, MAX_COUNT)),
+    ("export.epsilons", _each(_FRACTION)),
+    ("device.runs", _int(1, 100_000)),
+    ("edge.runs", _int(1, 100_000)),
+    ("bench.servers", _int(1, 64)),
+    ("bench.frames", _int(1, MAX_COUNT)),
+    ("bench.margin", _real(0.0, 10.0)),
+    ("bench.deadline_ms", _MS),
+    ("bench.deadlines", _each(_MS)),
+    ("bench.bandwidth_mbps", _MBPS),
+    ("bench.bandwidths", _each(_MBPS)),
+    ("bench.trace_frames", _int(1, MAX_COUNT)),
+    ("bench.trace_seconds", _real(0.0, 86_400.0, lo_open=True)),
+    ("bench.trace_step_s", _real(0.001, 3600.0)),
+    # MCDNN catalog.
+    ("stem", _int(0, 10_000)),
+    ("heads.steps", _int(1, MAX_COUNT)),
+    ("finetune.steps", _STEPS),
+    ("finetune.distill_weight", _real(0.0, 1.0)),
+    ("finetune.temperature", _real(0.0, 1000.0, lo_open=True)),
+    ("bench.rounds", _int(1, 1000)),
+    ("bench.warmup", _int(0, 100_000)),
+    ("bench.load_repeats", _int(1, 1000)),
+    ("bench.threads", _int(1, MAX_THREADS)),
+    ("energy.cpu_power_w", _real(0.0, 1e6)),
+    ("energy.*_j_per_byte", _real(0.0, 1.0)),
+    ("cloud.frame_bytes", _int(0, 1 << 30)),
+    ("cloud.radio_j_per_byte", _real(0.0, 1.0)),
+    ("cloud.rtt_ms", _real(0.0, 1e6)),
+    ("cloud.speedup", _real(0.0, 1e6, lo_open=True)),
+    ("cloud.money_per_request", _real(0.0, 1e6)),
+    ("specialize.window", _int(1, MAX_COUNT)),
+    ("specialize.n", _int(1, 9)),
+    ("specialize.p", _real(0.0, 1.0, lo_open=True)),
+    ("specialize.steps", _STEPS),
+    ("specialize.other_fraction", _real(0.0, 1.0)),
+    ("specialize.stream_frames", _int(1, MAX_COUNT)),
+    ("ams.budgets.memory_mb", _real(0.0, 1e6)),
+    ("ams.budgets.money", _real(0.0, 1e12)),
+    ("ams.budgets.latency_ms", _MS),
+    ("ams.trace.hours", _real(0.0, 24.0 * 7, lo_open=True)),
+    ("ams.trace.mean_rate", _real(0.0, 1000.0, lo_open=True)),
+    ("ams.trace.bursts", _int(0, 10_000)),
+)
+
+
+def domain_of(key: str) -> Domain | None:
+    """The declared domain of a flat config key (`DOMAINS`), or None for a non-numeric key."""
+    bare = key.removeprefix("base.")  # a catalog's training config
+    for pattern, domain in DOMAINS:
+        if fnmatch.fnmatchcase(bare, pattern):
+            return domain
+    return None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_value(key: str, value: Any) -> None:
+    """Raises ValueError (one line) if a config value is NaN / inf or outside its domain."""
+    domain = domain_of(key)
+    items = list(value) if isinstance(value, (tuple, list)) else [value]
+    if domain is not None and domain.items != isinstance(value, (tuple, list)):
+        raise ValueError(f"config key '{key}' must be {domain.describe()}, got {value!r}")
+    for x in items:
+        if not _is_number(x):
+            if domain is not None:
+                raise ValueError(f"config key '{key}' must be {domain.describe()}, got {value!r}")
+            continue
+        if not math.isfinite(x):
+            raise ValueError(f"config key '{key}' must be a finite number, got {value!r}")
+        ok = domain is None or (
+            domain.contains(float(x) if abs(x) < 1e300 else math.copysign(1e300, x))
+            and (domain.kind == "real" or isinstance(x, int))
+        )
+        if not ok:
+            raise ValueError(f"config key '{key}' must be {domain.describe()}, got {value!r}")
 
 
 def load(ref: str) -> ml_collections.ConfigDict:
@@ -299,8 +446,8 @@ def validate(
     `schema_fn` defaults to `schema_of(config)` (FlexDNN's or training's).
 
     Raises:
-      ValueError: an unknown key (naming the valid keys of its section) or a
-        value of the wrong type.
+      ValueError: an unknown key (naming the valid keys of its section), a
+        value of the wrong type, NaN / inf, or a number outside its `DOMAINS` entry.
     """
     schema_fn = schema_fn or schema_of(config)
     schema = _flat(schema_fn())
@@ -316,6 +463,8 @@ def validate(
             raise ValueError(
                 f"config key '{key}' must be a {type(default).__name__}, got {value!r}"
             )
+        if not _free_form(key):
+            check_value(key, value)
     full = schema_fn()
     full.update(config)  # nested update keeps defaults for keys the config omits
     return full
