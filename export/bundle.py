@@ -37,9 +37,10 @@ from flexjax import checkpoint, evaluation, training
 from flexjax import costs as costs_lib
 from flexjax import data as data_lib
 from flexjax import exits as exits_lib
-from flexjax.cli import fail
+from flexjax.cli import define_float_list, fail
 from flexjax.spec import FINAL, Net
 from runtime import tflite_model
+from runtime.args import MAX_COUNT
 from runtime.bundle import SCHEMA_VERSION, Bundle, summary
 from runtime.executor import EarlyExitExecutor
 from runtime.names import MODEL_FILE
@@ -507,11 +508,16 @@ def _define_flags() -> None:
     flags.DEFINE_enum("precision", "fp32", list(convert.PRECISIONS), "weight/activation precision")
     flags.DEFINE_bool("sparsity", False, "store (magnitude-pruned) weights in sparse form")
     flags.DEFINE_bool("overwrite", False, "replace an existing bundle at --out")
-    flags.DEFINE_list("epsilons", [str(e) for e in exits_lib.EPSILONS], "calibration epsilons")
-    flags.DEFINE_integer("parity_examples", 1000, "test examples checked against JAX")
-    flags.DEFINE_integer("num_calibration", 200, "training images for int8 calibration")
-    flags.DEFINE_float("max_logit_diff", FP32_TOLERANCE, "fp32 parity: max |delta logit| vs JAX")
-    flags.DEFINE_float("min_agreement", AGREEMENT_TARGET, "fp16/int8 parity: top-1 agreement")
+    define_float_list("epsilons", exits_lib.EPSILONS, "calibration epsilons",
+                      lower_bound=0.0, upper_bound=0.999)  # fmt: skip
+    flags.DEFINE_integer("parity_examples", 1000, "test examples checked against JAX",
+                         lower_bound=0, upper_bound=MAX_COUNT)  # fmt: skip
+    flags.DEFINE_integer("num_calibration", 200, "training images for int8 calibration",
+                         lower_bound=1, upper_bound=100_000)  # fmt: skip
+    flags.DEFINE_float("max_logit_diff", FP32_TOLERANCE, "fp32 parity: max |delta logit| vs JAX",
+                       lower_bound=0.0, upper_bound=1e6)  # fmt: skip
+    flags.DEFINE_float("min_agreement", AGREEMENT_TARGET, "fp16/int8 parity: top-1 agreement",
+                       lower_bound=0.0, upper_bound=1.0)  # fmt: skip
     flags.DEFINE_bool("partitions", False, "add Edgent device/edge partition signatures")
 
 

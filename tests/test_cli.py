@@ -34,5 +34,5 @@ def test_limit_cpu_threads_zero_keeps_defaults_and_negative_is_refused(monkeypat
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     cli.limit_cpu_threads(0)
     assert "XLA_FLAGS" not in os.environ
-    with pytest.raises(ValueError, match="--threads must be >= 0"):
+    with pytest.raises(ValueError, match=r"--threads must be in \[0, 1024\]"):
         cli.limit_cpu_threads(-1)

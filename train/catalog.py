@@ -34,12 +34,12 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexjax.cli import fail, limit_cpu_threads, note_if_finished, parse_flags
+from flexjax.cli import define_threads, fail, limit_cpu_threads, note_if_finished, parse_flags
 from flexjax.config import catalog_defaults
 
 flags.DEFINE_string("workdir", None, "Directory for models, bundles and catalog.json.")
 config_flags.DEFINE_config_file("config", None, "Catalog config file (configs/*_catalog.py).")
-flags.DEFINE_integer("threads", 0, "CPU threads for JAX/XLA and TensorFlow (0 = every core).")
+define_threads()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 

@@ -18,12 +18,12 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flexjax.cli import fail, limit_cpu_threads, note_if_finished, parse_flags
+from flexjax.cli import define_threads, fail, limit_cpu_threads, note_if_finished, parse_flags
 from flexjax.config import flexdnn_defaults
 
 flags.DEFINE_string("workdir", None, "Directory for every stage's output and the report.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
-flags.DEFINE_integer("threads", 0, "CPU threads for JAX/XLA and TensorFlow (0 = every core).")
+define_threads()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 

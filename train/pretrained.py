@@ -20,11 +20,14 @@ import sys
 
 from absl import app, flags, logging
 
-from flexjax.cli import fail
+from flexjax.cli import fail, parse_flags
 
 flags.DEFINE_string("model", None, "efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2.")
 flags.DEFINE_string("workdir", None, "Directory to write the workdir to.")
-flags.DEFINE_integer("image_size", None, "Input size in pixels (default: the model's native one).")
+flags.DEFINE_integer(
+    "image_size", None, "Input size in pixels (default: the model's native one).",
+    lower_bound=32, upper_bound=1024,
+)  # fmt: skip
 flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds something else.")
 flags.mark_flags_as_required(["model", "workdir"])
 FLAGS = flags.FLAGS
@@ -55,4 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -17,11 +17,16 @@ import platform
 
 from absl import app, flags, logging
 
+from flexjax import config as config_lib
 from flexjax.cli import fail, parse_flags
+from runtime.args import MAX_COUNT
 
 flags.DEFINE_multi_string("config", None, "Config file(s) (configs/*.py[:arg]).")
-flags.DEFINE_integer("steps", 100, "Timed steps per config.")
-flags.DEFINE_integer("warmup", 5, "Untimed steps first (the first one compiles).")
+flags.DEFINE_integer("steps", 100, "Timed steps per config.", lower_bound=1, upper_bound=MAX_COUNT)
+flags.DEFINE_integer(
+    "warmup", 5, "Untimed steps first (the first one compiles).", lower_bound=0,
+    upper_bound=100_000,
+)  # fmt: skip
 flags.DEFINE_string("json", "", "Also write the results here.")
 flags.DEFINE_multi_string(
     "set",
@@ -58,7 +63,7 @@ def _load_config(spec: str, overrides: list[str]):
         if leaf not in node and parents != ["model", "kwargs"]:
             raise ValueError(f"unknown config key {key!r} in --set")
         node[leaf] = value
-    return config
+    return config_lib.validate(config)
 
 
 def _cpu_model() -> str:
@@ -76,14 +81,17 @@ def main(argv: list[str]) -> None:
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    # lazy: flag errors are reported before JAX and TensorFlow load (seconds)
+    try:  # every config and override is checked before JAX loads
+        configs = [(spec, _load_config(spec, FLAGS.set)) for spec in FLAGS.config]
+    except (ValueError, TypeError, OSError) as e:
+        fail(str(e))
+    # lazy: flag and config errors are reported before JAX and TensorFlow load (seconds)
     from flexjax import training
     from flexjax.io import write_json_atomic
 
     rows = []
     try:
-        for spec in FLAGS.config:
-            config = _load_config(spec, FLAGS.set)
+        for spec, config in configs:
             row = training.measure_throughput(config, FLAGS.steps, FLAGS.warmup)
             rows.append({"config": spec, "overrides": FLAGS.set, **row})
             print(
