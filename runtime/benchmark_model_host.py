@@ -47,21 +47,25 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-# name -> (type, default, help); defaults are the real tool's.
-FLAGS: dict[str, tuple[type, object, str]] = {
+from runtime import args as args_lib
+
+# name -> (type, default, help); defaults are the real tool's. A number's type is its
+# declared domain (runtime.args): NaN, inf and values that would run for ever are refused.
+FLAGS: dict[str, tuple[Callable[[str], object], object, str]] = {
     "graph": (str, "", "path of the .tflite model"),
     "signature_to_run_for": (str, "", "signature key to run (required with several)"),
-    "num_threads": (int, -1, "interpreter threads (-1: LiteRT's default)"),
-    "num_runs": (int, 50, "minimum number of regular runs"),
-    "min_secs": (float, 1.0, "minimum seconds of regular runs"),
-    "max_secs": (float, 150.0, "stop a phase after this many seconds"),
-    "warmup_runs": (int, 1, "minimum number of warmup runs"),
-    "warmup_min_secs": (float, 0.5, "minimum seconds of warmup runs"),
+    "num_threads": (args_lib.count(-1, args_lib.MAX_THREADS), -1,
+                    "interpreter threads (-1: LiteRT's default)"),
+    "num_runs": (args_lib.count(0, args_lib.MAX_COUNT), 50, "minimum number of regular runs"),
+    "min_secs": (args_lib.real(0.0, 3600.0), 1.0, "minimum seconds of regular runs"),
+    "max_secs": (args_lib.real(0.0, 86_400.0), 150.0, "stop a phase after this many seconds"),
+    "warmup_runs": (args_lib.count(0, args_lib.MAX_COUNT), 1, "minimum number of warmup runs"),
+    "warmup_min_secs": (args_lib.real(0.0, 3600.0), 0.5, "minimum seconds of warmup runs"),
     "use_gpu": (bool, False, "ignored on the host (no GPU delegate): runs on CPU"),
     "gpu_precision_loss_allowed": (bool, True, "ignored on the host"),
     "enable_op_profiling": (bool, False, "print the op-profiling tables (one row)"),
-    "random_seed": (int, 0, "seed of the random inputs"),
-}
+    "random_seed": (args_lib.seed(), 0, "seed of the random inputs"),
+}  # fmt: skip
 _TRUE = ("1", "true", "yes", "y", "t")
 _FALSE = ("0", "false", "no", "n", "f")
 
@@ -92,8 +96,8 @@ def parse_flags(argv: Sequence[str]) -> dict[str, object]:
         else:
             try:
                 values[name] = kind(raw)
-            except ValueError:
-                raise UsageError(f"--{name} expects {kind.__name__}, got {raw!r}") from None
+            except ValueError as e:
+                raise UsageError(f"--{name} {e}") from None
     return values
 
 
@@ -364,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("--help", "-h") for a in argv):
         print(__doc__.split("\n\n")[0].strip())
         for name, (kind, default, text) in FLAGS.items():
-            print(f"  --{name}={default!r} ({kind.__name__}): {text}")
+            what = kind.domain.describe() if hasattr(kind, "domain") else kind.__name__
+            print(f"  --{name}={default!r} ({what}): {text}")
         return 0
     try:
         benchmark(parse_flags(argv))
