@@ -258,7 +258,8 @@ F.unparse_flags()
 for name in [n for n in F if n.startswith("config.")]:
     delattr(F, name)
 
-for flag in F.flags_by_module_dict().get(module_name, []):
+by_module = F.flags_by_module_dict()  # the job's own flags and the shared ones (--threads)
+for flag in by_module.get(module_name, []) + by_module.get("flexjax.cli", []):
     if isinstance(flag.parser, (flags.IntegerParser, flags.FloatParser, cli.FloatListParser)):
         lo, hi = flag.parser.lower_bound, flag.parser.upper_bound
         if lo is None or hi is None:
