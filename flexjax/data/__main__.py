@@ -92,7 +92,7 @@ def build_parser() -> args_lib.ArgumentParser:
                    help="sampled frames per second (0 = every frame)")  # fmt: skip
     c.add_argument("--max-frames", type=args_lib.count(0, clips_lib.MAX_FRAMES),
                    default=d.max_frames, help="per clip (0 = all)")  # fmt: skip
-    c.add_argument("--resolution", type=args_lib.count(8, clips_lib.MAX_RESOLUTION),
+    c.add_argument("--resolution", type=args_lib.count(1, clips_lib.MAX_RESOLUTION),
                    default=d.resolution)  # fmt: skip
     c.add_argument("--tiles", default="1:0.5:0.5", help="scale:y:x,... (see flexjax.data.clips)")
     c.add_argument("--reference", default=d.reference)
