@@ -340,8 +340,8 @@ def test_job_report_plan_bundle_and_resume(tmp_path):
     "override,match",
     [
         ("--config.flexdnn.backbone_workdir=/nonexistent/backbone", "does not exist"),
-        ("--config.flexdnn.delta=1.5", "flexdnn.delta must be a fraction"),
-        ("--config.exits.epsilon=-0.1", "exits.epsilon must be a fraction"),
+        ("--config.flexdnn.delta=1.5", "'flexdnn.delta' must be a number in [0, 1)"),
+        ("--config.exits.epsilon=-0.1", "'exits.epsilon' must be a number in [0, 1)"),
         ("--config.flexdnn.positions=(3,99)", "candidate position 99 does not exist"),
     ],
 )
