@@ -28,7 +28,7 @@ def fail(message: str) -> NoReturn:
 
 
 class FloatListParser(flags.ListParser):
-    """A comma-separated list of finite floats in [lower_bound, upper_bound]."""
+    """A non-empty comma-separated list of finite floats in [lower_bound, upper_bound]."""
 
     def __init__(self, lower_bound: float, upper_bound: float):
         super().__init__()
@@ -36,6 +36,8 @@ class FloatListParser(flags.ListParser):
 
     def parse(self, argument: Any) -> list[float]:
         items = super().parse(argument)
+        if not items:
+            raise ValueError("needs at least one number")
         out = []
         for item in items:
             try:
