@@ -36,8 +36,12 @@ class ExportError(RuntimeError):
     """The export cannot produce a bundle that keeps its promises (e.g. parity fails)."""
 
 
-class ExportBusyError(FileExistsError):
-    """Another export is writing the same destination; this one wrote nothing."""
+class ExportBusyError(FileExistsError, ValueError):
+    """Another export is writing the same destination; this one wrote nothing.
+
+    Also a ValueError (a destination in use is a bad argument), so every
+    command's one-line error path catches it.
+    """
 
 
 def lock_path(out: str) -> str:
