@@ -184,3 +184,27 @@ def test_export_of_a_workdir_with_a_torn_newest_step_uses_the_previous_one(smoke
     net, _ = checkpoint.load(workdir)
     assert net == checkpoint.saved_net(ckpt)
     assert sorted(os.listdir(ckpt)) == [str(s) for s in steps]  # a reader removes nothing
+
+
+def test_job_resumed_with_another_optimizer_is_one_line_and_keeps_checkpoints(
+    smoke_workdir, tmp_path
+):
+    workdir, _ = _copy(smoke_workdir, tmp_path)
+    ckpt = os.path.join(workdir, "checkpoints")
+    before = {
+        os.path.join(r, f): open(os.path.join(r, f), "rb").read()
+        for r, _, fs in os.walk(ckpt)
+        for f in fs
+    }
+    proc = run_job("train.multi_exit", f"--config={SMOKE}", f"--workdir={workdir}",
+                   "--config.train.num_epochs=3", "--config.train.optimizer=sgd")  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint ") and "does not fit this config" in last
+    after = {
+        os.path.join(r, f): open(os.path.join(r, f), "rb").read()
+        for r, _, fs in os.walk(ckpt)
+        for f in fs
+    }
+    assert after == before  # a mismatch is not damage: nothing is removed

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from export.staging import ExportBusyError, Staged, write_manifest
-from runtime.bundle import check_files, read_manifest
+from export.staging import ExportBusyError, Staged, rewrite_manifest, write_manifest
+from runtime.bundle import Bundle, check_files, read_manifest
 
 from conftest import ROOT, run_job
 
@@ -282,3 +283,18 @@ def test_fallback_replacement_killed_between_renames_is_put_back(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         Staged(str(out), overwrite=False)  # the old bundle is back, so it exists
     assert _version(out) == 1 and sorted(os.listdir(tmp_path)) == ["b"]
+
+
+def test_rewrite_manifest_of_a_real_bundle_is_exclusive_and_swapped_whole(smoke_bundle, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(smoke_bundle, out)
+    manifest = Bundle.from_dir(str(out)).manifest
+    holder = _start(out, 9, "locked")  # another export holds `out`
+    with pytest.raises(ExportBusyError, match="another export"):
+        rewrite_manifest(str(out), {**manifest, "note": "x"})
+    holder.kill()
+    holder.communicate()
+    assert "note" not in Bundle.from_dir(str(out)).manifest
+    rewrite_manifest(str(out), {**manifest, "note": "x"})
+    assert Bundle.from_dir(str(out)).manifest["note"] == "x"
+    assert sorted(os.listdir(tmp_path)) == ["b"]
