@@ -305,9 +305,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> _S
         )
     exit_weights(net, tuple(t.exit_weights), t.mode)
     ckpt_dir = os.path.join(workdir, "checkpoints") if workdir else ""
-    if ckpt_dir and checkpoint.latest_step(ckpt_dir) is not None:
-        with checkpoint.manager(ckpt_dir) as mgr:
-            saved = checkpoint.restore_net(mgr)
+    saved = checkpoint.saved_net(ckpt_dir) if ckpt_dir else None
+    if saved is not None:
         if saved != net:
             raise checkpoint.CheckpointMismatchError(
                 f"the checkpoint in {ckpt_dir} was saved for a different net ('{saved.name}', "
@@ -449,7 +448,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Raises:
       ValueError / FileNotFoundError: bad config, data path or checkpoint
         (nothing in the workdir is modified).
-      FloatingPointError: the loss became NaN/inf (the last good checkpoint is kept).
+      FloatingPointError: the loss became NaN/inf (the last good checkpoint, if
+        any, is kept; the message says which).
     """
     setup = prepare(config, workdir)
     config, net, splits = setup.config, setup.net, setup.splits
@@ -471,6 +471,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     logger = _Logger(workdir)
+    good, removed = checkpoint.repair(ckpt_dir)  # steps torn by kill -9 or lost files
+    for bad, why in sorted(removed.items()):
+        logging.warning("removed damaged checkpoint %s/%d (%s)", ckpt_dir, bad, why)
+    if removed:
+        if good is not None:
+            logging.warning("resuming from step %d, the newest complete checkpoint", good)
+        else:
+            logging.warning("no complete checkpoint is left: training starts from step 0")
     with checkpoint.manager(ckpt_dir, t.max_to_keep) as mgr:
         start = mgr.latest_step()
         if start is not None:
@@ -547,9 +555,15 @@ def _train_loop(state, step_fn, setup: _Setup, *, start, total_steps, mgr, logge
     def check_finite(m, at):
         loss = float(m["loss"])
         if not np.isfinite(loss):
+            mgr.wait_until_finished()  # only a finished save counts as kept
+            kept = mgr.latest_step()
+            if kept is not None:
+                where = f"the last good checkpoint (step {kept}) is kept in {mgr.directory}"
+            else:
+                where = "no checkpoint was saved before it, so a rerun starts from step 0"
             raise FloatingPointError(
                 f"loss became {loss} at step {at}; lower train.learning_rate (now "
-                f"{t.learning_rate}); the last good checkpoint is kept in {mgr.directory}"
+                f"{t.learning_rate}); {where}"
             )
         return loss
 

@@ -195,7 +195,8 @@ def test_checkpoint_of_another_net_is_refused_and_left_intact(smoke_workdir):
     assert _snapshot(os.path.join(smoke_workdir, "checkpoints")) == before
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoints(tmp_path):
+@pytest.mark.parametrize("checkpoint_every", [1, 1000])
+def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoints(tmp_path, checkpoint_every):
     workdir = str(tmp_path / "w")
     proc = run_job(
         "train.multi_exit",
@@ -205,17 +206,24 @@ def test_nan_loss_stops_with_clear_error_and_keeps_good_checkpoints(tmp_path):
         "--config.train.learning_rate=1e30",
         "--config.train.schedule=constant",
         "--config.train.log_every=1",
-        "--config.train.checkpoint_every=1",
+        f"--config.train.checkpoint_every={checkpoint_every}",
     )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: loss became") and "learning_rate" in last
     step = checkpoint.latest_step(os.path.join(workdir, "checkpoints"))
+    # the message tells the truth about what is kept
     if step is not None:  # whatever was saved is finite
+        assert f"the last good checkpoint (step {step}) is kept in" in last
         _, variables = checkpoint.load(workdir)
         import jax
 
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+    else:
+        assert "no checkpoint was saved before it, so a rerun starts from step 0" in last
+        assert "is kept" not in last
+    if checkpoint_every == 1000:
+        assert step is None
 
 
 def test_exits_only_training_keeps_backbone_bit_exact(smoke_workdir, tmp_path):
