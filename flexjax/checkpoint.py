@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -67,8 +68,34 @@ def save(mgr: ocp.CheckpointManager, step: int, net: Net, state: Any) -> None:
     )
 
 
+def _is_abandoned_read(u: Any) -> bool:
+    return u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed"
+
+
+def _quiet_abandoned_reads() -> None:
+    """Drops the late callbacks of a restore that failed part-way (installed once).
+
+    When one read of a torn step fails, orbax's restore returns at once and closes its
+    event loop; tensorstore's other reads of that step finish later and report
+    ``RuntimeError: Event loop is closed`` through `sys.unraisablehook`, a traceback on
+    stderr for an error that was already handled. Only exactly that case is dropped;
+    every other unraisable exception reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_flexjax_quiet", False):
+        return
+
+    def hook(u: Any) -> None:
+        if not _is_abandoned_read(u):
+            previous(u)
+
+    hook._flexjax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def _damage(mgr: ocp.CheckpointManager, step: int) -> str | None:
     """Why `step` does not restore as saved (net and state), or None when it does."""
+    _quiet_abandoned_reads()
     try:
         out = mgr.restore(
             step,
@@ -164,6 +191,7 @@ def restore_state(mgr: ocp.CheckpointManager, abstract_state: Any, step: int | N
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {mgr.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    _quiet_abandoned_reads()
     try:
         out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     except Exception as e:  # orbax raises many types; say which case this is

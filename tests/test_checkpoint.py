@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -208,3 +210,13 @@ def test_job_resumed_with_another_optimizer_is_one_line_and_keeps_checkpoints(
         for f in fs
     }
     assert after == before  # a mismatch is not damage: nothing is removed
+
+
+def test_late_callbacks_of_an_abandoned_restore_are_dropped_and_nothing_else(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    checkpoint._quiet_abandoned_reads()
+    checkpoint._quiet_abandoned_reads()  # installed once, not stacked
+    for exc in (RuntimeError("Event loop is closed"), RuntimeError("other"), ValueError("x")):
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc))
+    assert [str(e) for e in seen] == ["other", "x"]
