@@ -274,15 +274,35 @@ def _check_signatures(
     return sigs
 
 
-def _prepare(label: str, data: bytes, names: list[str]) -> None:
-    """LiteRT builds an interpreter from `data` and prepares (allocates) every signature."""
+def _prepare(label: str, data: bytes, sigs: Mapping[str, tflite_model.SignatureInfo]) -> None:
+    """LiteRT builds an interpreter from `data` and prepares (allocates) every signature.
+
+    After preparation, LiteRT's own input and output shapes must be the ones the flatbuffer
+    declares (`sigs`): an op whose options imply another shape is refused here, not when a
+    frame first flows from one segment into the next.
+    """
     try:
         model = Model.from_bytes(data, name=label)
-        missing = [n for n in names if n not in model.signature_names]
+        missing = [n for n in sigs if n not in model.signature_names]
         if missing:
             raise BundleError(f"{label}: LiteRT finds no signature {missing[0]!r}")
-        for n in names:
-            Signature(model.interpreter, n)
+        for n, info in sigs.items():
+            Signature(model.interpreter, n)  # get_signature_runner + allocate
+            runner = model.interpreter.get_signature_runner(n)
+            for what, details, declared in (
+                ("input", runner.get_input_details(), info.inputs),
+                ("output", runner.get_output_details(), info.outputs),
+            ):
+                got = [tuple(int(d) for d in v["shape"]) for v in details.values()]
+                want = [tuple(t.shape) for t in declared]
+                if len(got) != len(want) or not all(
+                    len(g) == len(w) and all(b in (-1, a) for a, b in zip(g, w))
+                    for g, w in zip(sorted(got), sorted(want))
+                ):
+                    raise BundleError(
+                        f"{label}: LiteRT prepares signature {n!r} with {what} shapes {got}, "
+                        f"the model declares {want} (corrupt or crafted)"
+                    )
     except BundleError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever LiteRT raises, the model is refused
@@ -306,7 +326,11 @@ def _is_num(v: Any) -> bool:
 
 
 def _need(m: Any, *path: Any, kind: str = "any", optional: bool = False) -> Any:
-    """``m[path...]`` of `kind` (int, num, str, bool, dict, list, shape, any)."""
+    """``m[path...]`` of `kind` (int, num, str, bool, dict, list, shape, any).
+
+    `optional`: the last key may be absent (None is returned); a present value, null
+    included, must be of `kind`.
+    """
     v = m
     for i, p in enumerate(path):
         container_ok = isinstance(v, dict) if isinstance(p, str) else isinstance(v, list)
@@ -320,8 +344,6 @@ def _need(m: Any, *path: Any, kind: str = "any", optional: bool = False) -> Any:
             v = v[p]
         else:
             v = v[p]
-    if optional and v is None:
-        return None
     ok = {
         "int": _is_int,
         "num": _is_num,
@@ -487,6 +509,8 @@ class Bundle:
                 raise TypeError("every exit needs a str 'name' and an int 'after'")
             if not isinstance(e.get("name"), str) or not _is_int(e.get("after")):
                 raise TypeError("every exit needs a str 'name' and an int 'after'")
+            if "head" not in e:
+                raise KeyError(f"exit {e['name']!r} lacks 'head' (null for the final exit)")
             if e["name"] in names:
                 raise BundleError(f"{MANIFEST}: exit {e['name']!r} appears twice")
             names.add(e["name"])
@@ -573,7 +597,7 @@ class Bundle:
                     f"{label}: exit {e['name']!r} gives {logits.outputs[0].shape}, expected "
                     f"logits (1, {c}) for net.num_classes={c} (wrong model file)"
                 )
-        _prepare(label, self.files[m["model"]], list(m["signatures"]))
+        _prepare(label, self.files[m["model"]], sigs)
 
     def _check_partitions(self) -> None:
         """The optional Edgent sections: partition signatures and latency models."""
@@ -604,8 +628,8 @@ class Bundle:
                 ) from None
             label = os.path.join(self.path, part["model"])
             data = self.files[part["model"]]
-            _check_signatures(label, data, sigs)
-            _prepare(label, data, list(sigs))
+            infos = _check_signatures(label, data, sigs)
+            _prepare(label, data, infos)
         models = self.manifest.get("latency_models")
         if models is not None:
             try:
@@ -675,30 +699,51 @@ class Bundle:
         )
 
 
+def _num(v: Any, fmt: str) -> str:
+    """`v` formatted, or ``?`` when an optional descriptive field is missing or not a number."""
+    return format(v, fmt) if _is_num(v) else "?"
+
+
 def summary(manifest: Mapping[str, Any]) -> str:
-    """A short human-readable summary of a bundle."""
+    """A short human-readable summary of a verified bundle.
+
+    Descriptive fields the runtime does not otherwise read (flops, ops, GPU verdicts, test
+    results) may be absent or odd in a hand-edited manifest: they print as ``?``.
+    """
+
+    def get(obj: Any, *keys: str) -> Any:
+        for k in keys:
+            obj = obj.get(k) if isinstance(obj, Mapping) else None
+        return obj
+
+    gpu = get(manifest, "gpu", "compatible")
     lines = [
-        f"precision {manifest['precision']}{' +sparsity' if manifest['sparsity'] else ''}, "
-        f"model {manifest['files'][manifest['model']]['bytes']:,} bytes, "
-        f"GPU-delegate compatible: {manifest['gpu']['compatible']}",
+        f"precision {manifest['precision']}{' +sparsity' if get(manifest, 'sparsity') else ''}"
+        f", model {_num(manifest['files'][manifest['model']]['bytes'], ',')} bytes, "
+        f"GPU-delegate compatible: {gpu if isinstance(gpu, bool) else '?'}",
         f"{'signature':<16}{'flops':>14}{'gpu':>6}  ops",
     ]
     for name, s in manifest["signatures"].items():
-        ops = ",".join(f"{k}x{v}" for k, v in sorted(s["ops"].items()))
-        lines.append(
-            f"{name:<16}{s['flops']:>14,}{'yes' if s['gpu_compatible'] else 'NO':>6}  {ops}"
-        )
+        ops = get(s, "ops")
+        ops = ",".join(f"{k}x{v}" for k, v in sorted(ops.items())) if isinstance(ops, dict) else "?"
+        g = get(s, "gpu_compatible")
+        g = "?" if not isinstance(g, bool) else "yes" if g else "NO"
+        lines.append(f"{name:<16}{_num(get(s, 'flops'), ','):>14}{g:>6}  {ops}")
     cal = manifest["calibration"]
     lines.append(
-        f"calibrated on val ({cal['criterion']}, eps={cal['epsilon']}): "
+        f"calibrated on val ({get(cal, 'criterion') or manifest['criterion']}, "
+        f"eps={_num(get(cal, 'epsilon'), 'g')}): "
         + ", ".join(
             f"{n}: {'never' if t is None else f'{t:.3g}'}" for n, t in cal["thresholds"].items()
         )
     )
-    t = manifest["test"]
-    lines.append(
-        f"test ({t['examples']}): early-exit accuracy {t['accuracy']:.4f} "
-        f"(final {t['final_accuracy']:.4f}), FLOPs {t['flops_ratio']:.3f}x of the backbone, "
-        "exit rates " + ", ".join(f"{n} {r:.2f}" for n, r in t["exit_rates"].items())
-    )
+    t = get(manifest, "test")
+    if isinstance(t, dict):
+        rates = t.get("exit_rates") if isinstance(t.get("exit_rates"), dict) else {}
+        lines.append(
+            f"test ({_num(t.get('examples'), 'g')}): early-exit accuracy "
+            f"{_num(t.get('accuracy'), '.4f')} (final {_num(t.get('final_accuracy'), '.4f')}), "
+            f"FLOPs {_num(t.get('flops_ratio'), '.3f')}x of the backbone, "
+            "exit rates " + ", ".join(f"{n} {_num(r, '.2f')}" for n, r in rates.items())
+        )
     return "\n".join(lines)

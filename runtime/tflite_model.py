@@ -285,6 +285,30 @@ _FUSED_ACTIVATION_OPTIONS = {
     "SUB": _fb.SubOptions,
     "DIV": _fb.DivOptions,
 }
+# Inputs an op may leave out (index -1), from the kernels in tensorflow/lite/kernels (bias of
+# convolutions and dense layers); the recurrent ops have many optional inputs. Anything else
+# absent is refused: kernels read required inputs without a null check (a crafted -1 there
+# crashes LiteRT).
+_OPTIONAL_INPUTS: dict[str, tuple[int, ...] | str] = {
+    "CONV_2D": (2,),
+    "DEPTHWISE_CONV_2D": (2,),
+    "FULLY_CONNECTED": (2,),
+    "TRANSPOSE_CONV": (3,),
+    "CONV_3D": (2,),
+    "CONV_3D_TRANSPOSE": (3,),
+    "LSTM": "any",
+    "UNIDIRECTIONAL_SEQUENCE_LSTM": "any",
+    "BIDIRECTIONAL_SEQUENCE_LSTM": "any",
+    "SVDF": "any",
+    "UNIDIRECTIONAL_SEQUENCE_RNN": "any",
+    "BIDIRECTIONAL_SEQUENCE_RNN": "any",
+    "RNN": "any",
+}
+# Types whose constant data has a fixed size per element (LiteRT checks it for these).
+_FIXED_SIZE = frozenset(
+    {"FLOAT32", "FLOAT16", "INT32", "UINT8", "INT64", "BOOL", "INT16", "COMPLEX64", "INT8",
+     "FLOAT64", "COMPLEX128", "UINT64", "UINT32", "UINT16", "BFLOAT16"}
+)  # fmt: skip
 _RUNTIME_TYPES = frozenset({"FLOAT32", "FLOAT16", "INT8", "UINT8"})
 _FLOAT_TYPES = frozenset({"FLOAT32", "FLOAT16"})
 
@@ -435,6 +459,7 @@ class _Tensor:
     type_name: str  # TensorType enum name, e.g. "FLOAT32"
     dtype: str  # numpy dtype name, e.g. "float32"
     const: bool
+    variable: bool = False
 
     @property
     def rank(self) -> int:
@@ -476,8 +501,8 @@ def _check_header(data: bytes) -> None:
         )
 
 
-def _read_buffers(r: _Reader, model: Any) -> list[bool]:
-    """Per buffer: does it hold data (i.e. is a tensor using it a constant)?"""
+def _read_buffers(r: _Reader, model: Any) -> list[int]:
+    """Per buffer: how many bytes of data it holds (> 0: a tensor using it is a constant)."""
     has_data = []
     for b in r.items(model, "Buffers", 4, "buffers"):
         r.table(b, "buffer")
@@ -489,11 +514,11 @@ def _read_buffers(r: _Reader, model: Any) -> list[bool]:
             raise ModelFormatError(
                 f"corrupt TFLite flatbuffer: buffer data at {offset}+{size} past {r.size} bytes"
             )
-        has_data.append(n > 0 or offset > 1)
+        has_data.append(n if n else size if offset > 1 else 0)
     return has_data
 
 
-def _read_tensors(r: _Reader, sub: Any, sg: int, has_data: list[bool]) -> list[_Tensor]:
+def _read_tensors(r: _Reader, sub: Any, sg: int, has_data: list[int]) -> list[_Tensor]:
     tensors = []
     for t in r.items(sub, "Tensors", 4, f"subgraph {sg} tensors"):
         r.table(t, f"subgraph {sg} tensor")
@@ -502,16 +527,34 @@ def _read_tensors(r: _Reader, sub: Any, sg: int, has_data: list[bool]) -> list[_
         code = t.Type()
         type_name = _TYPE_NAMES.get(code, f"UNKNOWN_{code}")
         _charge_tensor(r, shape, signature, type_name, sg)
-        if signature and len(signature) == len(shape):
+        static = shape
+        if signature:
+            if len(signature) != len(shape) or any(
+                s not in (-1, d) for s, d in zip(signature, shape)
+            ):
+                raise ModelFormatError(
+                    f"corrupt TFLite flatbuffer: subgraph {sg} tensor shape {list(shape)[:8]} "
+                    f"disagrees with its shape signature {list(signature)[:8]}"
+                )
             shape = signature
         buffer = t.Buffer()
         if buffer >= len(has_data):
             raise ModelFormatError(
                 f"corrupt TFLite flatbuffer: tensor refers to buffer {buffer} of {len(has_data)}"
             )
-        const = buffer > 0 and has_data[buffer] and not t.IsVariable()
+        const = buffer > 0 and has_data[buffer] > 0 and not t.IsVariable()
         name = r.text(t, 10, "tensor name")
-        tensors.append(_Tensor(name, shape, type_name, _dtype_name(code), const))
+        if const and type_name in _FIXED_SIZE and t.Sparsity() is None:
+            # LiteRT's SetTensorParametersReadOnly: the data is exactly the tensor's bytes.
+            want = _ITEM_BYTES[type_name] * _product(static)
+            if has_data[buffer] != want:
+                raise ModelFormatError(
+                    f"corrupt TFLite flatbuffer: constant tensor {name[:_NAME_LIMIT]!r} of "
+                    f"shape {list(static)[:8]} has {has_data[buffer]} bytes of data, needs {want}"
+                )
+        tensors.append(
+            _Tensor(name, shape, type_name, _dtype_name(code), const, bool(t.IsVariable()))
+        )
     return tensors
 
 
@@ -536,6 +579,53 @@ def _charge_tensor(
         raise ModelFormatError(
             f"TFLite model's tensors need more than {MAX_TOTAL_TENSOR_BYTES >> 30} GiB (crafted?)"
         )
+
+
+def _product(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_data_flow(sg: int, ops: list[_Op], ins: list[_Tensor], outs: list[_Tensor]) -> None:
+    """Every tensor an op reads holds data by then (LiteRT: "Input tensor N lacks data").
+
+    Data comes from a subgraph input, a constant, a variable or an earlier op's output; the
+    subgraph's outputs must hold data after the last op.
+    """
+    for t in ins:
+        if t.const:
+            raise ModelFormatError(
+                f"corrupt TFLite flatbuffer: subgraph {sg} input {t.label()} is a constant"
+            )
+    ready = {id(t) for t in ins}
+    for i, op in enumerate(ops):
+        optional = _OPTIONAL_INPUTS.get(op.name, ())
+        for j, t in enumerate(op.inputs):
+            if t is None and optional != "any" and j not in optional:
+                raise ModelFormatError(
+                    f"corrupt TFLite flatbuffer: subgraph {sg} op {i} ({op.name}) lacks input "
+                    f"{j}, which is not optional"
+                )
+        for t in op.outputs:
+            if t.const:
+                raise ModelFormatError(
+                    f"corrupt TFLite flatbuffer: subgraph {sg} op {i} ({op.name}) writes the "
+                    f"constant {t.label()}"
+                )
+        for t in op.inputs:
+            if t is not None and not (t.const or t.variable or id(t) in ready):
+                raise ModelFormatError(
+                    f"corrupt TFLite flatbuffer: subgraph {sg} op {i} ({op.name}) reads "
+                    f"tensor {t.label()} before anything writes it"
+                )
+        ready.update(id(t) for t in op.outputs)
+    for t in outs:
+        if not (t.const or t.variable or id(t) in ready):
+            raise ModelFormatError(
+                f"corrupt TFLite flatbuffer: subgraph {sg} output {t.label()} is never written"
+            )
 
 
 def _tensor_refs(r: _Reader, obj: Any, name: str, tensors: list[_Tensor], what: str) -> list:
@@ -600,13 +690,19 @@ def _parse_with(r: _Reader) -> dict[str, SignatureInfo]:
     if n_sub == 0:
         raise ModelFormatError("corrupt TFLite flatbuffer: no subgraphs")
 
-    cache: dict[int, tuple[list[_Tensor], list[_Op], Any]] = {}
+    cache: dict[int, tuple[list[_Tensor], list[_Op], Any, list, list]] = {}
 
-    def subgraph(sg: int) -> tuple[list[_Tensor], list[_Op], Any]:
+    def subgraph(sg: int) -> tuple[list[_Tensor], list[_Op], Any, list, list]:
         if sg not in cache:
             sub = r.table(model.Subgraphs(sg), f"subgraph {sg}")
             tensors = _read_tensors(r, sub, sg, has_data)
-            cache[sg] = (tensors, _read_ops(r, sub, sg, tensors, op_names), sub)
+            ops = _read_ops(r, sub, sg, tensors, op_names)
+            ins, outs = (
+                [t for t in _tensor_refs(r, sub, f, tensors, f"subgraph {sg} {f.lower()}") if t]
+                for f in ("Inputs", "Outputs")
+            )
+            _check_data_flow(sg, ops, ins, outs)
+            cache[sg] = (tensors, ops, sub, ins, outs)
         return cache[sg]
 
     # (signature key, subgraph, [(input key, tensor)], [(output key, tensor)])
@@ -623,7 +719,7 @@ def _parse_with(r: _Reader) -> dict[str, SignatureInfo]:
             raise ModelFormatError(
                 f"corrupt TFLite flatbuffer: signature {key!r} runs subgraph {sg} of {n_sub}"
             )
-        tensors = subgraph(sg)[0]
+        tensors, _, _, sub_ins, sub_outs = subgraph(sg)
         io = []
         for field in ("Inputs", "Outputs"):
             pairs = []
@@ -634,15 +730,18 @@ def _parse_with(r: _Reader) -> dict[str, SignatureInfo]:
                     raise ModelFormatError(
                         f"corrupt TFLite flatbuffer: signature {key!r} refers to tensor {idx}"
                     )
-                pairs.append((r.text(tmap, 4, "signature tensor name"), tensors[idx]))
+                t = tensors[idx]
+                if not any(t is u for u in (sub_ins if field == "Inputs" else sub_outs)):
+                    raise ModelFormatError(
+                        f"corrupt TFLite flatbuffer: signature {key!r} {field.lower()[:-1]} "
+                        f"tensor {idx} is not a subgraph {field.lower()[:-1]}"
+                    )
+                pairs.append((r.text(tmap, 4, "signature tensor name"), t))
             io.append(pairs)
         entries.append((key, sg, io[0], io[1]))
     if not entries:  # no SignatureDefs: describe the primary subgraph under its own name
-        tensors, _, sub = subgraph(0)
-        io = []
-        for field in ("Inputs", "Outputs"):
-            refs = _tensor_refs(r, sub, field, tensors, f"subgraph 0 {field.lower()}")
-            io.append([(t.name, t) for t in refs if t is not None])
+        _, _, sub, sub_ins, sub_outs = subgraph(0)
+        io = [[(t.name, t) for t in sub_ins], [(t.name, t) for t in sub_outs]]
         entries.append((r.text(sub, 12, "subgraph name") or "main", 0, io[0], io[1]))
 
     summaries: dict[int, _SubgraphSummary] = {}  # per subgraph, not per signature: linear time

@@ -436,11 +436,11 @@ def test_synthetic_op_code_decoding_and_no_signature():
         (schema.BuiltinOperator.ADD, 0),  # old model: only the deprecated field is set
         (127, 250),  # a code this schema does not know
     ]
-    info = _one(_synthetic(tensors, ops, [0], [2], signature=None, codes=codes))
+    info = _one(_synthetic(tensors, ops, [0, 1], [2], signature=None, codes=codes))
     assert info.name == "sub"  # no SignatureDefs: keyed by the subgraph's name
     assert info.ops == {"ADD": 1, "STABLEHLO_ADD": 1, "UNKNOWN_250": 1}
     assert info.gpu_offending == ("STABLEHLO_ADD", "UNKNOWN_250")
-    assert [t.name for t in info.inputs] == ["a"] and [t.name for t in info.outputs] == ["c"]
+    assert [t.name for t in info.inputs] == ["a", "b"] and [t.name for t in info.outputs] == ["c"]
 
 
 def test_synthetic_bad_references_raise():
