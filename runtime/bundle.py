@@ -279,21 +279,35 @@ def _prepare(label: str, data: bytes, sigs: Mapping[str, tflite_model.SignatureI
 
     After preparation, LiteRT's own input and output shapes must be the ones the flatbuffer
     declares (`sigs`): an op whose options imply another shape is refused here, not when a
-    frame first flows from one segment into the next.
+    frame first flows from one segment into the next. Linear in the number of signatures:
+    LiteRT's ``get_signature_runner`` re-lists every SignatureDef per call, so the list is
+    read once and each subgraph is allocated once, however many signatures run it.
     """
     try:
         model = Model.from_bytes(data, name=label)
-        missing = [n for n in sigs if n not in model.signature_names]
+        interp = model.interpreter
+        wrapper = getattr(interp, "_interpreter", None)
+        defs = interp._get_full_signature_list()  # {key: {"inputs": {name: idx}, ...}}
+        missing = [n for n in sigs if n not in defs]
         if missing:
             raise BundleError(f"{label}: LiteRT finds no signature {missing[0]!r}")
+        allocated: set[int] = set()
         for n, info in sigs.items():
-            Signature(model.interpreter, n)  # get_signature_runner + allocate
-            runner = model.interpreter.get_signature_runner(n)
-            for what, details, declared in (
-                ("input", runner.get_input_details(), info.inputs),
-                ("output", runner.get_output_details(), info.outputs),
+            if wrapper is None or not hasattr(wrapper, "GetSubgraphIndexFromSignature"):
+                Signature(interp, n)  # pragma: no cover - other LiteRT versions
+                continue
+            sub = wrapper.GetSubgraphIndexFromSignature(n)
+            if sub not in allocated:
+                wrapper.AllocateTensors(sub)
+                allocated.add(sub)
+            for what, tensors, declared in (
+                ("input", defs[n]["inputs"], info.inputs),
+                ("output", defs[n]["outputs"], info.outputs),
             ):
-                got = [tuple(int(d) for d in v["shape"]) for v in details.values()]
+                got = [
+                    tuple(int(d) for d in interp._get_tensor_details(i, sub)["shape"])
+                    for i in tensors.values()
+                ]
                 want = [tuple(t.shape) for t in declared]
                 if len(got) != len(want) or not all(
                     len(g) == len(w) and all(b in (-1, a) for a, b in zip(g, w))
