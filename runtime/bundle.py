@@ -112,10 +112,11 @@ def _read_regular(directory: str, name: str, cap: int) -> bytes:
     except OSError as e:
         why = "is a symlink" if e.errno == errno.ELOOP else f"cannot be read: {e.strerror}"
         raise BundleError(f"bundle file {p} {why}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise BundleError(f"bundle file {p} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"bundle file {p} is not a regular file")
         if st.st_size > cap:
             raise BundleError(f"bundle file {p} has {st.st_size} bytes, more than {cap} allowed")
         data = f.read(cap + 1)
