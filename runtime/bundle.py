@@ -285,7 +285,7 @@ def _prepare(label: str, data: bytes, sigs: Mapping[str, tflite_model.SignatureI
     read once and each subgraph is allocated once, however many signatures run it.
     """
     try:
-        model = Model.from_bytes(data, name=label)
+        model = Model.from_bytes(data, name=label, default_delegates=False)
         interp = model.interpreter
         wrapper = getattr(interp, "_interpreter", None)
         defs = interp._get_full_signature_list()  # {key: {"inputs": {name: idx}, ...}}
