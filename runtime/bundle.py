@@ -23,6 +23,7 @@ re-opens a bundle's model by path. Every refusal is a `BundleError` with one lin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -30,7 +31,8 @@ import json
 import math
 import os
 import stat
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from runtime import criteria, latency_model, tflite_model
@@ -131,7 +133,7 @@ def _bundle_dir(path: str) -> str:
     return os.path.realpath(path)
 
 
-class _Duplicate(ValueError):
+class _StrictJSONError(ValueError):
     pass
 
 
@@ -140,12 +142,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     if len(out) != len(pairs):
         seen: set[str] = set()
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _Duplicate(f"duplicate key {dup[:60]!r}")
+        raise _StrictJSONError(f"duplicate key {dup[:60]!r}")
     return out
 
 
 def _no_constant(name: str) -> Any:
-    raise _Duplicate(f"non-finite number {name} (JSON has no NaN or Infinity)")
+    raise _StrictJSONError(f"non-finite number {name} (JSON has no NaN or Infinity)")
 
 
 def _check_values(value: Any, where: str) -> None:
@@ -192,7 +194,7 @@ def _read_manifest(path: str) -> tuple[str, dict]:
         manifest = json.loads(
             raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates
         )
-    except _Duplicate as e:
+    except _StrictJSONError as e:
         raise BundleError(f"{mpath} is not valid JSON: {e}") from None
     except RecursionError:
         raise BundleError(f"{mpath} nests deeper than {MAX_JSON_DEPTH} levels") from None
@@ -238,6 +240,16 @@ def read_files(path: str, manifest: Mapping[str, Any]) -> dict[str, bytes]:
             raise BundleError(f"bundle file {p} does not match its sha256 (corrupt)")
         out[name] = data
     return out
+
+
+@contextlib.contextmanager
+def verified_copy(data: bytes, name: str) -> Iterator[str]:
+    """Writes `data` (verified bytes) to a private temporary ``name``; yields its path."""
+    with tempfile.TemporaryDirectory(prefix="bundle_") as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        yield path
 
 
 def check_files(path: str, manifest: Mapping[str, Any]) -> None:
@@ -699,6 +711,17 @@ class Bundle:
         return Model.from_bytes(
             self.files[self.manifest["model"]], num_threads, name=self.model_path
         )
+
+    @contextlib.contextmanager
+    def verified_file(self, name: str | None = None) -> Iterator[str]:
+        """A private temporary copy of the verified bytes of file `name` (default: the model).
+
+        For tools that need a path (``adb push`` of the model to a phone): they get the bytes
+        that were verified, not whatever the bundle directory holds now. Removed on exit.
+        """
+        name = self.manifest["model"] if name is None else name
+        with verified_copy(self.files[name], name) as path:
+            yield path
 
     def load_partitions(self, num_threads: int = 1) -> Model:
         """An interpreter over the verified bytes of the Edgent partition model.

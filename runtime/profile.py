@@ -42,7 +42,7 @@ import numpy as np
 
 from flexjax.io import write_json_atomic
 from runtime.adb import AdbTarget
-from runtime.bundle import Bundle, BundleError, read_files, read_manifest
+from runtime.bundle import Bundle, BundleError, read_files, read_manifest, verified_copy
 from runtime.lite import Model
 from runtime.timing import time_stats
 
@@ -155,16 +155,17 @@ def profile_sweep(
     `files` are the verified bytes (`runtime.bundle.read_files`); read here when None.
     """
     files = read_files(path, manifest) if files is None else files
-    model_path = os.path.join(path, manifest["model"])
     names = [r["signature"] for r in manifest["layers"]]
     layers = {}
     loading = []
-    if target.kind == "adb":
-        timings = _adb_times(target, binary, model_path, names, runs)
+    if target.kind == "adb":  # the phone gets copies of the verified bytes
+        with verified_copy(files[manifest["model"]], manifest["model"]) as model_path:
+            timings = _adb_times(target, binary, model_path, names, runs)
         for r in manifest["layers"]:
             layers[r["signature"]] = {"median_ms": timings[r["signature"]].avg_us / 1e3}
         for m in manifest["loading"]:
-            t = _adb_times(target, binary, os.path.join(path, m["file"]), [m["signature"]], 1)
+            with verified_copy(files[m["file"]], m["file"]) as p:
+                t = _adb_times(target, binary, p, [m["signature"]], 1)
             loading.append({"file": m["file"], "bytes": m["bytes"],
                             "median_ms": t[m["signature"]].init_us / 1e3})  # fmt: skip
     else:
@@ -193,14 +194,14 @@ def profile_partitions(
     part = manifest.get("partitions")
     if part is None:
         raise BundleError(f"bundle {path} has no partitions (export it with --partitions)")
-    model_path = os.path.join(path, part["model"])
     names = list(part["signatures"])
+    bundle = Bundle.from_dir(path) if bundle is None else bundle
     if target.kind == "adb":
-        timings = _adb_times(target, binary, model_path, names, runs)
+        with bundle.verified_file(part["model"]) as model_path:
+            timings = _adb_times(target, binary, model_path, names, runs)
         sigs = {n: {"median_ms": t.avg_us / 1e3} for n, t in timings.items()}
         loading = []
     else:
-        bundle = Bundle.from_dir(path) if bundle is None else bundle
         model = bundle.load_partitions(target.threads)
         sigs = {n: time_signature(target, model.signature(n), runs) for n in names}
         data = bundle.files[part["model"]]
