@@ -171,15 +171,16 @@ def run_adb(
     adb = AdbTarget(serial, binary)
     used = adb.check()
     sigs = list(bundle.manifest["signatures"])
-    timings = adb.benchmark_all(
-        bundle.model_path,
-        sigs,
-        num_threads=threads,
-        use_gpu=use_gpu,
-        num_runs=num_runs,
-        warmup_runs=warmup_runs,
-        energy=energy,
-    )
+    with bundle.verified_file() as model_path:  # push the verified bytes, not the file now
+        timings = adb.benchmark_all(
+            model_path,
+            sigs,
+            num_threads=threads,
+            use_gpu=use_gpu,
+            num_runs=num_runs,
+            warmup_runs=warmup_runs,
+            energy=energy,
+        )
     ms = {s: t.avg_us / 1000.0 for s, t in timings.items()}
     exits = bundle.manifest["exits"]
     early = expected_time(exits, rates, ms)

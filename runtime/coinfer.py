@@ -38,7 +38,6 @@ says why. The failing server is skipped for ``--cooldown-s``. With several
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import sys
@@ -54,8 +53,6 @@ from runtime import data as data_lib
 from runtime import latency_model as lm
 from runtime import planner, wire
 from runtime.bundle import Bundle
-from runtime.lite import Model
-from runtime.names import MANIFEST
 from runtime.profile import Target
 
 DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
@@ -286,7 +283,7 @@ class CoInference:
         # Model loading on the device, measured as runtime.profile does: interpreter
         # creation + allocation + first run of one signature, slowed like any device call.
         t0, c0 = time.perf_counter(), time.thread_time()
-        self.model = Model(os.path.join(bundle.path, self.part["model"]), self.device.threads)
+        self.model = bundle.load_partitions(self.device.threads)
         first = self.model.signature(self.opts[0].device_sig or self.opts[0].edge_sig)
         first(np.zeros(first.input_shape, np.float32))
         self.device.pad(t0, time.thread_time() - c0)
@@ -499,8 +496,7 @@ def run(opts: Options) -> dict:
     pool = EdgePool(addresses, token=opts.token, tls_ca=tls_ca,
                     tls_server_name=opts.tls_server_name, cooldown_s=opts.cooldown_s)  # fmt: skip
     try:
-        with open(os.path.join(bundle.path, MANIFEST), "rb") as f:
-            rtt_s, problems = pool.connect(hashlib.sha256(f.read()).hexdigest())
+        rtt_s, problems = pool.connect(bundle.digest)
         if all(not e.compatible or e.down_until > time.perf_counter() for e in pool.edges) and (
             opts.policy not in ("device-only", "right-sizing")
         ):

@@ -28,7 +28,6 @@ once: ``--workers`` RPC threads share a pool of as many LiteRT interpreters
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import hmac
 import os
 import queue
@@ -45,7 +44,6 @@ from runtime import args as args_lib
 from runtime import wire
 from runtime.bundle import Bundle, BundleError
 from runtime.lite import Model
-from runtime.names import MANIFEST
 
 DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 
@@ -64,12 +62,11 @@ class EdgeService:
         self.path = os.path.join(bundle.path, part["model"])
         self.allowed = {sig for e in part["exits"] for sig in e["edge"].values()}
         self.shapes = {n: tuple(part["signatures"][n]["input_shape"]) for n in self.allowed}
-        with open(os.path.join(bundle.path, MANIFEST), "rb") as f:
-            self.bundle_digest = hashlib.sha256(f.read()).hexdigest()
+        self.bundle_digest = bundle.digest
         self.token = token.encode() if token else None
         self.pool: queue.Queue[Model] = queue.Queue()
         for _ in range(workers):
-            model = Model(self.path, num_threads=threads)
+            model = bundle.load_partitions(threads)
             for name in sorted(self.allowed):  # allocate now, not on a device's first frame
                 sig = model.signature(name)
                 sig(np.zeros(sig.input_shape, sig.input_dtype))

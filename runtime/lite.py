@@ -10,7 +10,7 @@ pay a per-call allocation (`BENCHMARKS.md`, split overhead).
 from __future__ import annotations
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 
 class Signature:
@@ -49,16 +49,57 @@ class Signature:
 
 
 class Model:
-    """A loaded .tflite with lazily created `Signature`s."""
+    """A loaded .tflite with lazily created `Signature`s.
 
-    def __init__(self, model_path: str, num_threads: int = 1):
+    `Model(path)` reads a file that is not part of a bundle; a bundle's models are built from
+    the bytes it verified (`Model.from_bytes`, through `runtime.Bundle.load`), so a file
+    swapped on disk after verification never runs.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        num_threads: int = 1,
+        *,
+        content: bytes | None = None,
+        default_delegates: bool = True,
+    ):
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if (model_path is None) == (content is None):
+            raise ValueError("Model needs exactly one of model_path and content")
         self.path = model_path
         self.num_threads = num_threads
-        self.interpreter = Interpreter(model_path=model_path, num_threads=num_threads)
+        # Without default delegates (XNNPACK): LiteRT's builtin kernels only, as bundle
+        # verification prepares a model (no weight repacking, no delegate log line).
+        kw = (
+            {}
+            if default_delegates
+            else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+        )
+        if content is not None:
+            self.interpreter = Interpreter(model_content=content, num_threads=num_threads, **kw)
+        else:
+            self.interpreter = Interpreter(model_path=model_path, num_threads=num_threads, **kw)
         self.signature_names = tuple(self.interpreter.get_signature_list())
         self._sigs: dict[str, Signature] = {}
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        num_threads: int = 1,
+        *,
+        name: str | None = None,
+        default_delegates: bool = True,
+    ) -> Model:
+        """An interpreter over `data` (the interpreter keeps a reference; never re-read).
+
+        `name` (e.g. the file the bytes came from) is kept as `path`, for messages only.
+        """
+        model = cls(None, num_threads, content=bytes(data), default_delegates=default_delegates)
+        model.path = name
+        return model
 
     def signature(self, name: str) -> Signature:
         if name not in self._sigs:

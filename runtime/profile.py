@@ -42,7 +42,7 @@ import numpy as np
 from flexjax.io import write_json_atomic
 from runtime import args as args_lib
 from runtime.adb import AdbTarget
-from runtime.bundle import Bundle, BundleError, check_files, read_manifest
+from runtime.bundle import Bundle, BundleError, read_files, read_manifest, verified_copy
 from runtime.lite import Model
 from runtime.timing import time_stats
 
@@ -117,19 +117,22 @@ def time_signature(target: Target, sig, runs: int, warmup: int = 3) -> dict:
     return {"median_ms": s["p50_ms"], "mean_ms": s["mean_ms"], "p95_ms": s["p95_ms"], "runs": runs}
 
 
-def time_loading(target: Target, path: str, signature: str, runs: int) -> dict:
-    """Model loading: interpreter creation + allocation + first invocation (ms, median)."""
+def time_loading(target: Target, data: bytes, signature: str, runs: int) -> dict:
+    """Model loading: interpreter creation + allocation + first invocation (ms, median).
+
+    `data` are a bundle file's verified bytes (the interpreter never re-reads the file).
+    """
 
     ts = []
     for _ in range(runs):
         t0, c0 = time.perf_counter(), time.thread_time()
-        model = Model(path, num_threads=target.threads)
+        model = Model.from_bytes(data, num_threads=target.threads)
         sig = model.signature(signature)
         sig(np.zeros(sig.input_shape, sig.input_dtype))
         target.pad(t0, time.thread_time() - c0)
         ts.append((time.perf_counter() - t0) * 1e3)
         del sig, model
-    return {"median_ms": float(np.median(ts)), "runs": runs, "bytes": os.path.getsize(path)}
+    return {"median_ms": float(np.median(ts)), "runs": runs, "bytes": len(data)}
 
 
 def _adb_times(target: Target, binary: str, model_path: str, sigs: Sequence[str], runs: int):
@@ -141,28 +144,33 @@ def _adb_times(target: Target, binary: str, model_path: str, sigs: Sequence[str]
     return timings
 
 
-def profile_sweep(manifest: Mapping, path: str, target: Target, runs: int, binary=None) -> dict:
-    """Times every layer signature, the probe and the loading models of a sweep bundle."""
-    model_path = os.path.join(path, manifest["model"])
+def profile_sweep(
+    manifest: Mapping, path: str, target: Target, runs: int, binary=None, files=None
+) -> dict:
+    """Times every layer signature, the probe and the loading models of a sweep bundle.
+
+    `files` are the verified bytes (`runtime.bundle.read_files`); read here when None.
+    """
+    files = read_files(path, manifest) if files is None else files
     names = [r["signature"] for r in manifest["layers"]]
     layers = {}
     loading = []
-    if target.kind == "adb":
-        timings = _adb_times(target, binary, model_path, names, runs)
+    if target.kind == "adb":  # the phone gets copies of the verified bytes
+        with verified_copy(files[manifest["model"]], manifest["model"]) as model_path:
+            timings = _adb_times(target, binary, model_path, names, runs)
         for r in manifest["layers"]:
             layers[r["signature"]] = {"median_ms": timings[r["signature"]].avg_us / 1e3}
         for m in manifest["loading"]:
-            t = _adb_times(target, binary, os.path.join(path, m["file"]), [m["signature"]], 1)
+            with verified_copy(files[m["file"]], m["file"]) as p:
+                t = _adb_times(target, binary, p, [m["signature"]], 1)
             loading.append({"file": m["file"], "bytes": m["bytes"],
                             "median_ms": t[m["signature"]].init_us / 1e3})  # fmt: skip
     else:
-        model = Model(model_path, num_threads=target.threads)
+        model = Model.from_bytes(files[manifest["model"]], num_threads=target.threads)
         for r in manifest["layers"]:
             layers[r["signature"]] = time_signature(target, model.signature(r["signature"]), runs)
         for m in manifest["loading"]:
-            t = time_loading(
-                target, os.path.join(path, m["file"]), m["signature"], max(3, runs // 4)
-            )
+            t = time_loading(target, files[m["file"]], m["signature"], max(3, runs // 4))
             loading.append({"file": m["file"], **t})
     rows = [{**r, **layers[r["signature"]]} for r in manifest["layers"]]
     return {
@@ -173,23 +181,28 @@ def profile_sweep(manifest: Mapping, path: str, target: Target, runs: int, binar
     }
 
 
-def profile_partitions(manifest: Mapping, path: str, target: Target, runs: int, binary=None):
-    """Times every partition signature of a bundle and the loading of its model files."""
+def profile_partitions(
+    manifest: Mapping, path: str, target: Target, runs: int, binary=None, bundle=None
+):
+    """Times every partition signature of a bundle and the loading of its model files.
+
+    `bundle` is the verified `Bundle` (opened here when None); its bytes are what runs.
+    """
     part = manifest.get("partitions")
     if part is None:
         raise BundleError(f"bundle {path} has no partitions (export it with --partitions)")
-    model_path = os.path.join(path, part["model"])
     names = list(part["signatures"])
+    bundle = Bundle.from_dir(path) if bundle is None else bundle
     if target.kind == "adb":
-        timings = _adb_times(target, binary, model_path, names, runs)
+        with bundle.verified_file(part["model"]) as model_path:
+            timings = _adb_times(target, binary, model_path, names, runs)
         sigs = {n: {"median_ms": t.avg_us / 1e3} for n, t in timings.items()}
         loading = []
     else:
-        model = Model(model_path, num_threads=target.threads)
+        model = bundle.load_partitions(target.threads)
         sigs = {n: time_signature(target, model.signature(n), runs) for n in names}
-        loading = [
-            {"file": part["model"], **time_loading(target, model_path, names[0], 3)},
-        ]
+        data = bundle.files[part["model"]]
+        loading = [{"file": part["model"], **time_loading(target, data, names[0], 3)}]
     return {"kind": "partitions", "signatures": sigs, "loading": loading}
 
 
@@ -209,14 +222,14 @@ def profile(bundle: str, target: Target, runs: int = 20, binary: str | None = No
         raise BundleError(f"{bundle}: manifest is not a JSON object")
     if manifest.get("format") == SWEEP_FORMAT:
         try:
-            check_files(bundle, manifest)
-            result = profile_sweep(manifest, bundle, target, runs, binary)
+            files = read_files(bundle, manifest)
+            result = profile_sweep(manifest, bundle, target, runs, binary, files)
         except (KeyError, TypeError) as e:
             msg = f"{bundle}: malformed sweep manifest ({type(e).__name__} {e})"
             raise BundleError(msg) from None
     else:
         b = Bundle.from_dir(bundle)
-        result = profile_partitions(b.manifest, bundle, target, runs, binary)
+        result = profile_partitions(b.manifest, bundle, target, runs, binary, b)
     return {
         "bundle": os.path.abspath(bundle),
         "target": dataclasses.asdict(target),

@@ -77,6 +77,20 @@ _IDENTIFIER = b"TFL3"
 _SCHEMA_VERSION = 3
 _MAX_RANK = 4  # the GPU delegate's tensors are at most BHWC
 _NAME_LIMIT = 60  # tensor names in reasons are truncated to this many characters
+# Work budget: vector elements + tables + string words a read may visit. A file visits each of
+# its own elements once at most, so anything beyond this is a DAG (shared references).
+_WORK_PER_BYTE = 1
+_WORK_BASE = 1 << 16
+# Tensor allocation caps: what LiteRT may be asked to allocate for the model's tensors.
+MAX_TENSOR_BYTES = 1 << 30  # any one tensor
+MAX_TOTAL_TENSOR_BYTES = 4 << 30  # all tensors of all subgraphs together
+# Bytes per element by TensorType name (sub-byte types rounded up; unknown types count 16).
+_ITEM_BYTES = {
+    "FLOAT32": 4, "FLOAT16": 2, "INT32": 4, "UINT8": 1, "INT64": 8, "STRING": 16, "BOOL": 1,
+    "INT16": 2, "COMPLEX64": 8, "INT8": 1, "FLOAT64": 8, "COMPLEX128": 16, "UINT64": 8,
+    "RESOURCE": 16, "VARIANT": 16, "UINT32": 4, "UINT16": 2, "INT4": 1, "BFLOAT16": 2,
+    "INT2": 1, "UINT4": 1, "FLOAT8_E4M3FN": 1, "FLOAT8_E5M2": 1,
+}  # fmt: skip
 
 
 class ModelFormatError(ValueError):
@@ -271,6 +285,30 @@ _FUSED_ACTIVATION_OPTIONS = {
     "SUB": _fb.SubOptions,
     "DIV": _fb.DivOptions,
 }
+# Inputs an op may leave out (index -1), from the kernels in tensorflow/lite/kernels (bias of
+# convolutions and dense layers); the recurrent ops have many optional inputs. Anything else
+# absent is refused: kernels read required inputs without a null check (a crafted -1 there
+# crashes LiteRT).
+_OPTIONAL_INPUTS: dict[str, tuple[int, ...] | str] = {
+    "CONV_2D": (2,),
+    "DEPTHWISE_CONV_2D": (2,),
+    "FULLY_CONNECTED": (2,),
+    "TRANSPOSE_CONV": (3,),
+    "CONV_3D": (2,),
+    "CONV_3D_TRANSPOSE": (3,),
+    "LSTM": "any",
+    "UNIDIRECTIONAL_SEQUENCE_LSTM": "any",
+    "BIDIRECTIONAL_SEQUENCE_LSTM": "any",
+    "SVDF": "any",
+    "UNIDIRECTIONAL_SEQUENCE_RNN": "any",
+    "BIDIRECTIONAL_SEQUENCE_RNN": "any",
+    "RNN": "any",
+}
+# Types whose constant data has a fixed size per element (LiteRT checks it for these).
+_FIXED_SIZE = frozenset(
+    {"FLOAT32", "FLOAT16", "INT32", "UINT8", "INT64", "BOOL", "INT16", "COMPLEX64", "INT8",
+     "FLOAT64", "COMPLEX128", "UINT64", "UINT32", "UINT16", "BFLOAT16"}
+)  # fmt: skip
 _RUNTIME_TYPES = frozenset({"FLOAT32", "FLOAT16", "INT8", "UINT8"})
 _FLOAT_TYPES = frozenset({"FLOAT32", "FLOAT16"})
 
@@ -341,9 +379,21 @@ class _Reader:
     def __init__(self, buf: bytes) -> None:
         self.buf = buf
         self.size = len(buf)
+        self.budget = _WORK_PER_BYTE * len(buf) + _WORK_BASE
+        self.tensor_bytes = 0  # summed over every tensor read (`MAX_TOTAL_TENSOR_BYTES`)
+
+    def spend(self, work: int) -> None:
+        """Charges `work` units to the budget; a DAG that amplifies the file runs out of it."""
+        self.budget -= work
+        if self.budget < 0:
+            raise ModelFormatError(
+                f"corrupt TFLite flatbuffer: it references more data than the file holds "
+                f"({self.size} bytes; crafted?)"
+            )
 
     def table(self, obj: Any, what: str) -> Any:
         """Checks that `obj`'s table and its vtable lie inside the buffer; returns `obj`."""
+        self.spend(1)
         if obj is None:
             raise ModelFormatError(f"corrupt TFLite flatbuffer: missing {what}")
         tab = obj._tab if hasattr(obj, "_tab") else obj
@@ -371,6 +421,7 @@ class _Reader:
         (struct.error, wrapped by `read_model`) before any element is used.
         """
         n = self.length(getattr(obj, name + "Length")(), elem_size, what)
+        self.spend(n)
         get = getattr(obj, name)
         if n:
             get(n - 1)
@@ -397,6 +448,7 @@ class _Reader:
         (n,) = struct.unpack_from("<I", self.buf, off)
         if off + 4 + n > self.size:
             raise ModelFormatError(f"corrupt TFLite flatbuffer: {what} runs past the end")
+        self.spend(1 + n // 4)
         return self.buf[off + 4 : off + 4 + n].decode("utf-8")
 
 
@@ -407,6 +459,7 @@ class _Tensor:
     type_name: str  # TensorType enum name, e.g. "FLOAT32"
     dtype: str  # numpy dtype name, e.g. "float32"
     const: bool
+    variable: bool = False
 
     @property
     def rank(self) -> int:
@@ -448,8 +501,8 @@ def _check_header(data: bytes) -> None:
         )
 
 
-def _read_buffers(r: _Reader, model: Any) -> list[bool]:
-    """Per buffer: does it hold data (i.e. is a tensor using it a constant)?"""
+def _read_buffers(r: _Reader, model: Any) -> list[int]:
+    """Per buffer: how many bytes of data it holds (> 0: a tensor using it is a constant)."""
     has_data = []
     for b in r.items(model, "Buffers", 4, "buffers"):
         r.table(b, "buffer")
@@ -461,29 +514,118 @@ def _read_buffers(r: _Reader, model: Any) -> list[bool]:
             raise ModelFormatError(
                 f"corrupt TFLite flatbuffer: buffer data at {offset}+{size} past {r.size} bytes"
             )
-        has_data.append(n > 0 or offset > 1)
+        has_data.append(n if n else size if offset > 1 else 0)
     return has_data
 
 
-def _read_tensors(r: _Reader, sub: Any, sg: int, has_data: list[bool]) -> list[_Tensor]:
+def _read_tensors(r: _Reader, sub: Any, sg: int, has_data: list[int]) -> list[_Tensor]:
     tensors = []
     for t in r.items(sub, "Tensors", 4, f"subgraph {sg} tensors"):
         r.table(t, f"subgraph {sg} tensor")
         shape = tuple(r.items(t, "Shape", 4, "tensor shape"))
         signature = tuple(r.items(t, "ShapeSignature", 4, "tensor shape signature"))
-        if signature and len(signature) == len(shape):
+        code = t.Type()
+        type_name = _TYPE_NAMES.get(code, f"UNKNOWN_{code}")
+        _charge_tensor(r, shape, signature, type_name, sg)
+        static = shape
+        if signature:
+            if len(signature) != len(shape) or any(
+                s not in (-1, d) for s, d in zip(signature, shape)
+            ):
+                raise ModelFormatError(
+                    f"corrupt TFLite flatbuffer: subgraph {sg} tensor shape {list(shape)[:8]} "
+                    f"disagrees with its shape signature {list(signature)[:8]}"
+                )
             shape = signature
         buffer = t.Buffer()
         if buffer >= len(has_data):
             raise ModelFormatError(
                 f"corrupt TFLite flatbuffer: tensor refers to buffer {buffer} of {len(has_data)}"
             )
-        const = buffer > 0 and has_data[buffer] and not t.IsVariable()
-        code = t.Type()
-        type_name = _TYPE_NAMES.get(code, f"UNKNOWN_{code}")
+        const = buffer > 0 and has_data[buffer] > 0 and not t.IsVariable()
         name = r.text(t, 10, "tensor name")
-        tensors.append(_Tensor(name, shape, type_name, _dtype_name(code), const))
+        if const and type_name in _FIXED_SIZE and t.Sparsity() is None:
+            # LiteRT's SetTensorParametersReadOnly: the data is exactly the tensor's bytes.
+            want = _ITEM_BYTES[type_name] * _product(static)
+            if has_data[buffer] != want:
+                raise ModelFormatError(
+                    f"corrupt TFLite flatbuffer: constant tensor {name[:_NAME_LIMIT]!r} of "
+                    f"shape {list(static)[:8]} has {has_data[buffer]} bytes of data, needs {want}"
+                )
+        tensors.append(
+            _Tensor(name, shape, type_name, _dtype_name(code), const, bool(t.IsVariable()))
+        )
     return tensors
+
+
+def _charge_tensor(
+    r: _Reader, shape: tuple[int, ...], signature: tuple[int, ...], type_name: str, sg: int
+) -> None:
+    """Static dims are >= 0, signature dims >= -1, and the tensor's bytes fit the caps."""
+    if any(d < 0 for d in shape) or any(d < -1 for d in signature):
+        raise ModelFormatError(
+            f"corrupt TFLite flatbuffer: subgraph {sg} tensor has a negative dimension"
+        )
+    n = _ITEM_BYTES.get(type_name, 16)
+    for d in shape:
+        n *= d
+        if n > MAX_TENSOR_BYTES:
+            raise ModelFormatError(
+                f"TFLite model asks for a tensor of shape {list(shape)[:8]} ({type_name.lower()})"
+                f" in subgraph {sg}: more than {MAX_TENSOR_BYTES >> 20} MiB (crafted?)"
+            )
+    r.tensor_bytes += n
+    if r.tensor_bytes > MAX_TOTAL_TENSOR_BYTES:
+        raise ModelFormatError(
+            f"TFLite model's tensors need more than {MAX_TOTAL_TENSOR_BYTES >> 30} GiB (crafted?)"
+        )
+
+
+def _product(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_data_flow(sg: int, ops: list[_Op], ins: list[_Tensor], outs: list[_Tensor]) -> None:
+    """Every tensor an op reads holds data by then (LiteRT: "Input tensor N lacks data").
+
+    Data comes from a subgraph input, a constant, a variable or an earlier op's output; the
+    subgraph's outputs must hold data after the last op.
+    """
+    for t in ins:
+        if t.const:
+            raise ModelFormatError(
+                f"corrupt TFLite flatbuffer: subgraph {sg} input {t.label()} is a constant"
+            )
+    ready = {id(t) for t in ins}
+    for i, op in enumerate(ops):
+        optional = _OPTIONAL_INPUTS.get(op.name, ())
+        for j, t in enumerate(op.inputs):
+            if t is None and optional != "any" and j not in optional:
+                raise ModelFormatError(
+                    f"corrupt TFLite flatbuffer: subgraph {sg} op {i} ({op.name}) lacks input "
+                    f"{j}, which is not optional"
+                )
+        for t in op.outputs:
+            if t.const:
+                raise ModelFormatError(
+                    f"corrupt TFLite flatbuffer: subgraph {sg} op {i} ({op.name}) writes the "
+                    f"constant {t.label()}"
+                )
+        for t in op.inputs:
+            if t is not None and not (t.const or t.variable or id(t) in ready):
+                raise ModelFormatError(
+                    f"corrupt TFLite flatbuffer: subgraph {sg} op {i} ({op.name}) reads "
+                    f"tensor {t.label()} before anything writes it"
+                )
+        ready.update(id(t) for t in op.outputs)
+    for t in outs:
+        if not (t.const or t.variable or id(t) in ready):
+            raise ModelFormatError(
+                f"corrupt TFLite flatbuffer: subgraph {sg} output {t.label()} is never written"
+            )
 
 
 def _tensor_refs(r: _Reader, obj: Any, name: str, tensors: list[_Tensor], what: str) -> list:
@@ -533,7 +675,11 @@ def _read_ops(
 
 
 def _parse(data: bytes) -> dict[str, SignatureInfo]:
-    r = _Reader(data)
+    return _parse_with(_Reader(data))
+
+
+def _parse_with(r: _Reader) -> dict[str, SignatureInfo]:
+    data = r.buf
     model = r.table(_fb.Model.GetRootAs(data, 0), "model")
     version = model.Version()
     if version != _SCHEMA_VERSION:
@@ -544,26 +690,36 @@ def _parse(data: bytes) -> dict[str, SignatureInfo]:
     if n_sub == 0:
         raise ModelFormatError("corrupt TFLite flatbuffer: no subgraphs")
 
-    cache: dict[int, tuple[list[_Tensor], list[_Op], Any]] = {}
+    cache: dict[int, tuple[list[_Tensor], list[_Op], Any, list, list]] = {}
 
-    def subgraph(sg: int) -> tuple[list[_Tensor], list[_Op], Any]:
+    def subgraph(sg: int) -> tuple[list[_Tensor], list[_Op], Any, list, list]:
         if sg not in cache:
             sub = r.table(model.Subgraphs(sg), f"subgraph {sg}")
             tensors = _read_tensors(r, sub, sg, has_data)
-            cache[sg] = (tensors, _read_ops(r, sub, sg, tensors, op_names), sub)
+            ops = _read_ops(r, sub, sg, tensors, op_names)
+            ins, outs = (
+                [t for t in _tensor_refs(r, sub, f, tensors, f"subgraph {sg} {f.lower()}") if t]
+                for f in ("Inputs", "Outputs")
+            )
+            _check_data_flow(sg, ops, ins, outs)
+            cache[sg] = (tensors, ops, sub, ins, outs)
         return cache[sg]
 
     # (signature key, subgraph, [(input key, tensor)], [(output key, tensor)])
     entries: list[tuple[str, int, list, list]] = []
+    seen: set[str] = set()
     for sig in r.items(model, "SignatureDefs", 4, "signature defs"):
         r.table(sig, "signature def")
         key = r.text(sig, 8, "signature key")
+        if key in seen:
+            raise ModelFormatError(f"corrupt TFLite flatbuffer: duplicate signature {key!r}")
+        seen.add(key)
         sg = sig.SubgraphIndex()
         if sg >= n_sub:
             raise ModelFormatError(
                 f"corrupt TFLite flatbuffer: signature {key!r} runs subgraph {sg} of {n_sub}"
             )
-        tensors = subgraph(sg)[0]
+        tensors, _, _, sub_ins, sub_outs = subgraph(sg)
         io = []
         for field in ("Inputs", "Outputs"):
             pairs = []
@@ -574,21 +730,26 @@ def _parse(data: bytes) -> dict[str, SignatureInfo]:
                     raise ModelFormatError(
                         f"corrupt TFLite flatbuffer: signature {key!r} refers to tensor {idx}"
                     )
-                pairs.append((r.text(tmap, 4, "signature tensor name"), tensors[idx]))
+                t = tensors[idx]
+                if not any(t is u for u in (sub_ins if field == "Inputs" else sub_outs)):
+                    raise ModelFormatError(
+                        f"corrupt TFLite flatbuffer: signature {key!r} {field.lower()[:-1]} "
+                        f"tensor {idx} is not a subgraph {field.lower()[:-1]}"
+                    )
+                pairs.append((r.text(tmap, 4, "signature tensor name"), t))
             io.append(pairs)
         entries.append((key, sg, io[0], io[1]))
     if not entries:  # no SignatureDefs: describe the primary subgraph under its own name
-        tensors, _, sub = subgraph(0)
-        io = []
-        for field in ("Inputs", "Outputs"):
-            refs = _tensor_refs(r, sub, field, tensors, f"subgraph 0 {field.lower()}")
-            io.append([(t.name, t) for t in refs if t is not None])
+        _, _, sub, sub_ins, sub_outs = subgraph(0)
+        io = [[(t.name, t) for t in sub_ins], [(t.name, t) for t in sub_outs]]
         entries.append((r.text(sub, 12, "subgraph name") or "main", 0, io[0], io[1]))
 
+    summaries: dict[int, _SubgraphSummary] = {}  # per subgraph, not per signature: linear time
     infos = {}
     for key, sg, ins, outs in entries:
-        tensors, ops, _ = subgraph(sg)
-        infos[key] = _describe(key, sg, ins, outs, ops)
+        if sg not in summaries:
+            summaries[sg] = _summarize(subgraph(sg)[1])
+        infos[key] = _describe(key, sg, ins, outs, summaries[sg])
     return infos
 
 
@@ -820,29 +981,38 @@ def _op_problem(op: _Op, fp16_consts: set[int]) -> str | None:
     return None
 
 
-def _describe(
-    key: str,
-    sg: int,
-    ins: list[tuple[str, _Tensor]],
-    outs: list[tuple[str, _Tensor]],
-    ops: list[_Op],
-) -> SignatureInfo:
+@dataclasses.dataclass(frozen=True)
+class _SubgraphSummary:
+    ops: dict[str, int]
+    max_rank: int  # over the tensors the ops use
+    offending: tuple[str, ...]
+
+
+def _summarize(ops: list[_Op]) -> _SubgraphSummary:
+    """The per-subgraph part of a `SignatureInfo` (computed once however many keys run it)."""
     counts: dict[str, int] = {}
-    used: dict[int, _Tensor] = {}
+    max_rank = 0
     for op in ops:
         counts[op.name] = counts.get(op.name, 0) + 1
         for t in op.inputs + op.outputs:
-            if t is not None:
-                used[id(t)] = t
-    for _, t in ins + outs:
-        used[id(t)] = t
+            if t is not None and t.rank > max_rank:
+                max_rank = t.rank
     fp16_consts = _effective_consts(ops)
     offending: dict[str, None] = {}
     for op in ops:
         problem = _op_problem(op, fp16_consts)
         if problem is not None:
             offending[problem] = None
+    return _SubgraphSummary(dict(sorted(counts.items())), max_rank, tuple(offending))
 
+
+def _describe(
+    key: str,
+    sg: int,
+    ins: list[tuple[str, _Tensor]],
+    outs: list[tuple[str, _Tensor]],
+    summary: _SubgraphSummary,
+) -> SignatureInfo:
     def info(pairs: list[tuple[str, _Tensor]]) -> tuple[TensorInfo, ...]:
         return tuple(TensorInfo(n, t.shape, t.dtype) for n, t in pairs)
 
@@ -851,10 +1021,10 @@ def _describe(
         subgraph=sg,
         inputs=info(ins),
         outputs=info(outs),
-        ops=dict(sorted(counts.items())),
-        max_rank=max((t.rank for t in used.values()), default=0),
-        gpu_compatible=not offending,
-        gpu_offending=tuple(offending),
+        ops=dict(summary.ops),
+        max_rank=max([summary.max_rank, *(t.rank for _, t in ins + outs)]),
+        gpu_compatible=not summary.offending,
+        gpu_offending=summary.offending,
     )
 
 

@@ -25,7 +25,6 @@ from test_adb import fake_adb, host_binary  # noqa: F401  (fixtures)
 
 from runtime import Bundle, BundleError, planner, wire
 from runtime.edge_server import EdgeService, make_server
-from runtime.lite import Model
 
 from conftest import ROOT, run_job
 
@@ -123,7 +122,7 @@ def test_partitions_cover_every_exit_and_cut_and_reproduce_exit_logits(bundle):
         }
     assert part["parity"]["max_abs_diff"] < 1e-4
     # Device prefix + edge path, run here, equal the main model's segment + head chain.
-    model = Model(os.path.join(bundle.path, part["model"]))
+    model = bundle.load_partitions()
     main = bundle.load()
     x = np.random.default_rng(0).random((1, 28, 28, 1), np.float32)
     h = main.signature("segment_7")(main.signature("segment_3")(x))
@@ -205,7 +204,7 @@ def _stub(address: str):
 def test_edge_server_serves_16_concurrent_clients_without_mixups_amid_bad_requests(bundle, server):
     service, address = server
     part = bundle.manifest["partitions"]
-    local = Model(os.path.join(bundle.path, part["model"]))
+    local = bundle.load_partitions()
     sigs = ["edge_final_p00", "edge_3_p02", "edge_7_p06", "edge_11_p12", "edge_final_p16"]
     rng = np.random.default_rng(1)
     inputs = []
@@ -374,7 +373,7 @@ def test_coinfer_falls_back_on_garbage_responses(bundle, tmp_path):
     rows = json.loads(out.read_text())["frames"]
     assert all("garbage" in r["fallback"] for r in rows)
     # Still answered, by the local path, with the same prediction as the bundle's own final exit.
-    ex = Model(os.path.join(bundle.path, "partitions.tflite"))
+    ex = bundle.load_partitions()
     from runtime import data
 
     frames = data.load("mnist5k:test", bundle.manifest)

@@ -436,11 +436,11 @@ def test_synthetic_op_code_decoding_and_no_signature():
         (schema.BuiltinOperator.ADD, 0),  # old model: only the deprecated field is set
         (127, 250),  # a code this schema does not know
     ]
-    info = _one(_synthetic(tensors, ops, [0], [2], signature=None, codes=codes))
+    info = _one(_synthetic(tensors, ops, [0, 1], [2], signature=None, codes=codes))
     assert info.name == "sub"  # no SignatureDefs: keyed by the subgraph's name
     assert info.ops == {"ADD": 1, "STABLEHLO_ADD": 1, "UNKNOWN_250": 1}
     assert info.gpu_offending == ("STABLEHLO_ADD", "UNKNOWN_250")
-    assert [t.name for t in info.inputs] == ["a"] and [t.name for t in info.outputs] == ["c"]
+    assert [t.name for t in info.inputs] == ["a", "b"] and [t.name for t in info.outputs] == ["c"]
 
 
 def test_synthetic_bad_references_raise():
@@ -558,3 +558,87 @@ def test_module_imports_neither_jax_nor_tensorflow(models, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ok")
+
+
+# ------------------------------------------------------------------------------- linear time
+
+
+@pytest.mark.parametrize("ops, sigs", [(n, k) for n in (1, 37, 400) for k in (1, 9, 600)])
+def test_many_signatures_describe_each_subgraph_once(monkeypatch, ops, sigs):
+    from runtime import crafted_tflite, tflite_model
+
+    calls = []
+    real = tflite_model._op_problem
+    monkeypatch.setattr(tflite_model, "_op_problem", lambda *a: calls.append(1) or real(*a))
+    data = crafted_tflite.many_signatures(ops, sigs)
+    infos = read_model(data)
+    assert len(infos) == sigs and len(calls) == ops  # ops, not ops x signatures
+    assert {tuple(i.ops.items()) for i in infos.values()} == {(("RELU", ops),)}
+    # ...and LiteRT agrees: every signature runs (spot-check the first and the last).
+    interp = litert.Interpreter(model_content=data)
+    for key in ("s0", f"s{sigs - 1}"):
+        y = interp.get_signature_runner(key)(x=-np.ones((1, 4), np.float32))["y"]
+        assert y.tolist() == [[0.0] * 4]
+
+
+@pytest.mark.parametrize("ops, length", [(n, k) for n in (64, 500, 3000) for k in (2000, 9000)])
+def test_shared_vector_dag_runs_out_of_budget(ops, length):
+    from runtime import crafted_tflite
+
+    data = crafted_tflite.shared_vector(ops, length)
+    if ops * length <= len(data):  # not amplifying: read normally (and refused on tensor refs)
+        pytest.skip("no amplification at this size")
+    with pytest.raises(ModelFormatError, match="more data than the file holds"):
+        read_model(data)
+
+
+def test_reading_work_is_bounded_by_file_size():
+    # The reader's budget is k * len(data) + constant; a legitimate model uses a fraction.
+    from runtime import crafted_tflite, tflite_model
+
+    for data in (crafted_tflite.many_signatures(300, 300), crafted_tflite.many_signatures(5, 5)):
+        r = tflite_model._Reader(data)
+        start = r.budget
+        tflite_model._parse_with(r)
+        assert 0 < start - r.budget < len(data) / 2
+
+
+_RNG_SHAPES = random.Random(7)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((1, 1 << 15, 1 << 15, 1), F32), ((1 << 28, 2), F32), ((1 << 30, 2), _T.INT8)]
+    + [
+        (tuple(_RNG_SHAPES.choice((1 << 12, 1 << 14, 3000)) for _ in range(3)), F32)
+        for _ in range(5)
+    ],
+)
+def test_tensor_size_caps(shape, dtype):
+    tensors = [("x", shape, dtype, None), ("y", shape, dtype, None)]
+    with pytest.raises(ModelFormatError, match="MiB|GiB"):
+        read_model(_synthetic(tensors, [("RELU", [0], [1], None)], [0], [1]))
+
+
+def test_total_tensor_bytes_cap():
+    shape = (1, 1 << 13, 1 << 13, 3)  # 768 MiB each: under the per-tensor cap
+    tensors = [(f"t{i}", shape, F32, None) for i in range(7)]
+    ops = [("RELU", [i], [i + 1], None) for i in range(6)]
+    with pytest.raises(ModelFormatError, match="GiB"):
+        read_model(_synthetic(tensors, ops, [0], [6]))
+
+
+@pytest.mark.parametrize("dim", [-1, -2, -(1 << 31)])
+def test_negative_static_dimension_is_refused(dim):
+    tensors = [("x", (1, dim), F32, None), ("y", (1, 4), F32, None)]
+    with pytest.raises(ModelFormatError, match="negative dimension"):
+        read_model(_synthetic(tensors, [("RELU", [0], [1], None)], [0], [1]))
+
+
+def test_duplicate_signature_keys_are_refused():
+    from runtime import crafted_tflite
+
+    model = schema.ModelT.InitFromPackedBuf(crafted_tflite.many_signatures(3, 2), 0)
+    model.signatureDefs[1].signatureKey = model.signatureDefs[0].signatureKey
+    with pytest.raises(ModelFormatError, match="duplicate signature"):
+        read_model(_pack(model))

@@ -12,7 +12,6 @@ import numpy as np
 from runtime.ams.catalog import DEVICE, Catalog
 from runtime.ams.state import Decision
 from runtime.bundle import Bundle
-from runtime.lite import Model
 from runtime.names import FULL
 
 
@@ -49,7 +48,7 @@ def execute_sampled(
     def load(app: str, variant: str) -> None:
         t0 = time.perf_counter()
         b = Bundle.from_dir(bundles[(app, variant)])
-        m = Model(b.model_path, num_threads=threads)
+        m = b.load(threads)
         loaded[(app, variant)] = m.signature(FULL)
         load_ms.append((time.perf_counter() - t0) * 1e3)
 
