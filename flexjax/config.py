@@ -167,7 +167,9 @@ def _each(d: Domain) -> Domain:
     return Domain(d.kind, d.lo, d.hi, d.lo_open, d.hi_open, items=True)
 
 
-_RATE = _real(0.0, 10.0, lo_open=True)  # a learning rate
+# A learning rate: positive and finite. No upper cap: a rate that diverges is what the
+# trainer's NaN guard reports (with the step and the checkpoint kept), not a config typo.
+_RATE = Domain("real", 0.0, None, lo_open=True)
 _FRACTION = _real(0.0, 1.0, hi_open=True)  # an allowed accuracy loss, a split share
 _STEPS = _int(0, MAX_COUNT)
 _MS = _real(0.0, 1e6, lo_open=True)  # a deadline / latency (ms), at most ~17 minutes

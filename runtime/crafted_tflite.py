@@ -15,13 +15,15 @@ with the flatbuffer bindings that ship with ``ai_edge_litert`` (no JAX, no Tenso
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
 
 import flatbuffers
 from ai_edge_litert import schema_py_generated as _fb
+
+from runtime import args as args_lib
+from runtime import tflite_model
 
 
 def _pack(model: _fb.ModelT) -> bytes:
@@ -148,7 +150,6 @@ def shared_vector(ops: int = 4000, length: int = 25000) -> bytes:
 
 def time_read(data: bytes) -> tuple[float, str]:
     """Seconds `read_model` takes on `data`, and its outcome (``ok`` or the error line)."""
-    from runtime import tflite_model
 
     t0 = time.perf_counter()
     try:
@@ -159,13 +160,21 @@ def time_read(data: bytes) -> tuple[float, str]:
     return time.perf_counter() - t0, outcome
 
 
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m runtime.crafted_tflite``."""
+    p = args_lib.ArgumentParser(prog="python -m runtime.crafted_tflite", description=__doc__)
+    p.add_argument("--ops", type=args_lib.count(1, 100_000), default=1500)
+    p.add_argument("--signatures", type=args_lib.count(1, 100_000), default=1500)
+    p.add_argument("--shared-ops", type=args_lib.count(1, 100_000), default=4000)
+    p.add_argument("--shared-length", type=args_lib.count(1, 1_000_000), default=25000)
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.crafted_tflite", description=__doc__)
-    p.add_argument("--ops", type=int, default=1500)
-    p.add_argument("--signatures", type=int, default=1500)
-    p.add_argument("--shared-ops", type=int, default=4000)
-    p.add_argument("--shared-length", type=int, default=25000)
-    args = p.parse_args(argv)
+    return args_lib.run(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
     for name, data in (
         ("many_signatures", many_signatures(args.ops, args.signatures)),
         ("shared_vector", shared_vector(args.shared_ops, args.shared_length)),

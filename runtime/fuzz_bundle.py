@@ -23,7 +23,6 @@ Imports neither JAX nor TensorFlow (runtime/ rule).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -37,6 +36,12 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+from ai_edge_litert import schema_py_generated as fb
+
+from runtime import args as args_lib
+from runtime.bundle import Bundle, BundleError, summary
+from runtime.executor import EarlyExitExecutor
 from runtime.names import MANIFEST, MANIFEST_DIGEST
 
 FINE = ("refused", "ran")
@@ -53,8 +58,6 @@ _JSON_VALUES: tuple[Any, ...] = (None, True, "x", "", [], {}, [1], {"a": 1}, 0, 
 
 def _structure(data: bytes) -> list[int]:
     """Offsets of the flatbuffer's structure: every byte outside the buffers' tensor data."""
-    from ai_edge_litert import schema_py_generated as fb
-
     try:
         model = fb.Model.GetRootAs(data, 0)
         spans = []
@@ -218,11 +221,6 @@ def make_case(bundle: str, out: str, seed: int, index: int) -> str:
 
 def check_case(path: str) -> tuple[str, str]:
     """(outcome, detail) of verifying and, if accepted, running the bundle at `path`."""
-    import numpy as np
-
-    from runtime.bundle import Bundle, BundleError, summary
-    from runtime.executor import EarlyExitExecutor
-
     try:
         bundle = Bundle.from_dir(path)
     except BundleError as e:
@@ -328,27 +326,37 @@ def fuzz(
     }
 
 
+def build_parser() -> args_lib.ArgumentParser:
+    """The command line of ``python -m runtime.fuzz_bundle``."""
+    p = args_lib.ArgumentParser(prog="python -m runtime.fuzz_bundle", description=__doc__)
+    p.add_argument("--bundle", required=True, type=args_lib.existing_dir(),
+                   help="a real exported bundle (left untouched)")  # fmt: skip
+    p.add_argument("--mutations", type=args_lib.count(1), default=500)
+    p.add_argument("--seed", type=args_lib.seed(), default=0)
+    p.add_argument("--batch", type=args_lib.count(1, 10_000), default=50,
+                   help="cases per subprocess")  # fmt: skip
+    p.add_argument("--timeout", type=args_lib.positive(3600.0), default=60.0,
+                   help="seconds allowed per case")  # fmt: skip
+    p.add_argument("--only", type=args_lib.count(0), nargs="*",
+                   help="re-run just these case indices")  # fmt: skip
+    p.add_argument("--json", default=None, type=args_lib.output_file(),
+                   help="write the report here")  # fmt: skip
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         _worker(argv[1:])
         return 0
-    p = argparse.ArgumentParser(prog="python -m runtime.fuzz_bundle", description=__doc__)
-    p.add_argument("--bundle", required=True, help="a real exported bundle (left untouched)")
-    p.add_argument("--mutations", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=50, help="cases per subprocess")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per case")
-    p.add_argument("--only", type=int, nargs="*", help="re-run just these case indices")
-    p.add_argument("--json", default=None, help="write the report here")
-    args = p.parse_args(argv)
-    from runtime.bundle import Bundle, BundleError
+    return args_lib.run(build_parser(), _main, argv)
 
+
+def _main(args) -> int:
     try:
         Bundle.from_dir(args.bundle)
     except BundleError as e:
-        print(f"error: --bundle must be a valid bundle: {e}", file=sys.stderr)
-        return 1
+        raise BundleError(f"--bundle must be a valid bundle: {e}") from None
     rep = fuzz(args.bundle, args.mutations, args.seed, batch=args.batch,
                case_timeout=args.timeout, only=args.only)  # fmt: skip
     if args.json:

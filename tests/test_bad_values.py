@@ -36,6 +36,7 @@ from conftest import ROOT
 ARGPARSE_COMMANDS = (
     "runtime.bench", "runtime.coinfer", "runtime.edge_server", "runtime.edgent_bench",
     "runtime.planner", "runtime.profile", "runtime.traces", "runtime.verify", "runtime.ams.cli",
+    "runtime.fuzz_bundle", "runtime.crafted_tflite",
     "export.edgent_figures", "export.latency_fit", "export.sweep", "export.jax_vs_litert",
     "export.pretrained_lite", "flexjax.data.__main__",
 )  # fmt: skip
