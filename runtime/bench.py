@@ -66,11 +66,16 @@ def expected_time(
 
     A frame leaving at exit k ran every segment up to k and every head up to k
     (the heads before k did not pass; k's own head did). A frame reaching
-    ``final`` ran all segments and all side heads.
+    ``final`` ran all segments and all side heads. An exit with a timed ``stage``
+    signature costs that one call instead (what the executor runs).
     """
+
+    def staged(e) -> bool:
+        return bool(e.get("stage")) and e["stage"] in sig_time
+
     leave = criteria.leave_costs(
-        [sig_time[e["segment"]] for e in exits],
-        [sig_time[e["head"]] if e.get("head") else 0.0 for e in exits],
+        [sig_time[e["stage"]] if staged(e) else sig_time[e["segment"]] for e in exits],
+        [sig_time[e["head"]] if e.get("head") and not staged(e) else 0.0 for e in exits],
     )
     return float(sum(rates.get(e["name"], 0.0) * c for e, c in zip(exits, leave)))
 

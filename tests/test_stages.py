@@ -19,6 +19,7 @@ import pytest
 
 from flexjax import exits as exits_lib
 from runtime import Bundle, BundleError, EarlyExitExecutor, criteria, data
+from runtime.bench import expected_time
 from runtime.lite import Model
 from runtime.names import MANIFEST, MANIFEST_DIGEST, STAGE_OUTPUTS
 
@@ -233,3 +234,16 @@ def test_model_from_bytes_keeps_one_signature_per_output_order(smoke_bundle):
     a = model.signature("stage_2", STAGE_OUTPUTS)
     assert model.signature("stage_2", list(STAGE_OUTPUTS)) is a
     assert model.signature("segment_2") is model.signature("segment_2")
+
+
+def test_expected_time_costs_a_timed_stage_as_its_one_call():
+    exits = [
+        {"name": "exit_1", "segment": "s1", "head": "e1", "stage": "st1"},
+        {"name": "exit_2", "segment": "s2", "head": "e2", "stage": "st2"},  # not timed
+        {"name": "final", "segment": "sf", "head": None},
+    ]
+    t = {"s1": 1.0, "e1": 0.5, "st1": 1.25, "s2": 2.0, "e2": 0.5, "sf": 4.0}
+    rates = {"exit_1": 0.5, "exit_2": 0.25, "final": 0.25}
+    assert expected_time(exits, rates, t) == pytest.approx(
+        0.5 * 1.25 + 0.25 * (1.25 + 2.5) + 0.25 * (1.25 + 2.5 + 4.0)
+    )
