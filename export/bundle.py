@@ -70,11 +70,13 @@ def _signature_costs(net: Net, plan: convert.SignaturePlan, nc: costs_lib.NetCos
         c = nc.heads[plan.exit]
     else:
         c = costs_lib.total(nc.layers[plan.start : plan.stop])
+        if plan.kind == "stage":  # the segment, then its head
+            c = costs_lib.total([c, nc.heads[plan.exit]])
     return {
         "flops": c.flops,
         "param_bytes": c.param_bytes,
         "input_bytes": int(np.prod(plan.input_shape)) * 4,
-        "output_bytes": int(np.prod(plan.output_shape)) * 4,
+        "output_bytes": sum(int(np.prod(shape)) * 4 for _, shape in plan.outputs),
     }
 
 
@@ -93,11 +95,16 @@ def _parity(net, variables, plans, model, precision, test, parity_examples, exec
     inputs = convert.representative_inputs(net, variables, plans, test.x[:k])
     per_sig = {}
     for plan in plans:
+        names = [n for n, _ in plan.outputs]
         ref = convert.jax_outputs(net, variables, plan, inputs[plan.name])
-        sig = model.signature(plan.name)
-        got = np.concatenate([sig(np.ascontiguousarray(x[None])) for x in inputs[plan.name]])
-        diff = float(np.abs(got - ref).max())
-        scale = float(max(1.0, np.abs(ref).max()))
+        refs = ref if plan.extra_outputs else (ref,)
+        sig = model.signature(plan.name, names if plan.extra_outputs else None)
+        outs = [sig(np.ascontiguousarray(x[None])) for x in inputs[plan.name]]
+        if not plan.extra_outputs:
+            outs = [(o,) for o in outs]
+        gots = [np.concatenate([o[j] for o in outs]) for j in range(len(names))]
+        diff = max(float(np.abs(g - r).max()) for g, r in zip(gots, refs))
+        scale = max(float(max(1.0, np.abs(r).max())) for r in refs)
         per_sig[plan.name] = {"examples": k, "max_abs_diff": diff, "scale": scale}
     xs = test.x[:parity_examples]
 
@@ -372,7 +379,7 @@ def _export(
 ) -> dict:  # fmt: skip
 
     splits = training.load_data(config)
-    plans = convert.plan_signatures(net)
+    plans = convert.plan_signatures(net, stages=True)
     nc = costs_lib.of(net)
     rep = None
     if precision == "int8":
@@ -406,6 +413,7 @@ def _export(
     for plan in plans:
         if plan.kind == "segment":
             head = next((p.name for p in plans if p.kind == "head" and p.exit == plan.exit), None)
+            stage = next((p.name for p in plans if p.kind == "stage" and p.exit == plan.exit), None)
             after = net.get_exit(plan.exit).after if plan.exit != FINAL else len(net.layers) - 1
             exits.append(
                 {
@@ -413,6 +421,7 @@ def _export(
                     "after": after,
                     "segment": plan.name,
                     "head": head,
+                    **({"stage": stage} if stage else {}),
                     "flops": nc.exit_flops[plan.exit],
                 }
             )

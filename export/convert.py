@@ -6,6 +6,10 @@ Signatures are derived from the net's exits (see `plan_signatures`):
   and including the position exit ``<k>`` hangs off (input: the image or the
   previous segment's activation; output ``activation``);
 * ``exit_<k>``: the head of that exit (input: the activation; output ``logits``);
+* ``stage_<k>`` (with ``stages=True``, what a bundle exports): ``segment_<k>`` then
+  ``exit_<k>`` in one graph, two outputs ``activation`` and ``logits``
+  (`runtime.names.STAGE_OUTPUTS`): the early-exit executor's one interpreter call per
+  stage (the head always runs after its segment);
 * ``segment_final``: the rest of the backbone (output ``logits``);
 * ``full``: the whole backbone in one graph, the input-agnostic baseline.
 
@@ -33,7 +37,7 @@ import numpy as np
 
 from flexjax import models
 from flexjax.spec import FINAL, PARAMETRIC, Net
-from runtime.names import FULL, head_name, segment_name
+from runtime.names import ACTIVATION, FULL, LOGITS, head_name, segment_name, stage_name
 
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8")
 
@@ -46,14 +50,16 @@ class SignaturePlan:
       name: signature name in the flatbuffer.
       kind: ``segment`` (backbone positions [start, stop)), ``head`` (the head
         of `exit`), ``path`` (positions [start, stop) then the head of `exit`:
-        the edge side of an Edgent partition) or ``full`` (positions [0, L) as
-        one graph).
+        the edge side of an Edgent partition), ``stage`` (positions [start, stop)
+        then the head of `exit`, outputs the activation AND the logits) or ``full``
+        (positions [0, L) as one graph).
       start, stop: backbone positions covered (for a head: the exit's position
         + 1 for both, i.e. no backbone).
       exit: the exit this signature leads to (`FINAL` for the last segment and
         ``full``).
       input_name, output_name: tensor names in the signature.
       input_shape, output_shape: shapes without the batch dimension.
+      extra_outputs: ``(name, shape)`` of outputs after the first (a stage's logits).
     """
 
     name: str
@@ -65,16 +71,33 @@ class SignaturePlan:
     output_name: str
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
+    extra_outputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    @property
+    def outputs(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """``(name, shape without batch)`` of every output, in the signature's fixed order."""
+        return ((self.output_name, self.output_shape), *self.extra_outputs)
 
     def to_dict(self) -> dict:
+        """The manifest's entry: one output as ``output_name`` / ``output_shape``; several as
+        ``outputs``, a list of ``{"name", "shape"}`` in the signature's order."""
         d = dataclasses.asdict(self)
+        del d["extra_outputs"]
         d["input_shape"] = [1, *self.input_shape]
-        d["output_shape"] = [1, *self.output_shape]
+        if self.extra_outputs:
+            del d["output_name"], d["output_shape"]
+            d["outputs"] = [{"name": n, "shape": [1, *s]} for n, s in self.outputs]
+        else:
+            d["output_shape"] = [1, *self.output_shape]
         return d
 
 
-def plan_signatures(net: Net) -> list[SignaturePlan]:
-    """The signatures of `net`'s bundle, in execution order, then ``full``."""
+def plan_signatures(net: Net, *, stages: bool = False) -> list[SignaturePlan]:
+    """The signatures of `net`'s bundle, in execution order, then ``full``.
+
+    `stages`: after each side exit's segment and head, its ``stage`` signature (both in one
+    graph; what a bundle ships for the one-call-per-stage executor).
+    """
     shapes = net.shapes()
     input_shape = tuple(net.input_shape)
 
@@ -89,15 +112,22 @@ def plan_signatures(net: Net) -> list[SignaturePlan]:
         plans.append(
             SignaturePlan(
                 segment_name(e.name), "segment", start, stop, e.name,
-                "x", "activation", in_shape(start), act,
+                "x", ACTIVATION, in_shape(start), act,
             )
         )  # fmt: skip
         plans.append(
             SignaturePlan(
                 head_name(e.name), "head", stop, stop,
-                e.name, "activation", "logits", act, (net.num_classes,),
+                e.name, ACTIVATION, LOGITS, act, (net.num_classes,),
             )
         )  # fmt: skip
+        if stages:
+            plans.append(
+                SignaturePlan(
+                    stage_name(e.name), "stage", start, stop, e.name, "x", ACTIVATION,
+                    in_shape(start), act, ((LOGITS, (net.num_classes,)),),
+                )
+            )  # fmt: skip
         start = stop
     n = len(net.layers)
     logits = (net.num_classes,)
@@ -117,7 +147,7 @@ def signature_variables(net: Net, variables: Mapping[str, Any], plan: SignatureP
     if plan.kind == "head":
         keys = {plan.exit}
     else:
-        keys = {plan.exit} if plan.kind == "path" else set()
+        keys = {plan.exit} if plan.kind in ("path", "stage") else set()
         keys |= {
             models.layer_name(i)
             for i in range(plan.start, plan.stop)
@@ -131,8 +161,11 @@ def signature_variables(net: Net, variables: Mapping[str, Any], plan: SignatureP
     return out
 
 
-def signature_fn(net: Net, plan: SignaturePlan) -> Callable[[dict, jax.Array], jax.Array]:
-    """A pure JAX function ``(variables, x) -> output`` for one signature."""
+def signature_fn(net: Net, plan: SignaturePlan) -> Callable[[dict, jax.Array], Any]:
+    """A pure JAX function ``(variables, x) -> output`` for one signature.
+
+    A ``stage`` returns a tuple ``(activation, logits)`` (its `SignaturePlan.outputs` order).
+    """
     model = models.build(net)
     if plan.kind == "head":
 
@@ -151,6 +184,14 @@ def signature_fn(net: Net, plan: SignaturePlan) -> Callable[[dict, jax.Array], j
             return models.head_apply(net, variables, plan.exit, x)
 
         return run_path
+    if plan.kind == "stage":
+
+        def run_stage(variables, x):
+            out = model.apply(variables, x, False, start=plan.start, stop=plan.stop, heads=False)
+            h = out["activation"]
+            return h, models.head_apply(net, variables, plan.exit, h)
+
+        return run_stage
 
     def run_segment(variables, x):
         out = model.apply(variables, x, False, start=plan.start, stop=plan.stop, heads=False)
@@ -161,12 +202,20 @@ def signature_fn(net: Net, plan: SignaturePlan) -> Callable[[dict, jax.Array], j
 
 def jax_outputs(
     net: Net, variables: Mapping[str, Any], plan: SignaturePlan, x: np.ndarray, batch: int = 128
-) -> np.ndarray:
-    """Runs one signature's computation in JAX (jit, inference mode) on a batch of inputs."""
+) -> np.ndarray | tuple[np.ndarray, ...]:
+    """Runs one signature's computation in JAX (jit, inference mode) on a batch of inputs.
+
+    Returns the output, or for a several-output signature (a stage) a tuple in its order.
+    """
     fn = jax.jit(signature_fn(net, plan))
     sub = signature_variables(net, variables, plan)
-    outs = [np.asarray(fn(sub, x[i : i + batch])) for i in range(0, len(x), batch)]
-    return np.concatenate(outs).astype(np.float32)
+    outs = [fn(sub, x[i : i + batch]) for i in range(0, len(x), batch)]
+    if plan.extra_outputs:
+        return tuple(
+            np.concatenate([np.asarray(o[j]) for o in outs]).astype(np.float32)
+            for j in range(len(plan.outputs))
+        )
+    return np.concatenate([np.asarray(o) for o in outs]).astype(np.float32)
 
 
 def _converter_options(converter, precision: str, sparsity: bool, representative) -> None:
@@ -251,7 +300,7 @@ def to_tflite_many(
 
             spec = tf.TensorSpec((1, *plan.input_shape), tf.float32, name=plan.input_name)
             fn = tf.function(
-                _closure(converted, sub_tf, plan.output_name),
+                _closure(converted, sub_tf, [n for n, _ in plan.outputs]),
                 input_signature=[spec],
                 autograph=False,
             )
@@ -278,10 +327,11 @@ def to_tflite_many(
         return bytes(converter.convert())
 
 
-def _closure(fn: Callable, variables: dict, output_name: str) -> Callable:
+def _closure(fn: Callable, variables: dict, output_names: Sequence[str]) -> Callable:
     # A closure, not default arguments: tf.function would treat those as inputs.
     def wrapped(x):
-        return {output_name: fn(variables, x)}
+        y = fn(variables, x)
+        return dict(zip(output_names, y)) if len(output_names) > 1 else {output_names[0]: y}
 
     return wrapped
 

@@ -5,7 +5,7 @@
       --benchmark-binary=/path/to/benchmark_model [--use-gpu] [--energy]
 
 Local target: every frame is timed (wall clock, batch 1) in four modes,
-interleaved round by round so drift hits all of them alike:
+interleaved round by round (their order rotating) so drift hits all of them alike:
 
 * ``early_exit``: the executor with the bundle's calibrated thresholds;
 * ``full``: the ``full`` signature (the whole backbone as one graph);
@@ -14,7 +14,12 @@ interleaved round by round so drift hits all of them alike:
   (the worst case of an early-exit model).
 
 plus ``batched`` (the executor's stage-by-stage batch mode; mean time per
-frame only). Ratios are against ``full`` from the same run.
+frame only). Ratios are against ``full`` from the same run. ``early_exit`` makes one
+interpreter call per side exit where the bundle has stage signatures; ``--two-call``
+adds ``early_exit_two_call`` (the same thresholds, segment then head: two calls per side
+exit, how bundles without stage signatures run) to the same interleaved run, and the
+report's ``stage_calls`` compares the two (``python -m runtime.bench --bundle=B
+--data=mnist5k:test --two-call``).
 
 adb target: runs the user's ``benchmark_model`` on the phone for every
 signature (`runtime.adb`), and combines the per-signature times with the exit
@@ -42,6 +47,7 @@ from runtime.executor import EarlyExitExecutor
 from runtime.timing import time_stats
 
 MODES = ("early_exit", "full", "segments_only", "never_exit")
+TWO_CALL = "early_exit_two_call"  # --two-call: segment then head, stage signatures unused
 
 
 def pick_thresholds(bundle: Bundle, kind: str, epsilon: float | None, source: str) -> tuple:
@@ -60,11 +66,16 @@ def expected_time(
 
     A frame leaving at exit k ran every segment up to k and every head up to k
     (the heads before k did not pass; k's own head did). A frame reaching
-    ``final`` ran all segments and all side heads.
+    ``final`` ran all segments and all side heads. An exit with a timed ``stage``
+    signature costs that one call instead (what the executor runs).
     """
+
+    def staged(e) -> bool:
+        return bool(e.get("stage")) and e["stage"] in sig_time
+
     leave = criteria.leave_costs(
-        [sig_time[e["segment"]] for e in exits],
-        [sig_time[e["head"]] if e.get("head") else 0.0 for e in exits],
+        [sig_time[e["stage"]] if staged(e) else sig_time[e["segment"]] for e in exits],
+        [sig_time[e["head"]] if e.get("head") and not staged(e) else 0.0 for e in exits],
     )
     return float(sum(rates.get(e["name"], 0.0) * c for e, c in zip(exits, leave)))
 
@@ -77,7 +88,12 @@ def run_local(
     threads: int = 1,
     rounds: int = 3,
     warmup: int = 20,
+    two_call: bool = False,
 ) -> dict:
+    """Times every mode (module docstring) on `frames`, interleaved, and reports accuracy.
+
+    `two_call`: also time `TWO_CALL` (early exit without the stage signatures) and compare.
+    """
     ex = EarlyExitExecutor(bundle, num_threads=threads, thresholds=thresholds)
     never = EarlyExitExecutor.never_exit(bundle, model=ex.model)
     seg_only = EarlyExitExecutor(bundle, heads=False, model=ex.model)
@@ -88,8 +104,15 @@ def run_local(
         "segments_only": seg_only.run,
         "never_exit": never.run,
     }
-    # Modes run in a fixed order each round (MODES); round 0's outputs are the results.
-    t = timing.interleaved(fns, xs, rounds=rounds, warmup=min(warmup, len(xs)), order="fixed")
+    if two_call:
+        two = EarlyExitExecutor(
+            bundle, thresholds=thresholds, model=ex.model, stage_signatures=False
+        )
+        fns[TWO_CALL] = two.run
+    # The modes' order rotates every round, so none always runs first (or right after the
+    # same mode): a fixed order biased --two-call's one-vs-two-call comparison by ~10 us.
+    # Round 0's outputs are the results.
+    t = timing.interleaved(fns, xs, rounds=rounds, warmup=min(warmup, len(xs)), order="rotate")
     times = t.ns
     results = t.outputs["early_exit"]
     full_pred = np.array([int(out.argmax()) for out in t.outputs["full"]], np.int64)
@@ -111,7 +134,7 @@ def run_local(
         raise AssertionError("batched and per-frame execution disagree")  # a runtime bug
     flops = {e["name"]: e["flops"] for e in bundle.manifest["exits"]}
     backbone = bundle.manifest["costs"]["backbone_flops"]
-    modes = {m: time_stats(times[m]) for m in MODES}
+    modes = {m: time_stats(times[m]) for m in fns}
     modes["batched"] = {"mean_ms": batched_ns / 1e6 / len(xs), "frames": len(xs)}
     full_mean = modes["full"]["mean_ms"]
     report = {
@@ -126,7 +149,26 @@ def run_local(
         "ratio_vs_full": {m: modes[m]["mean_ms"] / full_mean for m in modes},
         "ratio_vs_full_p50": {m: modes[m]["p50_ms"] / modes["full"]["p50_ms"] for m in MODES},
         "rounds": rounds,
+        "calls_per_stage": dict(zip(names, ex.calls_per_stage)),
     }
+    if two_call:
+        same = all(
+            a.index == b.index and a.prediction == b.prediction
+            for a, b in zip(results, t.outputs[TWO_CALL])
+        )
+        if not same:
+            raise AssertionError("stage signatures and segment+head disagree")  # a runtime bug
+        one, two_ms = modes["early_exit"], modes[TWO_CALL]
+        report["stage_calls"] = {
+            "calls_per_stage": {"early_exit": dict(zip(names, ex.calls_per_stage)),
+                                TWO_CALL: dict(zip(names, two.calls_per_stage))},
+            "mean_us": {"early_exit": one["mean_ms"] * 1e3, TWO_CALL: two_ms["mean_ms"] * 1e3},
+            "p50_us": {"early_exit": one["p50_ms"] * 1e3, TWO_CALL: two_ms["p50_ms"] * 1e3},
+            "median_round_us": {m: v * 1e3 for m, v in t.median_round_ms().items()
+                                if m in ("early_exit", TWO_CALL)},
+            "saved_p50_us": (two_ms["p50_ms"] - one["p50_ms"]) * 1e3,
+            "speedup_p50": two_ms["p50_ms"] / one["p50_ms"],
+        }  # fmt: skip
     if frames.difficulty is not None:
         report["by_difficulty"] = _by_difficulty(
             frames.difficulty, where, pred == y, times, len(xs)
@@ -229,11 +271,22 @@ def format_report(rep: Mapping) -> str:
             for n in rep["exit_rates"]
         )
     )
-    lines.append(f"{'mode':<15}{'mean ms':>10}{'p50 ms':>10}{'p95 ms':>10}{'x full':>9}")
+    lines.append(f"{'mode':<20}{'mean ms':>10}{'p50 ms':>10}{'p95 ms':>10}{'x full':>9}")
     for m, s in rep["time_per_frame"].items():
         p50 = f"{s['p50_ms']:>10.4f}" if "p50_ms" in s else f"{'':>10}"
         p95 = f"{s['p95_ms']:>10.4f}" if "p95_ms" in s else f"{'':>10}"
-        lines.append(f"{m:<15}{s['mean_ms']:>10.4f}{p50}{p95}{rep['ratio_vs_full'][m]:>9.3f}")
+        lines.append(f"{m:<20}{s['mean_ms']:>10.4f}{p50}{p95}{rep['ratio_vs_full'][m]:>9.3f}")
+    sc = rep.get("stage_calls")
+    if sc:
+        calls = {
+            m: ", ".join(f"{n} {c}" for n, c in v.items()) for m, v in sc["calls_per_stage"].items()
+        }
+        lines.append(
+            f"early exit per frame, p50: {sc['p50_us']['early_exit']:.1f} us with stage "
+            f"signatures (calls per stage: {calls['early_exit']}) vs "
+            f"{sc['p50_us'][TWO_CALL]:.1f} us two-call ({calls[TWO_CALL]}): "
+            f"{sc['saved_p50_us']:.1f} us saved, {sc['speedup_p50']:.3f}x"
+        )
     return "\n".join(lines)
 
 
@@ -254,6 +307,9 @@ def build_parser() -> args_lib.ArgumentParser:
     p.add_argument("--epsilon", type=args_lib.probability(), default=None,
                    help="calibration to use")  # fmt: skip
     p.add_argument("--calibration", default="auto", choices=("auto", "val", "video_val"))
+    p.add_argument("--two-call", action="store_true",
+                   help="local: also time early exit as segment then head (two calls per "
+                        "stage) against the stage signatures' one call")  # fmt: skip
     p.add_argument("--benchmark-binary", default=None, type=args_lib.existing_file(),
                    help="benchmark_model for --target=adb")  # fmt: skip
     p.add_argument("--use-gpu", action="store_true", help="adb: run with the GPU delegate")
@@ -290,7 +346,7 @@ def _main(args) -> int:
         if frames is None:
             raise ValueError("--target=local needs --data")
         rep.update(run_local(bundle, frames, cal["thresholds"], threads=args.threads,
-                             rounds=args.rounds))  # fmt: skip
+                             rounds=args.rounds, two_call=args.two_call))  # fmt: skip
     elif args.target == "adb" or args.target.startswith("adb:"):
         if not args.benchmark_binary:
             raise ValueError("--target=adb needs --benchmark-binary=PATH (TFLite benchmark_model)")

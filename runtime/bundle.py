@@ -13,7 +13,9 @@ interpreter then runs exactly the bytes it verified:
   directory), a regular file read ONCE into memory; its size and sha256 are checked on those
   bytes, `tflite_model.read_model` parses those bytes (linear time, bounded tensor sizes),
   and the model's signatures must agree with the manifest (input and output shapes, every
-  exit's logits [1, num_classes], the manifest's input = the first segment's input);
+  exit's logits [1, num_classes], the manifest's input = the first segment's input; a
+  several-output signature's outputs by name and shape; an exit's optional ``stage`` takes
+  its segment's input and gives exactly its segment's activation and [1, num_classes] logits);
 * LiteRT itself: an interpreter built from the verified bytes prepares (allocates) every
   signature, so "verified" means LiteRT will run it.
 
@@ -37,7 +39,7 @@ from typing import Any
 
 from runtime import criteria, latency_model, tflite_model
 from runtime.lite import Model, Signature
-from runtime.names import MANIFEST, MANIFEST_DIGEST
+from runtime.names import ACTIVATION, LOGITS, MANIFEST, MANIFEST_DIGEST, STAGE_OUTPUTS
 
 SCHEMA_VERSION = 1
 _REQUIRED = (
@@ -62,6 +64,7 @@ LIMITS = {
     "file_bytes": (1 << 31) - 1,  # a flatbuffer cannot be larger
     "files": 16,
     "signatures": 4096,
+    "outputs": 16,  # outputs of one signature
     "exits": 256,
     "num_classes": 100_000,
     "dimension": 1 << 16,  # any one input / signature dimension
@@ -284,6 +287,14 @@ def _check_signatures(
                     f"({len(tensors)} tensors), manifest says {tuple(meta[key])} "
                     "(wrong model file)"
                 )
+        if "outputs" in meta:
+            got = {t.name: tuple(t.shape) for t in info.outputs}
+            want = {o["name"]: tuple(o["shape"]) for o in meta["outputs"]}
+            if got != want or len(info.outputs) != len(want):
+                raise BundleError(
+                    f"{label} signature {name!r} outputs {got}, manifest says {want} "
+                    "(wrong model file)"
+                )
     return sigs
 
 
@@ -418,6 +429,53 @@ def _check_criterion(c: Any, where: str) -> str:
         ) from None
 
 
+def _check_outputs(m: dict, name: str) -> None:
+    """A signature's optional ``outputs``: ``[{"name": str, "shape": shape}, ...]``, in order.
+
+    What a several-output signature (a stage) declares instead of ``output_shape``.
+    """
+    outputs = _need(m, "signatures", name, "outputs", kind="list", optional=True)
+    if outputs is None:
+        return
+    if "output_shape" in m["signatures"][name]:
+        raise BundleError(f"{MANIFEST}: signature {name!r} has both output_shape and outputs")
+    if not 2 <= len(outputs) <= LIMITS["outputs"]:
+        raise BundleError(
+            f"{MANIFEST}: signature {name!r} lists {len(outputs)} outputs; "
+            f"2 to {LIMITS['outputs']} allowed (one output is output_shape)"
+        )
+    for j in range(len(outputs)):
+        _need(m, "signatures", name, "outputs", j, kind="dict")
+        _need(m, "signatures", name, "outputs", j, "name", kind="str")
+        _need(m, "signatures", name, "outputs", j, "shape", kind="shape")
+    if len({o["name"] for o in outputs}) != len(outputs):
+        raise BundleError(f"{MANIFEST}: signature {name!r} lists an output name twice")
+
+
+def _check_stage(m: dict, i: int, last: bool) -> None:
+    """An exit's optional ``stage``: a signature with outputs `STAGE_OUTPUTS`, side exits only.
+
+    Absent or null: the exit runs as segment then head (bundles exported before stages).
+    """
+    stage = _need(m, "exits", i, "stage", kind="any", optional=True)
+    if stage is None:
+        return
+    name = m["exits"][i]["name"]
+    if last:
+        raise BundleError(
+            f"{MANIFEST}: the final exit {name!r} has a stage (its segment already ends in logits)"
+        )
+    if not isinstance(stage, str) or stage not in m["signatures"]:
+        raise BundleError(f"exit {name!r} names unknown stage signature {str(stage)[:80]!r}")
+    outputs = m["signatures"][stage].get("outputs")
+    names = tuple(o["name"] for o in outputs) if outputs is not None else ()
+    if names != STAGE_OUTPUTS:
+        raise BundleError(
+            f"{MANIFEST}: stage signature {stage!r} of exit {name!r} must declare outputs "
+            f"{list(STAGE_OUTPUTS)}, in that order; it declares {list(names)}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class ExitInfo:
     """One exit as the runtime sees it (execution order; the last is ``final``).
@@ -428,6 +486,8 @@ class ExitInfo:
       segment: signature computing the backbone up to this exit.
       head: signature of the exit head; None for ``final`` (its segment ends in logits).
       threshold: calibrated threshold in natural units; None = never exits early.
+      stage: signature running the segment and then the head in one call (outputs
+        `runtime.names.STAGE_OUTPUTS`); None for ``final`` and in bundles without stages.
     """
 
     name: str
@@ -435,6 +495,7 @@ class ExitInfo:
     segment: str
     head: str | None
     threshold: float | None
+    stage: str | None = None
 
 
 class Bundle:
@@ -522,6 +583,7 @@ class Bundle:
         for name in sigs:
             _need(m, "signatures", name, "input_shape", kind="shape")
             _need(m, "signatures", name, "output_shape", kind="shape", optional=True)
+            _check_outputs(m, name)
             for key, kind in (("flops", "num"), ("ops", "dict"), ("gpu_compatible", "bool")):
                 _need(m, "signatures", name, key, kind=kind, optional=True)
         exits = _need(m, "exits", kind="list")
@@ -549,6 +611,7 @@ class Bundle:
                     raise BundleError(f"exit {e['name']!r} names unknown signature {sig!r}")
             if i < len(exits) - 1 and e.get("head") is None:
                 raise ValueError(f"side exit {e['name']!r} needs a head signature")
+            _check_stage(m, i, last=i == len(exits) - 1)
             _need(m, "exits", i, "flops", kind="num", optional=True)
             _check_threshold(e.get("threshold"), criterion, c, f"exits[{i}].threshold")
         cal = _need(m, "calibration", kind="dict")
@@ -624,6 +687,16 @@ class Bundle:
                     f"{label}: exit {e['name']!r} gives {logits.outputs[0].shape}, expected "
                     f"logits (1, {c}) for net.num_classes={c} (wrong model file)"
                 )
+            if e.get("stage") is not None:
+                stage = sigs[e["stage"]]
+                got = {t.name: tuple(t.shape) for t in stage.outputs}
+                want = {ACTIVATION: tuple(prev), LOGITS: (1, c)}
+                if stage.inputs[0].shape != seg.inputs[0].shape or got != want:
+                    raise BundleError(
+                        f"{label}: stage {e['stage']!r} maps {stage.inputs[0].shape} to {got}; "
+                        f"exit {e['name']!r} needs {seg.inputs[0].shape} to {want} "
+                        "(inconsistent bundle)"
+                    )
         _prepare(label, self.files[m["model"]], sigs)
 
     def _check_partitions(self) -> None:
@@ -683,7 +756,14 @@ class Bundle:
     def exits(self) -> tuple[ExitInfo, ...]:
         thresholds = self.manifest["calibration"]["thresholds"]
         return tuple(
-            ExitInfo(e["name"], e["after"], e["segment"], e["head"], thresholds.get(e["name"]))
+            ExitInfo(
+                e["name"],
+                e["after"],
+                e["segment"],
+                e["head"],
+                thresholds.get(e["name"]),
+                e.get("stage"),
+            )  # fmt: skip
             for e in self.manifest["exits"]
         )
 

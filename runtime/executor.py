@@ -3,7 +3,10 @@
 Per frame (batch 1): run ``segment_k``, then ``exit_k``; leave with that
 exit's prediction if its confidence passes its threshold, otherwise feed the
 segment's activation to the next segment. The last segment ends in the
-backbone's own logits. `run_batch` executes many frames stage by stage and
+backbone's own logits. Where the bundle has stage signatures (``stage_k``:
+the segment and its head in one graph, outputs activation and logits), each
+side exit is ONE interpreter call instead of two; bundles without them run
+segment then head. `run_batch` executes many frames stage by stage and
 drops the frames that exited before the next segment runs.
 """
 
@@ -16,7 +19,7 @@ import numpy as np
 
 from runtime import criteria
 from runtime.bundle import Bundle, BundleError
-from runtime.names import FULL
+from runtime.names import FULL, STAGE_OUTPUTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +33,22 @@ class ExitResult:
 
 
 class _Stage:
-    __slots__ = ("name", "segment", "head", "threshold", "score_threshold")
+    __slots__ = ("name", "segment", "head", "fused", "threshold", "score_threshold")
 
-    def __init__(self, name, segment, head, threshold, criterion):
+    def __init__(self, name, segment, head, fused, threshold, criterion):
         self.name = name
         self.segment = segment
         self.head = head
+        self.fused = fused  # x -> (activation, logits) in one call, or None
         self.threshold = threshold
         self.score_threshold = criteria.score_threshold(threshold, criterion)
+
+    def run(self, h):
+        """(activation, logits or None): the segment and, if the stage has one, its head."""
+        if self.fused is not None:
+            return self.fused(h)
+        h = self.segment(h)
+        return h, (self.head(h) if self.head is not None else None)
 
 
 class EarlyExitExecutor:
@@ -51,6 +62,9 @@ class EarlyExitExecutor:
       heads: if False, never run side heads: every frame goes through all
         segments to the final exit (measures pure split overhead).
       model: an already loaded `runtime.lite.Model` to share.
+      stage_signatures: run each side exit's segment and head as its one ``stage``
+        signature where the bundle has one; False: two calls (segment, then head), as
+        bundles without stage signatures always run.
     """
 
     def __init__(
@@ -61,6 +75,7 @@ class EarlyExitExecutor:
         thresholds: Mapping[str, float | None] | None = None,
         heads: bool = True,
         model=None,
+        stage_signatures: bool = True,
     ):
         self.bundle = bundle
         self.criterion = criteria.check(bundle.criterion)
@@ -79,12 +94,20 @@ class EarlyExitExecutor:
                 e.name,
                 self.model.signature(e.segment),
                 self.model.signature(e.head) if (e.head and heads) else None,
+                (
+                    self.model.signature(e.stage, STAGE_OUTPUTS)
+                    if (e.stage and e.head and heads and stage_signatures)
+                    else None
+                ),
                 chosen[e.name] if e.head else None,
                 self.criterion,
             )
             for e in bundle.exits
         ]
         self.exit_names = tuple(s.name for s in self.stages)
+        self.calls_per_stage = tuple(
+            1 if (s.fused is not None or s.head is None) else 2 for s in self.stages
+        )
         self._full = None
         self.input_shape = self.stages[0].segment.input_shape
         self.input_dtype = self.stages[0].segment.input_dtype
@@ -109,13 +132,17 @@ class EarlyExitExecutor:
         crit = self.criterion
         last = len(self.stages) - 1
         for i, st in enumerate(self.stages):
-            h = st.segment(h)
-            if i == last:
-                return ExitResult(st.name, i, int(h.argmax()), h)
-            if st.head is not None:
+            if st.fused is not None:
+                h, logits = st.fused(h)
+            else:
+                h = st.segment(h)
+                if i == last:
+                    return ExitResult(st.name, i, int(h.argmax()), h)
+                if st.head is None:
+                    continue
                 logits = st.head(h)
-                if criteria.score_one(logits, crit) >= st.score_threshold:
-                    return ExitResult(st.name, i, int(logits.argmax()), logits)
+            if criteria.score_one(logits, crit) >= st.score_threshold:
+                return ExitResult(st.name, i, int(logits.argmax()), logits)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def run_full(self, x: np.ndarray) -> np.ndarray:
@@ -134,8 +161,8 @@ class EarlyExitExecutor:
         for j, x in enumerate(xs):
             h = self.frame(x)
             for i, st in enumerate(self.stages):
-                h = st.segment(h)
-                out[st.name][j] = h[0] if i == last else st.head(h)[0]
+                h, logits = st.run(h)
+                out[st.name][j] = h[0] if i == last else logits[0]
         return out
 
     def run_batch(self, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,14 +187,15 @@ class EarlyExitExecutor:
         for i, st in enumerate(self.stages):
             if not len(alive):
                 break
-            acts = [st.segment(a) for a in acts]
+            ran = [st.run(a) for a in acts]
+            acts = [a for a, _ in ran]
             if i == last:
                 out[alive] = np.concatenate(acts)
                 where[alive] = i
                 break
             if st.head is None:
                 continue
-            logits = np.concatenate([st.head(a) for a in acts])
+            logits = np.concatenate([lg for _, lg in ran])
             ok = criteria.passes(logits, self.criterion, st.threshold)
             out[alive[ok]] = logits[ok]
             where[alive[ok]] = i

@@ -233,8 +233,8 @@ def check_case(path: str) -> tuple[str, str]:
         if bundle.manifest.get("partitions") is not None:
             models.append(bundle.load_partitions())
         for model in models:
-            for name in model.signature_names:
-                sig = model.signature(name)
+            for name in model.signature_names:  # every output, several for a stage
+                sig = model.signature(name, model.output_names(name))
                 sig(np.zeros(sig.input_shape, sig.input_dtype))
         ex = EarlyExitExecutor(bundle, model=models[0])
         ex.run(np.zeros(bundle.manifest["input"]["shape"][1:], np.float32))

@@ -6,7 +6,8 @@ is spelled once, below. Standard library only.
 
 * Exits: ``exit_3`` (a side exit after backbone position 3) and `FINAL`.
 * Signatures of a bundle: ``segment_3`` (the backbone up to exit_3),
-  ``exit_3`` (its head), ``segment_final``, and `FULL` (the whole backbone).
+  ``exit_3`` (its head), ``stage_3`` (``segment_3`` then ``exit_3`` in one call: two outputs,
+  `STAGE_OUTPUTS`), ``segment_final``, and `FULL` (the whole backbone).
 * Partitions (Edgent): ``dev_p05`` (the device runs positions ``[0, 5)``),
   ``edge_3_p05`` (the edge runs ``[5, exit_3]`` and exit_3's head); the
   manifest keys cut points as strings (``"5"``).
@@ -18,6 +19,12 @@ from __future__ import annotations
 
 FINAL = "final"  # the backbone's own exit
 FULL = "full"  # the signature running the whole backbone as one graph
+
+# Output tensor names of the signatures (what LiteRT reports for each).
+ACTIVATION = "activation"  # a segment's output: the next segment's input
+LOGITS = "logits"  # an exit head's (or the final segment's) output
+# A stage signature's outputs, in the order the runtime returns them.
+STAGE_OUTPUTS = (ACTIVATION, LOGITS)
 
 # Files.
 MANIFEST = "manifest.json"
@@ -46,6 +53,14 @@ def segment_name(exit_name: str) -> str:
 def head_name(exit_name: str) -> str:
     """The signature of `exit_name`'s head (``exit_3``)."""
     return f"exit_{exit_key(exit_name)}"
+
+
+def stage_name(exit_name: str) -> str:
+    """The signature running `exit_name`'s segment and then its head in one call (``stage_3``).
+
+    Its outputs are `STAGE_OUTPUTS`: the segment's activation and the head's logits.
+    """
+    return f"stage_{exit_key(exit_name)}"
 
 
 def cut_key(p: int) -> str:

@@ -223,8 +223,12 @@ def _shape_cases(m):
     out = []
     for name, sig in m["signatures"].items():
         for key in ("input_shape", "output_shape"):
-            for i in range(len(sig[key])):
+            for i in range(len(sig.get(key, []))):
                 out.append((f"signatures.{name}.{key}[{i}]", ("signatures", name, key, i)))
+        for j, o in enumerate(sig.get("outputs", [])):  # a stage's outputs
+            for i in range(len(o["shape"])):
+                where = ("signatures", name, "outputs", j, "shape", i)
+                out.append((f"signatures.{name}.outputs[{j}].shape[{i}]", where))
     for i in range(1, 4):
         out.append((f"input.shape[{i}]", ("input", "shape", i)))
     return out

@@ -122,15 +122,22 @@ def test_bundle_manifest_records_what_the_runtime_needs(smoke_bundle, smoke_work
     m = _manifest(smoke_bundle)
     assert m["schema_version"] == 1 and m["precision"] == "fp32"
     assert m["input"]["shape"] == [1, 28, 28, 1] and m["input"]["dtype"] == "float32"
-    assert set(m["signatures"]) == {"segment_2", "exit_2", "segment_final", "full"}
+    assert set(m["signatures"]) == {"segment_2", "exit_2", "stage_2", "segment_final", "full"}
     assert [e["name"] for e in m["exits"]] == ["exit_2", FINAL]
     assert m["exits"][0]["head"] == "exit_2" and m["exits"][1]["head"] is None
+    assert m["exits"][0]["stage"] == "stage_2" and "stage" not in m["exits"][1]
     for s in m["signatures"].values():
         assert s["flops"] > 0 and s["gpu_compatible"] and s["ops"]
     assert m["gpu"]["compatible"]
     # Costs: signatures of the backbone add up to `full`.
     sig = m["signatures"]
     assert sig["segment_2"]["flops"] + sig["segment_final"]["flops"] == sig["full"]["flops"]
+    assert sig["stage_2"]["flops"] == sig["segment_2"]["flops"] + sig["exit_2"]["flops"]
+    assert [o["name"] for o in sig["stage_2"]["outputs"]] == ["activation", "logits"]
+    assert [o["shape"] for o in sig["stage_2"]["outputs"]] == [
+        sig["segment_2"]["output_shape"],
+        sig["exit_2"]["output_shape"],
+    ]
     # Parity recorded and passed, fp32 tolerance.
     assert m["parity"]["passed"]
     for r in m["parity"]["exits"].values():

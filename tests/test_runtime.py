@@ -186,11 +186,19 @@ def test_bench_local_writes_report_with_full_baseline(smoke_bundle, tmp_path):
     out = tmp_path / "bench.json"
     proc = run_job(
         "runtime.bench", f"--bundle={smoke_bundle}", "--data=mnist5k:test", "--limit=60",
-        "--rounds=1", "--threads=2", f"--json={out}",
+        "--rounds=1", "--threads=2", f"--json={out}", "--two-call",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.load(open(out))
     assert rep["frames"] == 60 and 0.0 <= rep["accuracy"] <= 1.0
+    # --two-call: the stage signatures' one call per stage vs segment + head, same run.
+    sc = rep["stage_calls"]
+    assert sc["calls_per_stage"] == {
+        "early_exit": {"exit_2": 1, "final": 1},
+        "early_exit_two_call": {"exit_2": 2, "final": 1},
+    }
+    assert rep["time_per_frame"]["early_exit_two_call"]["frames"] == 60
+    assert "two-call" in proc.stdout
     assert sum(rep["exit_histogram"].values()) == 60
     for mode in ("early_exit", "full", "segments_only", "never_exit"):
         s = rep["time_per_frame"][mode]
@@ -246,12 +254,15 @@ def test_bench_adb_through_stand_in_device(smoke_bundle, fake_adb, host_binary, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.load(open(out))
     assert rep["serial"] == "emulator-5554"
-    assert set(rep["signature_ms"]) == {"segment_2", "exit_2", "segment_final", "full"}
+    assert set(rep["signature_ms"]) == {
+        "segment_2", "exit_2", "stage_2", "segment_final", "full"
+    }  # fmt: skip
     assert all(v > 0 for v in rep["signature_ms"].values())
     assert rep["exit_rates_from"].startswith("bundle calibration")
     ms = rep["signature_ms"]
+    # The executor runs exit_2's stage signature: one call instead of segment + head.
     assert rep["time_per_frame"]["never_exit"]["mean_ms"] == pytest.approx(
-        ms["segment_2"] + ms["exit_2"] + ms["segment_final"]
+        ms["stage_2"] + ms["segment_final"]
     )
     assert rep["energy_per_frame_j"]["full"] > 0
     # The model really went to the device directory.
