@@ -213,12 +213,15 @@ def _main(args) -> int:
         max_message_bytes=args.max_message_bytes, tls=tls,
     )  # fmt: skip
     server.start()
-    stop = threading.Event()
+    # The handler only appends to a list: Event.set() inside a signal handler takes the
+    # Condition lock the interrupted Event.wait() may hold, and a SIGTERM hung the server.
+    stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     print(f"edge server listening on {args.host}:{port} ({'TLS' if tls else 'plaintext'}, "
           f"{args.workers} workers)", flush=True)  # fmt: skip
-    stop.wait()
+    while not stopping:
+        time.sleep(0.1)
     server.stop(grace=1.0).wait()
     print(f"served {service.served}, rejected {service.rejected}", flush=True)
     return 0
