@@ -77,7 +77,7 @@ class EdgeFailure(RuntimeError):
 MAX_CALL_S = 60.0  # no RPC waits longer, whatever a deadline or a bandwidth says
 
 
-def _timeout(seconds: float) -> float:
+def clamp_timeout(seconds: float) -> float:
     """An RPC timeout from any float: NaN, negative, tiny or infinite are clamped."""
     return min(max(seconds, 1e-3), MAX_CALL_S) if seconds == seconds else 1e-3
 
@@ -156,7 +156,7 @@ class Link:
             `MAX_CALL_S`): the link is held that long, as a real one would time out.
         """
         need = nbytes * 8.0 / self.bandwidth_bps()
-        limit = _timeout(limit_s)
+        limit = clamp_timeout(limit_s)
         if not need <= limit:
             time.sleep(limit)
             raise EdgeFailure(f"link: {nbytes} bytes need {need:.3g} s at "
@@ -243,7 +243,7 @@ class EdgePool:
     def _call(self, edge: _Edge, request, out_shape, timeout_s: float):
         """One ModelInfer: ``(tensor, server_ms, reply bytes)``. Raises EdgeFailure."""
         try:
-            reply = edge.stub.ModelInfer(request, timeout=_timeout(timeout_s),
+            reply = edge.stub.ModelInfer(request, timeout=clamp_timeout(timeout_s),
                                          metadata=self.metadata)  # fmt: skip
             y, server_ms = oip.read_output(
                 reply, model=request.model_name, request_id=request.id, digest=self.digest,
@@ -457,7 +457,7 @@ class CoInference:
             spent = (time.perf_counter() - t0) * 1e3
             fallback_ms = self.device.slowdown * opt.edge_ms
             budget = self.deadline_ms - spent - fallback_ms
-            timeout_s = _timeout(max(budget, 2 * opt.edge_ms + 5.0) / 1e3 + 0.02)
+            timeout_s = clamp_timeout(max(budget, 2 * opt.edge_ms + 5.0) / 1e3 + 0.02)
             t1 = time.perf_counter()
             try:
                 self.link.transmit(up, timeout_s)

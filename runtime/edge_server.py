@@ -141,6 +141,7 @@ class EdgeService:
       token: the shared secret clients must send; None only with `insecure`.
       insecure: serve without authentication (must be explicit).
       call_timeout_s: the longest a call may wait for its body or an interpreter.
+      log_per_s: refusals logged per second at most (the rest are counted).
 
     Raises:
       BundleError: the bundle has no partitions. ValueError: an empty token, or no
@@ -150,6 +151,7 @@ class EdgeService:
     def __init__(
         self, bundle: Bundle, *, workers: int = 4, threads: int = 1, token: str | None = None,
         insecure: bool = False, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+        log_per_s: int = 20,
     ):  # fmt: skip
         if token is not None and not token.strip():
             raise ValueError("the token is empty (an empty --token or --token-file); give a "
@@ -180,7 +182,7 @@ class EdgeService:
         self.served = 0
         self.refused: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
-        self._log = _RateLog()
+        self._log = _RateLog(log_per_s)
         self.watchdog = _Watchdog()
         self._handlers = {m: grpc.stream_unary_rpc_method_handler(functools.partial(self._call, m))
                           for m in oip.METHODS}  # fmt: skip
