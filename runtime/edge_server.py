@@ -246,7 +246,8 @@ class EdgeService:
             self._log(f"CANCELLED {method}: no request body in time (or the client left)")
             context.abort(grpc.StatusCode.CANCELLED, "no request body in time")
         if body is None:
-            self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request")
+            self._reject(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{method}: no request (none, or over the size limit)")  # fmt: skip
         try:
             request = oip.parse(method, body)
             return getattr(self, f"_{method}")(request, context, t0).SerializeToString()
