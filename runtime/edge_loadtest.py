@@ -259,7 +259,7 @@ def _never(stop: threading.Event, done: threading.Event):
     yield b""
 
 
-def _hold(ch, metadata, stop, until, calls: int, expect: str, counts, lock) -> None:
+def _hold(kind, ch, metadata, stop, until, calls: int, expect: str, counts, lock) -> None:
     """Keeps `calls` bodiless calls open; each must be ended by the server with `expect`."""
     call = ch.stream_unary(INFER)
     while time.monotonic() < until:
@@ -279,8 +279,8 @@ def _hold(ch, metadata, stop, until, calls: int, expect: str, counts, lock) -> N
             if stop.is_set() and code != expect:
                 code = "ended by the run's end"
             with lock:
-                counts[(expect if code in (expect, "ended by the run's end") else "unexpected",
-                        code)] += 1  # fmt: skip
+                ok = code in (expect, "ended by the run's end")
+                counts[(kind if ok else f"unexpected {kind}", code)] += 1
 
 
 def _hostile_peer(kind, address, token, digest, model, shape, max_msg, until, stop, slow_calls,
@@ -289,9 +289,9 @@ def _hostile_peer(kind, address, token, digest, model, shape, max_msg, until, st
                                                  ("grpc.max_metadata_size", 1 << 20)])  # fmt: skip
     md = oip.bearer(token)
     if kind == "slow":
-        _hold(ch, md, stop, until, slow_calls, "CANCELLED", counts, lock)
+        _hold(kind, ch, md, stop, until, slow_calls, "CANCELLED", counts, lock)
     elif kind == "held":
-        _hold(ch, (), stop, until, slow_calls, "UNAUTHENTICATED", counts, lock)
+        _hold(kind, ch, (), stop, until, slow_calls, "UNAUTHENTICATED", counts, lock)
     else:
         raw = {m: ch.unary_unary(f"/{oip.SERVICE}/{m}") for m in (*oip.METHODS, "Explode")}
         if kind == "garbage":

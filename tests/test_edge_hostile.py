@@ -412,5 +412,5 @@ def test_edge_loadtest_two_seconds_answers_every_good_request_and_every_hostile_
     assert rep["good_requests"] > 0 and rep["all_good_ok"], rep["good_failures"]
     assert rep["hostile_unexpected"] == {}
     kinds = {k.split(" -> ")[0] for k in rep["hostile_outcomes"]}
-    assert {"garbage", "wrong-token", "CANCELLED", "UNAUTHENTICATED"} <= kinds, kinds
+    assert kinds == {"slow", "garbage", "wrong-token", "held"}, kinds
     assert rep["server_exit"].startswith("served ")
