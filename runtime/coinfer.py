@@ -258,6 +258,10 @@ class EdgePool:
             if str(e).startswith("serves another bundle"):
                 edge.compatible = False
             raise EdgeFailure(f"{edge.address}: bad reply: {e}") from None
+        except (ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
+            # Whatever else a reply can make the checks trip on: still this frame's problem,
+            # never the run's.
+            raise EdgeFailure(f"{edge.address}: bad reply: {type(e).__name__}: {e}") from None
         return y, server_ms, reply.ByteSize()
 
     def ping(self, edge: _Edge, request=None, timeout_s: float = 2.0) -> Ping:
