@@ -22,7 +22,9 @@ Hostile and unlucky peers (each class has generated tests):
 * **bounded pending calls**: at most ``--max-pending`` calls in progress (gRPC
   answers RESOURCE_EXHAUSTED beyond); each has its own thread, and
   interpreters are a separate pool of ``--workers``, so calls waiting for a
-  body never hold an interpreter.
+  body never hold an interpreter. (A refused call counts against the bound
+  for the microseconds its refusal takes: a burst of thousands at once can
+  briefly fill it; a token holder can fill it for ``--call-timeout-s``.)
 * **server-side deadlines**: a call's body must arrive, and an interpreter be
   free, within the client's deadline and at most ``--call-timeout-s``;
   otherwise the call is cancelled (no body) or gets DEADLINE_EXCEEDED.
