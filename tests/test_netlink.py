@@ -99,7 +99,7 @@ def test_shaped_link_signal_inside_block_removes_namespaces(sig):
     rc = proc.wait(timeout=30)
     if sig == signal.SIGKILL:  # cannot be caught: the next link (or remove_stale) cleans up
         assert rc == -signal.SIGKILL and all(_exists(n) for n in names)
-        assert set(names) <= set(netlink.remove_stale())
+        netlink.remove_stale()  # (under xdist another worker's link may have done it first)
     else:
         assert rc == (128 + sig if sig == signal.SIGTERM else -signal.SIGINT), proc.stderr.read()
     assert not any(_exists(n) for n in names)
