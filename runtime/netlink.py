@@ -43,6 +43,7 @@ namespaces; `unavailable()` says why not in one line, and `ShapedLink` raises
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import re
@@ -251,6 +252,21 @@ class ShapedLink:
         for side in ("device", "edge"):
             self._tbf("change", side, mbps)
         self.applied.append((time.perf_counter(), mbps))
+
+    def stats(self) -> dict:
+        """Each side's qdisc counters: ``{"device"|"edge": {bytes, packets, drops, overlimits}}``.
+
+        ``device`` is the uplink (what left the device), ``edge`` the downlink.
+        """
+        out = {}
+        for side, dev in (("device", self.device_dev), ("edge", self.edge_dev)):
+            raw = _run(["tc", "-n", self._ns(side), "-s", "-j", "qdisc", "show", "dev", dev])
+            try:
+                (q,) = [q for q in json.loads(raw) if q.get("root")]
+                out[side] = {k: int(q[k]) for k in ("bytes", "packets", "drops", "overlimits")}
+            except (ValueError, KeyError, TypeError) as e:
+                raise NetlinkError(f"unexpected tc -s -j output for {dev}: {e}") from None
+        return out
 
     def rate_at(self, t: float) -> float | None:
         """The rate in force at `t` (``time.perf_counter()`` seconds), per ``applied``."""

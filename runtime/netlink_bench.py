@@ -141,6 +141,8 @@ def _summary(rep: dict, link: str, bandwidth: str) -> dict:
         median_est_mbps=float(np.median([r["est_mbps"] for r in rows])),
         remote_network_ms=float(np.mean([r["network_ms"] for r in remote])) if remote else None,
     )
+    q = rep.get("link", {}).get("qdisc")  # the shaper's counters (real link only)
+    s["qdisc_drops"] = None if q is None else {side: c["drops"] for side, c in q.items()}
     # Per rate in force: does the client's estimate follow the link, and how long did the
     # frames that crossed it spend on the network?
     s["by_rate"] = {}
@@ -193,6 +195,7 @@ def coinfer(bundle: str, bandwidth: str, *, emulated: bool = False, log=print, *
             rep = _client(
                 lambda argv: link.exec_argv("device", argv), bundle, edge, "real", opts, tmp
             )
+            qdisc = link.stats()
             for r in rep["frames"]:
                 r["true_mbps"] = link.rate_at(r["t_s"])
                 r["t_s"] -= t0
@@ -203,6 +206,7 @@ def coinfer(bundle: str, bandwidth: str, *, emulated: bool = False, log=print, *
                 "burst_bytes": link.burst or [netlink.burst_bytes(b) for _, b in schedule],
                 "applied": [(t - t0, b) for t, b in link.applied if t >= t0],
                 "errors": link.errors,
+                "qdisc": qdisc,
             }
             if link.errors:
                 raise netlink.NetlinkError(f"link schedule failed: {link.errors[0]}")
@@ -241,6 +245,7 @@ def _line(s: dict) -> str:
         f"{s['deadline_met']:.3f}, mean {s['mean_ms']:.2f} ms (p95 {s['p95_ms']:.2f}), "
         f"remote network {net} ms, est {s['median_est_mbps']:.2f} Mbps (true "
         f"{s['median_true_mbps']:.2f}), fallbacks {s['fallbacks']}, plans {s['plans']}"
+        + ("" if s["qdisc_drops"] is None else f", tbf drops {s['qdisc_drops']}")
     )
 
 
