@@ -134,6 +134,9 @@ def test_coinfer_across_namespaces_uses_only_the_real_link(edgent_dir):  # noqa:
     assert run["fallbacks"] == 0 and run["frames"] == 20
     assert all(r["edge"].startswith(edge) and r["true_mbps"] == 5.0 for r in client["frames"])
     assert all(math.isfinite(r["est_mbps"]) and r["est_mbps"] > 0 for r in client["frames"][1:])
+    # Every request crossed the shaped uplink qdisc, every reply the downlink one.
+    q = client["link"]["qdisc"]
+    assert q["device"]["bytes"] >= 20 * 3136 and q["edge"]["packets"] >= 20
     # Each request carries the 3136-byte input; tbf lets at most one bucket (1600 bytes)
     # through at once, so the rest crossed at 5 Mbit/s: a floor no load can lower.
     floor_ms = (3136 - netlink.MIN_BURST_BYTES) * 8 / 5e6 * 1e3
