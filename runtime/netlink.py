@@ -225,25 +225,9 @@ class ShapedLink:
     def _tbf(self, verb: str, side: str, mbps: float) -> None:
         dev = self.device_dev if side == "device" else self.edge_dev
         burst = self.burst or burst_bytes(mbps)
-        _run(
-            [
-                "tc",
-                "-n",
-                self._ns(side),
-                "qdisc",
-                verb,
-                "dev",
-                dev,
-                "root",
-                "tbf",
-                "rate",
-                f"{int(round(mbps * 1e6))}bit",
-                "burst",
-                str(burst),
-                "latency",
-                f"{self.latency_ms:g}ms",
-            ]
-        )
+        rate, ns = f"{int(round(mbps * 1e6))}bit", self._ns(side)
+        shape = f"root tbf rate {rate} burst {burst} latency {self.latency_ms:g}ms"
+        _run(["tc", "-n", ns, "qdisc", verb, "dev", dev, *shape.split()])
 
     def set_rate(self, mbps: float) -> None:
         """Sets both directions to `mbps` now (``tc qdisc change``)."""
@@ -314,23 +298,8 @@ class ShapedLink:
             for ns in (self.device_ns, self.edge_ns):
                 _run(["ip", "netns", "add", ns])
                 self._created.append(ns)
-            _run(
-                [
-                    "ip",
-                    "link",
-                    "add",
-                    self.device_dev,
-                    "netns",
-                    self.device_ns,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    self.edge_dev,
-                    "netns",
-                    self.edge_ns,
-                ]
-            )
+            veth = f"{self.device_dev} netns {self.device_ns} type veth peer name {self.edge_dev}"
+            _run(["ip", "link", "add", *veth.split(), "netns", self.edge_ns])
             for side, ns, dev, ip in (
                 ("device", self.device_ns, self.device_dev, self.device_ip),
                 ("edge", self.edge_ns, self.edge_dev, self.edge_ip),

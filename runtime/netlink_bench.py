@@ -176,19 +176,12 @@ def coinfer(bundle: str, bandwidth: str, *, emulated: bool = False, log=print, *
     spec = Link.parse(bandwidth)
     schedule = list(zip(spec.times.tolist(), (spec.bps / 1e6).tolist()))
     runs, reports = [], []
-    py = sys.executable
+    server_argv = [sys.executable, "-m", "runtime.edge_server", f"--bundle={bundle}", "--port=0",
+                   "--workers=2"]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="netlink_bench_") as tmp:
         with netlink.ShapedLink(schedule) as link:
             server, edge = _start_server(
-                [
-                    py,
-                    "-m",
-                    "runtime.edge_server",
-                    f"--bundle={bundle}",
-                    f"--host={link.edge_ip}",
-                    "--port=0",
-                    "--workers=2",
-                ],
+                [*server_argv, f"--host={link.edge_ip}"],
                 lambda argv, **kw: link.popen("edge", argv, **kw),
             )
             t0 = link.start_schedule()
@@ -215,15 +208,7 @@ def coinfer(bundle: str, bandwidth: str, *, emulated: bool = False, log=print, *
         log(_line(runs[-1]))
         if emulated:
             server, edge = _start_server(
-                [
-                    py,
-                    "-m",
-                    "runtime.edge_server",
-                    f"--bundle={bundle}",
-                    "--host=127.0.0.1",
-                    "--port=0",
-                    "--workers=2",
-                ],
+                [*server_argv, "--host=127.0.0.1"],
                 lambda argv, **kw: subprocess.Popen(argv, **kw),
             )
             try:
