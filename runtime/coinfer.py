@@ -86,21 +86,30 @@ def clamp_timeout(seconds: float) -> float:
 
 
 class Link:
-    """An emulated network link: constant bandwidth or a ``t_s,mbps`` trace (see module doc)."""
+    """The link a client's messages cross: emulated (constant or a ``t_s,mbps`` trace, see the
+    module doc) or ``real``: the kernel carries them (`runtime.netlink`: namespaces, tc)."""
 
-    def __init__(self, times: Sequence[float], mbps: Sequence[float], source: str):
+    def __init__(self, times: Sequence[float], mbps: Sequence[float], source: str,
+                 real: bool = False):  # fmt: skip
         self.times = np.asarray(times, np.float64)
         self.bps = np.asarray(mbps, np.float64) * 1e6
         self.source = source
-        self.t0 = time.perf_counter()
+        self.real = real
+        # On a real link t_s is the machine's monotonic clock (time.perf_counter, shared by
+        # every process), so the shaper's log of rates can be matched with the frames.
+        self.t0 = 0.0 if real else time.perf_counter()
 
     @staticmethod
     def parse(spec: str) -> Link:
-        """``--bandwidth``: a positive number of Mbps, or a CSV trace path.
+        """``--bandwidth``: a positive number of Mbps, a CSV trace path, or ``real``.
+
+        ``real``: no emulation at all (the rate is the network's, unknown here: NaN).
 
         Raises:
           ValueError / FileNotFoundError: one line naming the problem.
         """
+        if spec == "real":
+            return Link([0.0], [math.nan], "real link (not emulated)", real=True)
         try:
             value = float(spec)
         except ValueError:
@@ -141,20 +150,27 @@ class Link:
         return Link(times, mbps, path)
 
     def restart(self) -> None:
-        self.t0 = time.perf_counter()
+        if not self.real:
+            self.t0 = time.perf_counter()
 
     def bandwidth_bps(self) -> float:
         """The link's bandwidth now (for shaping and for the log, never for planning)."""
+        if self.real:
+            return math.nan
         t = time.perf_counter() - self.t0
         return float(self.bps[max(0, int(np.searchsorted(self.times, t, side="right")) - 1)])
 
     def transmit(self, nbytes: int, limit_s: float = MAX_CALL_S) -> None:
         """Holds a message of `nbytes` for as long as the link needs to carry it.
 
+        A real link (``--bandwidth=real``) is not emulated: nothing is held.
+
         Raises:
           EdgeFailure: it would take longer than `limit_s` (the call's timeout, at most
             `MAX_CALL_S`): the link is held that long, as a real one would time out.
         """
+        if self.real:
+            return
         need = nbytes * 8.0 / self.bandwidth_bps()
         limit = clamp_timeout(limit_s)
         if not need <= limit:
@@ -619,6 +635,17 @@ def run(opts: Options) -> dict:
     return rep
 
 
+_bandwidth_number_or_trace = args_lib.number_or_file(args_lib.positive(), "text")
+
+
+def _bandwidth_arg(text: str) -> str | float:
+    """``--bandwidth``: ``real``, else a number or trace file (its domain, for the fuzz tests)."""
+    return text if text == "real" else _bandwidth_number_or_trace(text)
+
+
+_bandwidth_arg.domain = _bandwidth_number_or_trace.domain  # type: ignore[attr-defined]
+
+
 def build_parser() -> args_lib.ArgumentParser:
     """The command line of ``python -m runtime.coinfer`` (every value's domain declared)."""
     p = args_lib.ArgumentParser(
@@ -627,8 +654,9 @@ def build_parser() -> args_lib.ArgumentParser:
     p.add_argument("--bundle", required=True, type=args_lib.existing_dir())
     p.add_argument("--edge", required=True, help="HOST:PORT[,HOST:PORT...]")
     p.add_argument("--deadline-ms", type=args_lib.positive(), required=True)
-    p.add_argument("--bandwidth", required=True, help="Mbps, or a CSV trace of t_s,mbps",
-                   type=args_lib.number_or_file(args_lib.positive(), "text"))  # fmt: skip
+    p.add_argument("--bandwidth", required=True, type=_bandwidth_arg,
+                   help="Mbps, a CSV trace of t_s,mbps (both emulated), or real (no emulation: "
+                   "the network shapes, e.g. runtime.netlink_bench)")  # fmt: skip
     p.add_argument("--frames", type=args_lib.count(1), default=100)
     p.add_argument("--json", default=None, type=args_lib.output_file(),
                    help="write the report (summary + per-frame log)")  # fmt: skip
