@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import select
 import subprocess
 import sys
@@ -176,9 +177,15 @@ def coinfer(bundle: str, bandwidth: str, *, emulated: bool = False, log=print, *
     spec = Link.parse(bandwidth)
     schedule = list(zip(spec.times.tolist(), (spec.bps / 1e6).tolist()))
     runs, reports = [], []
-    server_argv = [sys.executable, "-m", "runtime.edge_server", f"--bundle={bundle}", "--port=0",
-                   "--workers=2"]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="netlink_bench_") as tmp:
+        # A fresh shared token per run: the edge server refuses to serve without one.
+        token = secrets.token_urlsafe(24)
+        token_file = os.path.join(tmp, "token")
+        with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(token)
+        opts = {**opts, "token": token}
+        server_argv = [sys.executable, "-m", "runtime.edge_server", f"--bundle={bundle}",
+                       "--port=0", "--workers=2", f"--token-file={token_file}"]  # fmt: skip
         with netlink.ShapedLink(schedule) as link:
             server, edge = _start_server(
                 [*server_argv, f"--host={link.edge_ip}"],
