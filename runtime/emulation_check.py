@@ -4,7 +4,8 @@
       [--clock=virtual|sleep] [--min-ms=1] [--tolerance=0.1] [--json=OUT]
 
 Every signature of the bundle (its partition signatures when it has them,
-else the main model's) runs on two LiteRT interpreters here, both with one
+else the main model's; a sweep bundle's single-layer signatures and probe)
+runs on two LiteRT interpreters here, both with one
 thread, interleaved signature by signature and round by round (the order of
 signatures rotates each round, and which side goes first alternates):
 
@@ -33,14 +34,15 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from flexjax.io import write_json_atomic
 from runtime import args as args_lib
-from runtime.bundle import Bundle
-from runtime.profile import CLOCKS, MAX_SLOWDOWN, Target
+from runtime.bundle import Bundle, BundleError, read_files, read_manifest
+from runtime.lite import Model
+from runtime.profile import CLOCKS, MAX_SLOWDOWN, SWEEP_FORMAT, Target
 from runtime.timing import round_order
 
 
@@ -56,11 +58,24 @@ class Settings:
     warmup: int = 5
 
 
-def _signatures(bundle: Bundle, threads: int):
+def _signatures(path: str) -> tuple[list[str], Callable[[], Model]]:
+    """The signature names of a bundle or sweep bundle and a factory of fresh interpreters."""
+    manifest = read_manifest(path)
+    if isinstance(manifest, dict) and manifest.get("format") == SWEEP_FORMAT:
+        try:
+            files = read_files(path, manifest)
+            names = [r["signature"] for r in manifest["layers"]] + [manifest["probe"]]
+            data = files[manifest["model"]]
+        except (KeyError, TypeError) as e:
+            what = f"{type(e).__name__} {e}"
+            raise BundleError(f"{path}: malformed sweep manifest ({what})") from None
+        names = list(dict.fromkeys(names))
+        return names, lambda: Model.from_bytes(data, num_threads=1)
+    bundle = Bundle.from_dir(path)
     part = bundle.manifest.get("partitions")
     if part is not None:
-        return list(part["signatures"]), bundle.load_partitions(threads)
-    return list(bundle.manifest["signatures"]), bundle.load(threads)
+        return list(part["signatures"]), lambda: bundle.load_partitions(1)
+    return list(bundle.manifest["signatures"]), lambda: bundle.load(1)
 
 
 def check(bundle_dir: str, st: Settings = Settings()) -> dict:
@@ -75,11 +90,10 @@ def check(bundle_dir: str, st: Settings = Settings()) -> dict:
         )
     if not (st.min_ms > 0 and math.isfinite(st.min_ms) and 0 < st.tolerance < 1):
         raise ValueError("need min_ms > 0 and 0 < tolerance < 1")
-    bundle = Bundle.from_dir(bundle_dir)
     edge = Target.parse("local:threads=1")
     dev = Target.parse(f"local:threads=1:slowdown={st.slowdown:g}:clock={st.clock}")
-    names, edge_model = _signatures(bundle, 1)
-    _, dev_model = _signatures(bundle, 1)  # the device has its own interpreter
+    names, load = _signatures(bundle_dir)
+    edge_model, dev_model = load(), load()  # the device has its own interpreter
     rng = np.random.default_rng(0)
     sigs, inputs, calls = {}, {}, {}
     for n in names:

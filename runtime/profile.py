@@ -22,21 +22,27 @@ AlexNet-class layers ~10-20x slower than a desktop core).
 
 **The device's clock is virtual** (``clock=virtual``, the default). The
 interpreter really runs here, at full speed, on the calling thread; the time
-the emulated device takes for that call is *defined* as ``S x`` the CPU time
-the call consumed on the calling thread (``time.thread_time``,
-``clock_gettime(CLOCK_THREAD_CPUTIME_ID)``, 1 ns resolution). Nothing
-sleeps, so the computation being scaled is not perturbed (no cold caches or
-clock ramps after a sleep, no sleep overshoot), and a tenant of this shared
+the emulated device takes for that call is *defined* as ``S x`` the compute
+time the call took here: the CPU time it consumed on the calling thread
+(``time.thread_time``, ``clock_gettime(CLOCK_THREAD_CPUTIME_ID)``, 1 ns
+resolution) less one reading of that clock (a system call, ~0.7 us here,
+`clock_overhead_s`), or the call's wall time read tight around it when that is
+smaller (no preemption: the wall reading is the tighter one). Nothing sleeps,
+so the computation being scaled is not perturbed (no cold caches or clock
+ramps after a sleep, no sleep overshoot), and a tenant of this shared
 machine that preempts the call adds nothing (a dedicated device does not wait
-for it). What is virtual: every device time reported by `time_signature`,
+for it). Calls of a few microseconds still read ~10-30% long (the two clock
+system calls around each call disturb it; `runtime.emulation_check` shows
+it). What is virtual: every device time reported by `time_signature`,
 `time_loading` (profile rows) and by `runtime.coinfer` (per-frame device time,
-deadline accounting); what stays real: the edge's compute, and the transfers.
-`Target.run` returns ``(output, device seconds)``; `python -m
-runtime.emulation_check` shows the ratio device / edge per signature against
-S. LiteRT with ``threads=1`` computes on the calling thread (XNNPACK starts no
-worker for one thread; `emulation_check` reports process / thread CPU time to
-verify it); with ``threads>1`` a slowed target accounts the process's CPU
-time instead (which includes any other busy thread of this process).
+deadline accounting: `Timeline`); what stays real: the edge's compute, and
+the transfers. `Target.run` returns ``(output, device seconds)``; ``python -m
+runtime.emulation_check`` shows the ratio device / edge per signature
+against S. LiteRT with ``threads=1`` computes on the calling thread (XNNPACK
+starts no worker for one thread; `emulation_check` reports process / thread
+CPU time during the device's calls, 1.000 here); with ``threads>1`` a slowed
+target accounts the process's CPU time instead (which includes any other
+busy thread of this process).
 
 ``clock=sleep`` (``local:threads=1:slowdown=S:clock=sleep``) is the former
 emulation, kept for comparison: the call returns ``S x`` its CPU time after
@@ -160,36 +166,45 @@ class Target:
             if rest > 0:
                 time.sleep(rest)
 
-    def measure(self, fn: Callable[[], Any]) -> tuple[Any, float]:
-        """``(fn(), seconds it takes on this target)``.
+    def compute_s(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
+        """``(fn(*args), compute seconds here, perf_counter at the start)``.
 
-        Real targets: wall time. Emulated devices: ``slowdown`` x the CPU time
-        `fn` consumed, virtual (returned at once) or slept (then wall time).
+        Compute seconds: the CPU time of the call (this thread's, or the
+        process's with ``threads > 1``) less one clock reading
+        (`clock_overhead_s`); with one thread, the smaller of that and the
+        call's wall time read tight around it (``perf_counter``, vDSO, no system
+        call: the better measure when the thread was not preempted; CPU time,
+        when it was, excludes the wait for other tenants).
+        """
+        clock = self.cpu_clock()
+        overhead = clock_overhead_s(clock)
+        c0 = clock()
+        w0 = time.perf_counter()
+        y = fn(*args)
+        w1 = time.perf_counter()
+        cpu_s = max(0.0, clock() - c0 - overhead)
+        return y, (min(cpu_s, w1 - w0) if self.threads == 1 else cpu_s), w0
+
+    def measure(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+        """``(fn(*args), seconds it takes on this target)``.
+
+        Real targets: wall time. Emulated devices: ``slowdown`` x the compute
+        time (`compute_s`), virtual (returned at once) or slept (then the wall
+        time of call + sleep).
         """
         if not self.emulated:
             t0 = time.perf_counter()
-            y = fn()
+            y = fn(*args)
             return y, time.perf_counter() - t0
-        clock = self.cpu_clock()
-        overhead = clock_overhead_s(clock)
-        t0 = time.perf_counter()
-        c0 = clock()
-        y = fn()
-        cpu_s = max(0.0, clock() - c0 - overhead)
+        y, compute, t0 = self.compute_s(fn, *args)
         if self.clock == "virtual":
-            return y, self.slowdown * cpu_s
-        self.pad(t0, cpu_s)
+            return y, self.slowdown * compute
+        self.pad(t0, compute)
         return y, time.perf_counter() - t0
 
     def run(self, sig, x: np.ndarray) -> tuple[np.ndarray, float]:
         """Runs one `runtime.lite.Signature`: ``(output, seconds on this target)``."""
-        if self.emulated and self.clock == "virtual":  # the clock read tight around the call
-            clock = self.cpu_clock()
-            overhead = clock_overhead_s(clock)
-            c0 = clock()
-            y = sig(x)
-            return y, self.slowdown * max(0.0, clock() - c0 - overhead)
-        return self.measure(lambda: sig(x))
+        return self.measure(sig, x)
 
     def call(self, sig, x: np.ndarray) -> np.ndarray:
         """Runs one `runtime.lite.Signature` on this target; returns its output only."""
@@ -213,17 +228,17 @@ class Timeline:
         """Seconds on the emulated clock (``time.perf_counter`` + skew)."""
         return time.perf_counter() + self.skew_s
 
-    def measure(self, target: Target, fn: Callable[[], Any]) -> tuple[Any, float]:
+    def measure(self, target: Target, fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
         """`Target.measure` that also moves this clock by the target's time, not the real one."""
         t0 = time.perf_counter()
-        y, seconds = target.measure(fn)
+        y, seconds = target.measure(fn, *args)
         if target.emulated and target.clock == "virtual":
             self.skew_s += seconds - (time.perf_counter() - t0)
         return y, seconds
 
     def run(self, target: Target, sig, x: np.ndarray) -> tuple[np.ndarray, float]:
         """`Target.run` on this clock: ``(output, seconds on the target)``."""
-        return self.measure(target, lambda: sig(x))
+        return self.measure(target, sig, x)
 
 
 def time_signature(target: Target, sig, runs: int, warmup: int = 3) -> dict:
