@@ -342,7 +342,7 @@ _BENCH_SETTINGS = ("deadline_ms", "frames", "margin", "servers", "bandwidth_mbps
                    "policies")  # fmt: skip
 _BRIEF = ("policy", "bandwidth", "deadline_ms", "frames", "deadline_met", "accuracy",
           "effective_accuracy", "mean_ms", "p95_ms", "predicted_mean_ms", "mean_abs_error_ms",
-          "fallbacks", "plans", "bandwidth_changes")  # fmt: skip
+          "fallbacks", "plans", "encodings", "bandwidth_changes")  # fmt: skip
 
 
 def _fit_brief(kind: str, r: Mapping) -> dict:
