@@ -11,8 +11,10 @@ whole path runs on the device, nothing is encoded). A remote option's cut
 tensor travels as float32, float16 or int8 (`runtime.encoding`): its bytes
 are the encoded tensor's, and its accuracy is the exit's validation accuracy
 adjusted by the effect of that encoding at that cut measured at export
-(``accuracy(encoding) - accuracy(float32)`` on the same validation frames,
-stored per cut in the manifest's ``partitions.activations[cut].encodings``).
+(``min(0, accuracy(encoding) - accuracy(float32))`` on the same validation
+frames, stored per cut in the manifest's ``partitions.activations[cut].encodings``:
+rounding the cut tensor cannot add information, so a measured gain, a frame
+or two that happened to flip right, counts as no effect).
 Bundles exported before encodings have float32 only.
 
 `plan` is Edgent's search (TWC Algorithm 1) extended to encodings: among the
@@ -192,8 +194,8 @@ def options(manifest: Mapping) -> list[Option]:
                     agree = float(effect["agreement"])
                     if base is None:
                         acc = float(effect["accuracy"])
-                    elif ref is not None:
-                        acc = base + float(effect["accuracy"]) - float(ref["accuracy"])
+                    elif ref is not None:  # a lossy encoding never adds accuracy: a gain is luck
+                        acc = base + min(0.0, float(effect["accuracy"]) - float(ref["accuracy"]))
                 nbytes = enc.nbytes(shape) if "encodings" in part["activations"][p] else int(
                     part["activations"][p]["bytes"])  # fmt: skip
                 out.append(
