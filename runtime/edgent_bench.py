@@ -51,8 +51,10 @@ def start_servers(bundle: str, n: int) -> tuple[list[subprocess.Popen], list[str
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     for _ in range(n):
         p = subprocess.Popen(
+            # --insecure: private servers on 127.0.0.1, children of this process.
             [sys.executable, "-m", "runtime.edge_server", f"--bundle={bundle}", "--port=0",
-             "--workers=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+             "--workers=2", "--insecure"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         line = p.stdout.readline()
         if "listening on" not in line:

@@ -23,9 +23,10 @@ import time
 import grpc
 import numpy as np
 import pytest
+from open_inference.grpc import service as oip_service
 from test_adb import fake_adb, host_binary  # noqa: F401  (fixtures)
 
-from runtime import Bundle, BundleError, data, encoding, planner, wire
+from runtime import Bundle, BundleError, data, encoding, oip, planner
 from runtime.edge_server import EdgeService, make_server
 
 from conftest import ROOT, run_job
@@ -105,10 +106,11 @@ def _free_port() -> int:
 def server(bundle):
     """A real gRPC edge server on 127.0.0.1 (in this process), with a shared token."""
     service = EdgeService(bundle, workers=4, token="s3cret")
-    srv, port = make_server(service, "127.0.0.1:0", workers=4, max_message_bytes=256 * 1024)
+    srv, port = make_server(service, "127.0.0.1:0", max_message_bytes=256 * 1024)
     srv.start()
     yield service, f"127.0.0.1:{port}"
     srv.stop(0)
+    service.close()
 
 
 # -- offline -------------------------------------------------------------------------------------
@@ -375,7 +377,7 @@ def test_corrupt_partition_model_is_one_bundle_error(bundle, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
         Bundle.from_dir(str(copy))
-    proc = run_job("runtime.edge_server", f"--bundle={copy}", "--port=0")
+    proc = run_job("runtime.edge_server", f"--bundle={copy}", "--port=0", "--insecure")
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error:")
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -402,8 +404,19 @@ def test_profile_and_fit_cli_reject_bad_input_in_one_line(bundle, edgent_dir, tm
 
 
 def _stub(address: str):
+    """A channel and the protocol's generated stub (what a stock OIP client uses)."""
     ch = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 8 * 1024 * 1024)])
-    return ch, ch.unary_unary(wire.INFER)
+    return ch, oip.Stub(ch)
+
+
+META = oip.bearer("s3cret")
+
+
+def _infer(stub, sig, x, rid, digest, **kw):
+    reply = stub.ModelInfer(oip.infer_request(sig, x, request_id=str(rid), digest=digest),
+                            metadata=META, **kw)  # fmt: skip
+    return oip.read_output(reply, model=sig, request_id=str(rid), digest=digest,
+                           shape=(1, 10))[0]  # fmt: skip
 
 
 def test_edge_server_serves_16_concurrent_clients_without_mixups_amid_bad_requests(bundle, server):
@@ -418,42 +431,39 @@ def test_edge_server_serves_16_concurrent_clients_without_mixups_amid_bad_reques
         shape = part["signatures"][sig]["input_shape"]
         x = rng.random(shape, np.float32)
         inputs.append((k, sig, x, local.signature(sig)(x).copy()))
-    meta = ((wire.TOKEN_KEY, "s3cret"),)
 
     def good_client(c: int) -> int:
-        ch, infer = _stub(address)
+        ch, stub = _stub(address)
         ok = 0
         for k, sig, x, want in inputs[c::16]:
-            header, y = wire.decode(infer(wire.encode({"id": k, "sig": sig}, x), metadata=meta))
-            assert header["id"] == k
-            np.testing.assert_allclose(y, want, atol=1e-5)
+            np.testing.assert_allclose(_infer(stub, sig, x, k, bundle.digest), want, atol=1e-5)
             ok += 1
         ch.close()
         return ok
 
-    good = wire.encode({"id": 1, "sig": "edge_final_p00"}, np.zeros((1, 28, 28, 1), np.float32))
+    x0 = np.zeros((1, 28, 28, 1), np.float32)
+    good = oip.infer_request("edge_final_p00", x0, request_id="1").SerializeToString()
     bad_requests = [
         (b"garbage", grpc.StatusCode.INVALID_ARGUMENT),
         (good[:-100], grpc.StatusCode.INVALID_ARGUMENT),  # truncated payload
         (good[:10], grpc.StatusCode.INVALID_ARGUMENT),  # truncated header
-        (b"FXJ1" + (2**31).to_bytes(4, "little"), grpc.StatusCode.INVALID_ARGUMENT),
-        (wire.encode({"id": 1, "sig": "full"}, np.zeros((1, 28, 28, 1), np.float32)),
-         grpc.StatusCode.INVALID_ARGUMENT),  # not an edge signature
-        (wire.encode({"id": 1, "sig": "edge_final_p00"}, np.zeros((1, 28, 28, 3), np.float32)),
-         grpc.StatusCode.INVALID_ARGUMENT),  # wrong shape
-        (wire.encode({"id": 1, "sig": "edge_final_p00"}, np.full((1, 28, 28, 1), np.nan,
-                                                                np.float32)),
-         grpc.StatusCode.INVALID_ARGUMENT),  # NaN
+        (oip.infer_request("full", x0).SerializeToString(),
+         grpc.StatusCode.NOT_FOUND),  # not an edge signature
+        (oip.infer_request("edge_final_p00", np.zeros((1, 28, 28, 3), np.float32))
+         .SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT),  # wrong shape
+        (oip.infer_request("edge_final_p00", np.full((1, 28, 28, 1), np.nan, np.float32))
+         .SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT),  # NaN
         (good + bytes(300 * 1024), grpc.StatusCode.RESOURCE_EXHAUSTED),  # oversized
     ]  # fmt: skip
 
     def bad_client(_: int) -> int:
-        ch, infer = _stub(address)
+        ch, _stub_unused = _stub(address)
+        infer = ch.unary_unary(f"/{oip.SERVICE}/ModelInfer")  # raw bytes
         seen = 0
         for _round in range(3):
             for req, code in bad_requests:
                 with pytest.raises(grpc.RpcError) as e:
-                    infer(req, metadata=meta, timeout=10)
+                    infer(req, metadata=META, timeout=10)
                 assert e.value.code() == code, (req[:20], e.value.details())
                 seen += 1
             with pytest.raises(grpc.RpcError) as e:  # no token
@@ -473,21 +483,19 @@ def test_edge_server_serves_16_concurrent_clients_without_mixups_amid_bad_reques
     assert good_client(0) == len(inputs[0::16])
 
 
-def test_edge_server_deadlines_end_calls_cleanly_and_it_keeps_serving(server):
+def test_edge_server_deadlines_end_calls_cleanly_and_it_keeps_serving(bundle, server):
     _, address = server
-    ch, infer = _stub(address)
-    meta = ((wire.TOKEN_KEY, "s3cret"),)
-    req = wire.encode({"id": 5, "sig": "edge_final_p00"}, np.zeros((1, 28, 28, 1), np.float32))
+    ch, stub = _stub(address)
+    x = np.zeros((1, 28, 28, 1), np.float32)
     codes = []
-    for _ in range(100):  # deadlines of 10 us: most expire in transit or on arrival
+    for k in range(100):  # deadlines of 10 us: most expire in transit or on arrival
         try:
-            infer(req, metadata=meta, timeout=1e-5)
+            _infer(stub, "edge_final_p00", x, k, bundle.digest, timeout=1e-5)
             codes.append("OK")
         except grpc.RpcError as e:
             codes.append(e.code().name)
     assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"} and "DEADLINE_EXCEEDED" in codes
-    header, y = wire.decode(infer(req, metadata=meta, timeout=10))
-    assert header["id"] == 5 and y.shape == (1, 10)
+    assert _infer(stub, "edge_final_p00", x, 5, bundle.digest, timeout=10).shape == (1, 10)
     ch.close()
 
 
@@ -525,8 +533,8 @@ def test_coinfer_runs_frames_through_a_real_server_and_logs_each(bundle, server,
 def test_coinfer_spreads_frames_over_servers_and_falls_back_when_one_dies(bundle, tmp_path):
     servers = []
     for _ in range(2):
-        service = EdgeService(bundle, workers=2)
-        srv, port = make_server(service, "127.0.0.1:0", workers=2)
+        service = EdgeService(bundle, workers=2, insecure=True)
+        srv, port = make_server(service, "127.0.0.1:0")
         srv.start()
         servers.append((srv, service, f"127.0.0.1:{port}"))
     dead = f"127.0.0.1:{_free_port()}"
@@ -557,16 +565,22 @@ def test_coinfer_spreads_frames_over_servers_and_falls_back_when_one_dies(bundle
     assert all(r["local_rest_ms"] > 0 for r in fell)
 
 
-def test_coinfer_falls_back_on_garbage_responses(bundle, tmp_path):
-    def junk(request, context):
-        return b"FXJ1\x05\x00\x00\x00nope!"
+class _Junk(oip_service.GRPCInferenceServiceServicer):
+    """A hostile edge: answers probes properly, every inference with a malformed reply."""
 
-    handlers = grpc.method_handlers_generic_handler(
-        wire.SERVICE,
-        {"Infer": grpc.unary_unary_rpc_method_handler(junk),
-         "Ping": grpc.unary_unary_rpc_method_handler(EdgeService(bundle, workers=1).ping)},
-    )  # fmt: skip
-    srv = grpc.server(concurrent.futures.ThreadPoolExecutor(2), handlers=(handlers,))
+    def ModelInfer(self, request, context):  # noqa: N802
+        digest = request.parameters[oip.DIGEST].string_param
+        if request.model_name == oip.PROBE:
+            return oip.infer_response(request, np.array([0], "<i8"), digest=digest, server_ms=0,
+                                      output=oip.PROBE_OUTPUT, datatype="INT64")  # fmt: skip
+        # Logits of the wrong shape.
+        return oip.infer_response(request, np.zeros((1, 3), np.float32), digest=digest,
+                                  server_ms=0.1)  # fmt: skip
+
+
+def test_coinfer_falls_back_on_garbage_responses(bundle, tmp_path):
+    srv = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    oip_service.add_GRPCInferenceServiceServicer_to_server(_Junk(), srv)
     port = srv.add_insecure_port("127.0.0.1:0")
     srv.start()
     try:
@@ -577,7 +591,7 @@ def test_coinfer_falls_back_on_garbage_responses(bundle, tmp_path):
         srv.stop(0)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["frames"]
-    assert all("garbage" in r["fallback"] for r in rows)
+    assert all("bad reply" in r["fallback"] for r in rows)
     # Still answered, by the local path, with the same prediction as the bundle's own final exit.
     ex = bundle.load_partitions()
     from runtime import data
@@ -613,15 +627,18 @@ def test_edge_server_cli_starts_and_answers_ping(bundle):
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.edge_server", f"--bundle={bundle.path}", f"--port={port}",
-         "--workers=1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+         "--workers=1", "--token=s3cret"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         line = proc.stdout.readline()
         assert "listening" in line, proc.stderr.read() if proc.poll() is not None else line
-        ch = grpc.insecure_channel(f"127.0.0.1:{port}")
-        header, _ = wire.decode(ch.unary_unary(wire.PING)(b"x" * 100, timeout=10))
-        assert header["received"] == 100 and len(header["bundle"]) == 64
+        assert "auth: token" in line
+        ch, stub = _stub(f"127.0.0.1:{port}")
+        reply = stub.ModelInfer(oip.probe_request(100, request_id="p"), metadata=META, timeout=10)
+        y, _ = oip.read_output(reply, model=oip.PROBE, request_id="p", digest=bundle.digest,
+                               shape=None, output=oip.PROBE_OUTPUT)  # fmt: skip
+        assert int(y[0]) == 100
         ch.close()
     finally:
         proc.terminate()
@@ -640,14 +657,14 @@ def test_tls_server_talks_only_to_tls_clients(bundle, tmp_path):
         check=True, capture_output=True,
     )  # fmt: skip
     srv, port = make_server(
-        EdgeService(bundle, workers=1), "127.0.0.1:0", workers=1,
+        EdgeService(bundle, workers=1, insecure=True), "127.0.0.1:0",
         tls=(cert.read_bytes(), key.read_bytes()),
     )  # fmt: skip
     srv.start()
     try:
         secure = EdgePool([f"127.0.0.1:{port}"], tls_ca=cert.read_bytes())
-        header, _ = secure.ping(secure.edges[0], b"abc", timeout_s=10)
-        assert header["received"] == 3
+        ping = secure.ping(secure.edges[0], secure.probe_request(3), timeout_s=10)
+        assert ping.received == 3
         plain = EdgePool([f"127.0.0.1:{port}"])
         with pytest.raises(EdgeFailure, match="UNAVAILABLE"):
             plain.ping(plain.edges[0], timeout_s=5)
@@ -661,7 +678,7 @@ def test_edgent_runtime_runs_where_jax_and_tensorflow_cannot_be_imported(bundle,
     from test_runtime import _BLOCK
 
     code = _BLOCK + (
-        "import runtime.coinfer, runtime.edge_server, runtime.edgent_bench, runtime.wire\n"
+        "import runtime.coinfer, runtime.edge_server, runtime.edgent_bench, runtime.oip\n"
         "import runtime.planner as pl, runtime.profile as pr\n"
         f"assert pl.main(['--bundle={bundle.path}', '--deadline-ms=20']) == 0\n"
         f"assert pr.main(['--bundle={bundle.path}', '--target=local:threads=1:slowdown=3', "

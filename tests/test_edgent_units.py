@@ -1,4 +1,4 @@
-"""Edgent's pure parts on hand-made values: planner, bandwidth, latency model, wire, link."""
+"""Edgent's pure parts on hand-made values: planner, bandwidth, latency model, protocol, link."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from runtime import latency_model as lm
-from runtime import planner, wire
-from runtime.coinfer import Link
-from runtime.encoding import Encoding
+from runtime import oip, planner
+from runtime.coinfer import MAX_CALL_S, EdgeFailure, Link, clamp_timeout
+from runtime.encoding import Encoding, calibrate
 from runtime.planner import BandwidthEstimator, Option
 from runtime.profile import Target, Timeline
 
@@ -134,28 +134,104 @@ def test_latency_model_variables_and_fused_free_layers():
                                                         "intercept": 0}}})  # fmt: skip
 
 
-def test_wire_round_trip_and_every_malformation_is_a_wire_error():
-    x = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
-    msg = wire.encode({"id": 7, "sig": "edge_final_p00"}, x)
-    header, y = wire.decode(msg, required={"id": int, "sig": str})
-    assert header["id"] == 7 and y.dtype == np.float32 and np.array_equal(y, x)
-    assert wire.decode(wire.encode({"ok": 1}))[1] is None
-    bad = [
-        b"", b"FXJ1", b"XXXX\x00\x00\x00\x00", msg[:-1], msg + b"\x00",
-        b"FXJ1\xff\xff\x00\x00{}",  # header length over the limit
-        b"FXJ1\x03\x00\x00\x00[1]",  # header not an object
-        b"FXJ1\x02\x00\x00\x00\xff\xfe",  # not UTF-8
-        wire.encode({"id": "7", "sig": "s"}, x),  # wrong type
-        wire.encode({"id": True, "sig": "s"}, x),  # bool is not an int
-        wire.encode({"id": 1, "sig": "s", "dtype": "object", "shape": [1]}),
-        wire.encode({"id": 1, "sig": "s", "dtype": "float32", "shape": [0]}),
-        wire.encode({"id": 1, "sig": "s", "dtype": "float32", "shape": [1] * 7}),
-    ]  # fmt: skip
-    for m in bad:
-        with pytest.raises(wire.WireError):
-            wire.decode(m, required={"id": int, "sig": str})
-    with pytest.raises(wire.WireError, match="NaN"):
-        wire.decode(wire.encode({"id": 1}, np.array([np.inf], np.float32)), finite=True)
+def test_oip_request_round_trips_every_encoding():
+    x = np.random.default_rng(0).standard_normal((1, 3, 4)).astype(np.float32)
+    for enc in (Encoding(), Encoding("float16"), calibrate("int8", [x])):
+        wire = oip.infer_request("m", x, enc, request_id="7", digest="d").SerializeToString()
+        req = oip.parse("ModelInfer", wire)
+        assert oip.check_request(req) == {oip.DIGEST: "d"}
+        y, got = oip.read_input(req, (1, 3, 4))
+        assert got == enc and y.dtype == np.float32
+        np.testing.assert_array_equal(y, enc.roundtrip(x))  # exactly what the device sent
+        assert len(req.raw_input_contents[0]) == enc.nbytes(x.shape)
+
+
+def reply_mutations():
+    """Every way a reply can be wrong, each with what the client must say."""
+
+    def params(**kw):
+        def f(r):
+            for k, v in kw.items():
+                if v is None:
+                    r.parameters.pop(k)
+                elif isinstance(v, str):
+                    r.parameters[k].string_param = v
+                elif isinstance(v, bool):
+                    r.parameters[k].bool_param = v
+                else:
+                    r.parameters[k].double_param = v
+
+        return f  # fmt: skip
+
+    yield "another bundle", params(bundle_digest="e" * 64), "serves another bundle"
+    yield "no digest", params(bundle_digest=None), "serves another bundle"
+    yield "other model", lambda r: setattr(r, "model_name", "edge_3_p02"), "reply for"
+    yield "other id", lambda r: setattr(r, "id", "8"), "reply for"
+    for ms in (None, -1.0, float("nan"), float("inf"), 1e7, True, "3"):
+        yield f"server_ms {ms!r}", params(server_ms=ms), "server_ms"
+    yield (
+        "no output",
+        lambda r: (r.ClearField("outputs"), r.ClearField("raw_output_contents")),
+        "one output",
+    )
+    yield "two outputs", lambda r: r.raw_output_contents.append(b""), "one output"
+    yield "output renamed", lambda r: setattr(r.outputs[0], "name", "x"), "unexpected output"
+    yield "FP16 output", lambda r: setattr(r.outputs[0], "datatype", "FP16"), "unexpected output"
+    yield "shape", lambda r: r.outputs[0].shape.append(1), "unexpected output"
+    yield "bytes short", lambda r: r.raw_output_contents.__setitem__(0, b"\0" * 39), "bytes"
+    yield "NaN", lambda r: r.raw_output_contents.__setitem__(
+        0, np.full((1, 10), np.nan, np.float32).tobytes()), "NaN"  # fmt: skip
+
+
+def test_oip_reply_check_refuses_every_malformation():
+    req = oip.infer_request("edge_final_p00", np.zeros((1, 4), np.float32), request_id="7",
+                            digest="d" * 64)  # fmt: skip
+    y = np.arange(10, dtype=np.float32).reshape(1, 10)
+
+    def reply():
+        return oip.infer_response(req, y, digest="d" * 64, server_ms=0.5)
+
+    kw = {"model": "edge_final_p00", "request_id": "7", "digest": "d" * 64, "shape": (1, 10)}
+    got, ms = oip.read_output(reply(), **kw)
+    assert np.array_equal(got, y) and ms == 0.5
+    cases = list(reply_mutations())
+    assert len(cases) == 18
+    for name, mutate, match in cases:
+        r = reply()
+        mutate(r)
+        with pytest.raises(oip.ProtocolError, match=match):
+            oip.read_output(r, **kw)
+            pytest.fail(name)
+
+
+def test_oip_header_and_parameter_limits_are_protocol_errors():
+    oip.check_metadata([("authorization", "Bearer t")] * oip.MAX_METADATA_ENTRIES)
+    for md in ([("a", "b")] * (oip.MAX_METADATA_ENTRIES + 1),
+               [("x-big", "v" * oip.MAX_METADATA_BYTES)]):  # fmt: skip
+        with pytest.raises(oip.ProtocolError):
+            oip.check_metadata(md)
+    assert oip.token_of(oip.bearer("s")) == "s"
+    assert oip.token_of([("authorization", "s")]) is None  # not a bearer token
+    for n in range(oip.MAX_PARAMS + 1, oip.MAX_PARAMS + 40, 7):
+        r = oip.infer_request("m", np.zeros((1, 2), np.float32))
+        for i in range(n):
+            r.parameters[f"p{i}"].int64_param = i
+        with pytest.raises(oip.ProtocolError, match="parameters exceed"):
+            oip.check_request(r)
+
+
+def test_rpc_timeouts_are_clamped_for_any_float():
+    for t, want in ((float("nan"), 1e-3), (-1.0, 1e-3), (0.0, 1e-3), (1e-300, 1e-3),
+                    (0.5, 0.5), (1e300, MAX_CALL_S), (float("inf"), MAX_CALL_S)):  # fmt: skip
+        assert clamp_timeout(t) == want
+
+
+def test_link_at_a_tiny_bandwidth_waits_out_the_timeout_then_fails():
+    link = Link([0.0], [1e-12], "tiny")
+    for limit in (0.02, float("nan"), -5.0):
+        with pytest.raises(EdgeFailure, match="over the"):
+            link.transmit(1000, limit)  # returns (raises) after the clamped limit
+    Link([0.0], [1e12], "huge").transmit(10**6, 1.0)  # effectively instantaneous: no error
 
 
 def test_link_constant_and_trace_parsing(tmp_path):
