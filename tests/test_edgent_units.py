@@ -342,3 +342,21 @@ def test_virtual_device_charges_slowdown_times_cpu_and_nothing_for_waiting():
     for bad in ("local:clock=atomic", "local:slowdown=0.5", "local:speed=2"):
         with pytest.raises(ValueError, match="bad target option"):
             Target.parse(bad)
+
+
+def test_figures_plot_plans_that_name_their_cut_encoding(tmp_path):
+    from export import edgent_figures  # lazy: matplotlib, for this test only
+
+    def run(plans, policy="edgent", deadline=10.0, bw="1.0"):
+        return {"plans": plans, "policy": policy, "deadline_ms": deadline, "bandwidth": bw,
+                "predicted_mean_ms": 5.0, "mean_ms": 6.0, "effective_accuracy": 0.9}  # fmt: skip
+
+    rep = {
+        "deadline_ms": 10.0, "bandwidth_mbps": 1.0, "exits": ["exit_3", "final"],
+        "policies": ["edgent"], "deadlines": [10.0],
+        "bandwidth": [run({"final@p=4+int8": 7, "exit_3@device-only": 1}, bw="0.5"),
+                      run({"final@edge-only+float16": 8}, bw="10")],
+        "deadline": [run({"final@p=4": 8})], "trace": {},
+    }  # fmt: skip
+    paths = edgent_figures.plot(rep, str(tmp_path))
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["edgent_bandwidth.png", "edgent_deadline.png"]
