@@ -479,7 +479,9 @@ def _export(
         k = min(8, len(splits.test.x))
         manifest["partitions"] = partitions_lib.export_partitions(
             net, variables, tmp, precision=precision, check_x=splits.test.x[:k],
-            check_logits={n: v[:k] for n, v in test_logits.items()}, log=log,
+            check_logits={n: v[:k] for n, v in test_logits.items()},
+            calibration_x=splits.train.x[:num_calibration],
+            validation=(splits.val.x, splits.val.y), log=log,
         )  # fmt: skip
     write_manifest(tmp, manifest)
     Bundle.from_dir(tmp)  # the final bundle verifies

@@ -2,7 +2,7 @@
 
   python -m export.edgent_figures --bench=DIR/edgent_bench.json --out=DIR
 
-Writes ``edgent_bandwidth.png`` (chosen exit and partition, predicted vs
+Writes ``edgent_bandwidth.png`` (chosen exit, partition and cut encoding, predicted vs
 measured latency vs bandwidth at the fixed deadline), ``edgent_deadline.png``
 (effective accuracy and latency vs deadline for Edgent and the baselines) and
 ``edgent_trace.png`` (bandwidth, estimate, plan and latency per frame on the
@@ -17,13 +17,13 @@ import sys
 import numpy as np
 
 from runtime import args as args_lib
-from runtime import names
+from runtime import names, planner
 
 POLICIES = ("edgent", "device-only", "edge-only", "neurosurgeon", "right-sizing")
 
 
 def _exit_index(plan: str, exits: list[str]) -> int:
-    return exits.index(names.parse_plan_label(plan)[0])
+    return exits.index(names.parse_plan_label(planner.split_label(plan)[0])[0])
 
 
 def plot(rep: dict, out: str) -> list[str]:
@@ -48,7 +48,7 @@ def plot(rep: dict, out: str) -> list[str]:
         a1.annotate(p, (xi, 0.6), rotation=90, fontsize=7, ha="center")
     a1.set(xlabel="bandwidth (Mbps)", ylabel=f"exit point (1-{len(exits)})",
            ylim=(0, len(exits) + 0.5),
-           title=f"chosen exit / partition, deadline {rep['deadline_ms']:g} ms")  # fmt: skip
+           title=f"exit / partition+encoding, deadline {rep['deadline_ms']:g} ms")  # fmt: skip
     a2.semilogx(x, [s["predicted_mean_ms"] for s in bw], "s--", label="predicted")
     a2.semilogx(x, [s["mean_ms"] for s in bw], "o-", label="measured mean")
     a2.axhline(rep["deadline_ms"], color="gray", lw=0.8, label="deadline")

@@ -22,6 +22,20 @@ The manifest section (`export_partitions`) records, per cut point, the
 activation that crosses the network (shape, dtype, bytes) and, per layer, the
 descriptors the runtime's latency model needs (`runtime.latency_model`), so
 the runtime predicts every partition's latency without importing flexjax.
+
+**Cut-tensor encodings** (`measure_encodings`, when calibration and
+validation frames are given). A cut tensor may travel as float32, float16 or
+int8 (`runtime.encoding`). For every cut with an edge signature, int8's
+per-tensor scale and zero point are calibrated on the activations the
+exported device prefix computes there for calibration frames (training
+images), then every encoding's effect is *measured*: over validation frames,
+device prefix -> encode -> decode -> edge path of every exit reading that
+cut, in LiteRT, scored against the labels (accuracy) and against the float32
+path (top-1 agreement). Stored per cut as
+``activations[cut].encodings = [{name, scale, zero_point (int8), bytes,
+exits: {exit: {accuracy, agreement}}}]`` (float32 first), with
+``encoding_eval`` (frame counts); the planner (`runtime.planner`) chooses
+exit, partition and encoding from them.
 """
 
 from __future__ import annotations
@@ -37,7 +51,10 @@ from export import convert
 from export.staging import ExportError
 from flexjax.spec import FINAL, Layer, Net, infer_shapes
 from runtime import names
+from runtime.encoding import ENCODINGS, calibrate
 from runtime.lite import Model
+
+ENCODING_FRAMES = 256  # validation frames the encodings' accuracy effect is measured on
 
 # Layers a partition point never precedes (see the module docstring).
 _NO_CUT_BEFORE = ("relu", "relu6", "dropout", "flatten")
@@ -156,6 +173,9 @@ def export_partitions(
     check_x: np.ndarray | None = None,
     check_logits: Mapping[str, np.ndarray] | None = None,
     tolerance: float = 1e-4,
+    calibration_x: np.ndarray | None = None,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    encoding_frames: int = ENCODING_FRAMES,
     log=print,
 ) -> dict:
     """Writes ``partitions.tflite`` into `directory`; returns its manifest section.
@@ -165,6 +185,10 @@ def export_partitions(
         every exit on them (the main model's); every device + edge pair is run
         on them in LiteRT and must reproduce those logits (fp32: within
         `tolerance`; other precisions: same top-1).
+      calibration_x, validation: calibration images and ``(images, labels)``
+        of the validation split; when both are given every cut's encodings are
+        calibrated and measured (`measure_encodings`, on at most
+        `encoding_frames` validation frames).
 
     Raises:
       ValueError: int8 (partitions would need per-cut calibration data).
@@ -181,7 +205,72 @@ def export_partitions(
     log(f"partitions: {len(plans)} signatures, {len(buf):,} bytes")
     if check_x is not None and check_logits is not None:
         section["parity"] = _check_pairs(path, section, check_x, check_logits, precision, tolerance)
+    if calibration_x is not None and validation is not None:
+        vx, vy = validation
+        n = min(len(vx), encoding_frames)
+        measure_encodings(Model(path), section, calibration_x, vx[:n], vy[:n])
+        cuts = sum("encodings" in a for a in section["activations"].values())
+        log(f"partitions: {', '.join(ENCODINGS)} measured at {cuts} cuts on {n} validation "
+            f"frames (int8 calibrated on {len(calibration_x)})")  # fmt: skip
     return section
+
+
+def measure_encodings(
+    model: Model, section: dict, calibration_x: np.ndarray, val_x: np.ndarray, val_y: np.ndarray
+) -> dict:
+    """Calibrates int8 at every cut and measures each encoding's accuracy effect, in place.
+
+    For each cut with an edge signature: the device prefix's activations on
+    `calibration_x` give int8's scale / zero point (the input itself at cut 0);
+    on `val_x` each encoding's round trip feeds every exit's edge path at that
+    cut, scored against `val_y` (accuracy) and the float32 predictions
+    (agreement). Adds ``encodings`` to ``section["activations"][cut]`` and
+    ``section["encoding_eval"]``; returns the section.
+
+    Raises:
+      ValueError: no calibration or validation frames.
+    """
+    if len(calibration_x) == 0 or len(val_x) == 0 or len(val_x) != len(val_y):
+        raise ValueError("encodings need calibration frames and labelled validation frames")
+    readers: dict[str, list[tuple[str, str]]] = {}
+    for e in section["exits"]:
+        for p, edge in e["edge"].items():
+            readers.setdefault(p, []).append((e["name"], edge))
+    labels = np.asarray(val_y)
+    for p, exits in readers.items():
+        dev = section["device"].get(p)
+        calib = _activations(model, dev, calibration_x)
+        val = _activations(model, dev, val_x)
+        shape = section["activations"][p]["shape"]
+        entries, ref = [], {}
+        for name in ENCODINGS:
+            enc = calibrate(name, calib)
+            decoded = [enc.roundtrip(a) for a in val]
+            effects = {}
+            for exit_name, edge in exits:
+                sig = model.signature(edge)
+                pred = np.array([int(sig(a).argmax()) for a in decoded])
+                ref.setdefault(exit_name, pred)  # float32 comes first
+                effects[exit_name] = {
+                    "accuracy": float(np.mean(pred == labels)),
+                    "agreement": float(np.mean(pred == ref[exit_name])),
+                }
+            entries.append({**enc.to_json(), "bytes": enc.nbytes(shape), "exits": effects})
+        section["activations"][p]["encodings"] = entries
+    section["encoding_eval"] = {
+        "calibration_frames": int(len(calibration_x)),
+        "validation_frames": int(len(val_x)),
+    }
+    return section
+
+
+def _activations(model: Model, dev_sig: str | None, xs: np.ndarray) -> list[np.ndarray]:
+    """What crosses the cut for each image: the device prefix's output (the image at cut 0)."""
+    out = []
+    for x in xs:
+        h = np.ascontiguousarray(np.asarray(x, np.float32)[None])
+        out.append(model.signature(dev_sig)(h) if dev_sig else h)
+    return out
 
 
 def _check_pairs(path, section, xs, ref, precision, tolerance) -> dict:

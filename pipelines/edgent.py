@@ -314,6 +314,7 @@ def _report(config, w: _Workdir) -> dict:
             "cut_points": part["cut_points"],
             "signatures": len(part["signatures"]),
             "options": len(planner.options(manifest)),
+            "encodings": encodings_brief(part),
         },
         "fit": {
             "kinds": {
@@ -342,7 +343,22 @@ _BENCH_SETTINGS = ("deadline_ms", "frames", "margin", "servers", "bandwidth_mbps
                    "policies")  # fmt: skip
 _BRIEF = ("policy", "bandwidth", "deadline_ms", "frames", "deadline_met", "accuracy",
           "effective_accuracy", "mean_ms", "p95_ms", "predicted_mean_ms", "mean_abs_error_ms",
-          "fallbacks", "plans", "bandwidth_changes")  # fmt: skip
+          "fallbacks", "plans", "encodings", "bandwidth_changes")  # fmt: skip
+
+
+def encodings_brief(part: Mapping) -> dict:
+    """Per cut-tensor encoding measured at export: cuts, bytes range, worst agreement."""
+    out: dict[str, dict] = {}
+    for act in part["activations"].values():
+        for e in act.get("encodings", ()):
+            b = out.setdefault(e["name"], {"cuts": 0, "bytes": [e["bytes"], e["bytes"]],
+                                           "min_agreement": 1.0})  # fmt: skip
+            b["cuts"] += 1
+            b["bytes"] = [min(b["bytes"][0], e["bytes"]), max(b["bytes"][1], e["bytes"])]
+            b["min_agreement"] = min(
+                [b["min_agreement"], *(x["agreement"] for x in e["exits"].values())]
+            )
+    return out
 
 
 def _fit_brief(kind: str, r: Mapping) -> dict:
@@ -363,8 +379,11 @@ def format_report(report: Mapping) -> str:
         f"{report['model_config']}: final accuracy {t['final_accuracy']:.4f}; exits "
         + ", ".join(f"{x['name']} {x['accuracy']:.3f}" for x in t["exits"]),
         f"bundle: {len(b['exits'])} exits, cut points {b['cut_points']}, "
-        f"{b['signatures']} partition signatures, {b['options']} (exit, partition) options",
-    ]
+        f"{b['signatures']} partition signatures, {b['options']} (exit, partition, encoding) "
+        "options; cut encodings (cuts, worst agreement with float32): "
+        + (", ".join(f"{n} {e['cuts']} {e['min_agreement']:.3f}"
+                     for n, e in b.get("encodings", {}).items()) or "float32 only"),
+    ]  # fmt: skip
     for target, kinds in f["kinds"].items():
         parts = []
         for k, r in kinds.items():

@@ -38,6 +38,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from runtime import criteria, latency_model, tflite_model
+from runtime.encoding import ENCODINGS, Encoding, EncodingError
 from runtime.lite import Model, Signature
 from runtime.names import ACTIVATION, LOGITS, MANIFEST, MANIFEST_DIGEST, STAGE_OUTPUTS
 
@@ -452,6 +453,90 @@ def _check_outputs(m: dict, name: str) -> None:
         raise BundleError(f"{MANIFEST}: signature {name!r} lists an output name twice")
 
 
+_ENCODING_KEYS = {"name", "scale", "zero_point", "bytes", "exits"}
+_EFFECT_KEYS = {"accuracy", "agreement"}
+_EVAL_KEYS = {"calibration_frames", "validation_frames"}
+
+
+def _check_encodings(part: dict) -> None:
+    """The optional cut-tensor encodings of a partitions section (`export.partitions`).
+
+    Per cut ``activations[cut].encodings``: float32 first, each encoding at most
+    once, valid parameters (`runtime.encoding.Encoding.from_json`), its bytes
+    those of the cut's shape, and an accuracy / agreement in [0, 1] for exactly
+    the exits whose edge path reads that cut. Bundles without encodings
+    (float32 only) pass unchanged.
+    """
+    readers: dict[str, set[str]] = {}
+    for e in part["exits"]:
+        for p in e["edge"]:
+            readers.setdefault(p, set()).add(e["name"])
+    ev = part.get("encoding_eval")
+    if ev is not None:
+        if (
+            not isinstance(ev, dict)
+            or set(ev) != _EVAL_KEYS
+            or not all(_is_int(v) and 1 <= v <= MAX_INT for v in ev.values())
+        ):
+            raise BundleError(
+                f"{MANIFEST}: partitions encoding_eval must be {{{', '.join(sorted(_EVAL_KEYS))}}}"
+                " with positive integers"
+            )
+    for cut, act in part["activations"].items():
+        where = f"partitions cut {cut!r}"
+        if not isinstance(act, dict):
+            raise BundleError(f"{MANIFEST}: {where}: activation must be an object")
+        unknown = set(act) - {"shape", "dtype", "bytes", "encodings"}
+        if unknown:
+            raise BundleError(f"{MANIFEST}: {where} has unknown keys {sorted(unknown)[:3]}")
+        entries = act.get("encodings")
+        if entries is None:
+            continue
+        if ev is None:
+            raise BundleError(f"{MANIFEST}: {where} has encodings but no encoding_eval")
+        if cut not in readers:
+            raise BundleError(f"{MANIFEST}: {where} has encodings but no edge path reads it")
+        if not isinstance(entries, list) or not 1 <= len(entries) <= len(ENCODINGS):
+            raise BundleError(f"{MANIFEST}: {where}: encodings must list 1 to {len(ENCODINGS)}")
+        seen = []
+        for j, entry in enumerate(entries):
+            at = f"{where} encoding {j}"
+            if not isinstance(entry, dict):
+                raise BundleError(f"{MANIFEST}: {at} must be an object")
+            unknown = set(entry) - _ENCODING_KEYS
+            if unknown:
+                raise BundleError(f"{MANIFEST}: {at} has unknown keys {sorted(unknown)[:3]}")
+            try:
+                enc = Encoding.from_json({k: entry[k] for k in ("name", "scale", "zero_point")
+                                          if k in entry})  # fmt: skip
+            except EncodingError as e:
+                raise BundleError(f"{MANIFEST}: {at}: {e}") from None
+            if enc.name != "int8" and ("scale" in entry or "zero_point" in entry):
+                raise BundleError(f"{MANIFEST}: {at}: {enc.name} takes no scale or zero_point")
+            if enc.name in seen:
+                raise BundleError(f"{MANIFEST}: {where} lists {enc.name} twice")
+            seen.append(enc.name)
+            want = enc.nbytes(act["shape"])
+            if not _is_int(entry.get("bytes")) or entry["bytes"] != want:
+                raise BundleError(
+                    f"{MANIFEST}: {at}: bytes must be {want} for {enc.name} of {act['shape']}"
+                )
+            exits = entry.get("exits")
+            if not isinstance(exits, dict) or set(exits) != readers[cut]:
+                raise BundleError(f"{MANIFEST}: {at}: exits must be exactly {sorted(readers[cut])}")
+            for name, eff in exits.items():
+                if (
+                    not isinstance(eff, dict)
+                    or set(eff) != _EFFECT_KEYS
+                    or not all(_is_num(v) and 0.0 <= v <= 1.0 for v in eff.values())
+                ):
+                    raise BundleError(
+                        f"{MANIFEST}: {at} exit {name!r}: needs accuracy and agreement in [0, 1]"
+                    )
+        if seen[0] != "float32":
+            raise BundleError(f"{MANIFEST}: {where}: float32 (the reference) must come first")
+
+
 def _check_stage(m: dict, i: int, last: bool) -> None:
     """An exit's optional ``stage``: a signature with outputs `STAGE_OUTPUTS`, side exits only.
 
@@ -721,6 +806,7 @@ class Bundle:
                 missing = [n for n in names if n not in sigs]
                 if missing:
                     raise BundleError(f"partitions name unknown signatures {missing[:3]}")
+                _check_encodings(part)
             except (TypeError, KeyError, AttributeError, IndexError) as e:
                 raise BundleError(
                     f"{self.path}/{MANIFEST} has a malformed partitions section: "

@@ -14,6 +14,13 @@ receives the exit's logits. The per-frame log
 records the plan, predicted and measured latency, their parts, the exit, the
 prediction and whether it was correct.
 
+**Device time is virtual** (`runtime.profile`, ``clock=virtual``): a device
+call's time is S x the CPU time it consumed here, and the frame is timed on a
+`runtime.profile.Timeline` that device calls advance by that virtual time.
+A frame's measured latency (and its deadline accounting, and the bandwidth
+trace's clock) is therefore virtual device time + real (emulated-link)
+transfer time + real edge time.
+
 **Emulated bandwidth** (shaping in the transport). Client and servers talk
 over real gRPC on this machine, whose own transfer time is near zero, so the
 client's `Link` stretches every message: before a request of ``n`` bytes
@@ -65,7 +72,7 @@ from runtime import latency_model as lm
 from runtime import oip, planner
 from runtime.bundle import Bundle
 from runtime.encoding import Encoding
-from runtime.profile import Target
+from runtime.profile import Target, Timeline
 
 DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 
@@ -96,8 +103,11 @@ class Link:
         self.source = source
         self.real = real
         # On a real link t_s is the machine's monotonic clock (time.perf_counter, shared by
-        # every process), so the shaper's log of rates can be matched with the frames.
-        self.t0 = 0.0 if real else time.perf_counter()
+        # every process), so the shaper's log of rates can be matched with the frames. An
+        # emulated link is read on the co-inference client's clock (it sets `now` to its
+        # Timeline: device calls advance it by their virtual device time).
+        self.now = time.perf_counter
+        self.t0 = 0.0 if real else self.now()
 
     @staticmethod
     def parse(spec: str) -> Link:
@@ -151,13 +161,13 @@ class Link:
 
     def restart(self) -> None:
         if not self.real:
-            self.t0 = time.perf_counter()
+            self.t0 = self.now()
 
     def bandwidth_bps(self) -> float:
         """The link's bandwidth now (for shaping and for the log, never for planning)."""
         if self.real:
             return math.nan
-        t = time.perf_counter() - self.t0
+        t = self.now() - self.t0
         return float(self.bps[max(0, int(np.searchsorted(self.times, t, side="right")) - 1)])
 
     def transmit(self, nbytes: int, limit_s: float = MAX_CALL_S) -> None:
@@ -366,16 +376,25 @@ class CoInference:
         self.opts = _exact_sizes(self.opts, self.part, bundle.digest)
         spec = m["latency_models"]["device"]["target"]
         self.device = device or Target(
-            spec["kind"], spec["threads"], spec["slowdown"], spec=spec["spec"]
-        )
+            spec["kind"], spec["threads"], spec["slowdown"], spec=spec["spec"],
+            clock=spec.get("clock", "virtual"),
+        )  # fmt: skip
+        # Frames are timed on the emulated clock: device calls advance it by their
+        # (virtual) device time, transfers and the edge by real time (runtime.profile).
+        self.clock = Timeline()
+        if not link.real:  # a real link's schedule runs on the machine's clock
+            link.now = self.clock.now
+
         # Model loading on the device, measured as runtime.profile does: interpreter
-        # creation + allocation + first run of one signature, slowed like any device call.
-        t0, c0 = time.perf_counter(), time.thread_time()
-        self.model = bundle.load_partitions(self.device.threads)
-        first = self.model.signature(self.opts[0].device_sig or self.opts[0].edge_sig)
-        first(np.zeros(first.input_shape, np.float32))
-        self.device.pad(t0, time.thread_time() - c0)
-        self.loading_ms = (time.perf_counter() - t0) * 1e3
+        # creation + allocation + first run of one signature, on the device's clock.
+        def load():
+            model = bundle.load_partitions(self.device.threads)
+            first = model.signature(self.opts[0].device_sig or self.opts[0].edge_sig)
+            first(np.zeros(first.input_shape, np.float32))
+            return model
+
+        self.model, loading_s = self.clock.measure(self.device, load)
+        self.loading_ms = loading_s * 1e3
         for o in self.opts:  # then warm every signature this policy can use
             for name in (o.device_sig, o.edge_sig):
                 if name:
@@ -443,19 +462,20 @@ class CoInference:
                "feasible": feasible, "predicted_ms": predicted,
                "predicted_transfer_ms": transfer if opt.remote else 0.0,
                "fallback": None, "edge": None}  # fmt: skip
-        t0 = time.perf_counter()
+        now = self.clock.now
+        t0 = now()
         h = np.ascontiguousarray(x[None], np.float32)
         new_change = False
         if not opt.remote:
-            logits = self.device.call(self.model.signature(opt.device_sig), h)
-            row.update(device_ms=(time.perf_counter() - t0) * 1e3, edge_ms=0.0, network_ms=0.0)
+            logits, _ = self.clock.run(self.device, self.model.signature(opt.device_sig), h)
+            row.update(device_ms=(now() - t0) * 1e3, edge_ms=0.0, network_ms=0.0)
         else:
             if opt.device_sig:
-                h = self.device.call(self.model.signature(opt.device_sig), h)
-            t1 = time.perf_counter()
+                h, _ = self.clock.run(self.device, self.model.signature(opt.device_sig), h)
+            t1 = now()
             row["device_ms"] = (t1 - t0) * 1e3
             logits, new_change = self._remote(i, opt, h, row, t0)
-        total = (time.perf_counter() - t0) * 1e3
+        total = (now() - t0) * 1e3
         self._since_sample += 1
         pred = int(np.asarray(logits).argmax())
         row.update(measured_ms=total, met=total <= self.deadline_ms, prediction=pred,
@@ -474,7 +494,7 @@ class CoInference:
             row["fallback"] = "no healthy edge server"
         else:
             row["edge"] = edge.address
-            spent = (time.perf_counter() - t0) * 1e3
+            spent = (self.clock.now() - t0) * 1e3
             fallback_ms = self.device.slowdown * opt.edge_ms
             budget = self.deadline_ms - spent - fallback_ms
             timeout_s = clamp_timeout(max(budget, 2 * opt.edge_ms + 5.0) / 1e3 + 0.02)
@@ -495,10 +515,10 @@ class CoInference:
                 return y, self._observe(up + down, network_s)
             except EdgeFailure as f:
                 row["fallback"] = str(f)
-        t2 = time.perf_counter()
-        y = self.device.call(self.model.signature(opt.edge_sig), h)
+        t2 = self.clock.now()
+        y, rest_s = self.clock.run(self.device, self.model.signature(opt.edge_sig), h)
         row.update(edge_ms=0.0, network_ms=(t2 - t0) * 1e3 - row["device_ms"],
-                   local_rest_ms=(time.perf_counter() - t2) * 1e3)  # fmt: skip
+                   local_rest_ms=rest_s * 1e3)  # fmt: skip
         return y, False
 
 
@@ -608,7 +628,7 @@ def run(opts: Options) -> dict:
         for i in range(opts.frames):
             j = i % len(frames.x)
             row, changed = client.frame(i, frames.x[j], frames.y[j], changed)
-            row["t_s"] = time.perf_counter() - link.t0
+            row["t_s"] = link.now() - link.t0
             rows.append(row)
     finally:
         pool.close()

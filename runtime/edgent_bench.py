@@ -7,12 +7,17 @@ Starts ``--servers`` edge servers (`runtime.edge_server`, subprocesses on
 127.0.0.1) and runs the device client (`runtime.coinfer`) in this process:
 
 1. ``bandwidth``: Edgent at a fixed deadline for bandwidths 50 kbps ... 10 Mbps:
-   the chosen exit and partition, measured latency vs prediction, deadline met;
+   the chosen exit, partition and cut encoding, measured latency vs
+   prediction, deadline met;
 2. ``deadline``: at a fixed bandwidth, for a range of deadlines, Edgent and the
    baselines (device-only, edge-only, partition-only = Neurosurgeon,
    right-sizing-only): accuracy, deadline met, latency; "effective accuracy"
    counts a frame that missed its deadline as wrong (the paper's comparison);
 3. ``trace``: Edgent on a fluctuating bandwidth trace (written to DIR).
+
+A plan reads ``exit@where[+encoding]`` (`runtime.planner.Option.label`): a cut
+tensor sent as float16 or int8 says so, float32 is not written; each
+summary's ``encodings`` counts the frames whose cut travelled in each encoding.
 
 Writes ``DIR/edgent_bench.json`` (every run's summary) and ``DIR/edgent_bench.md``
 (the tables for BENCHMARKS.md). The library call is ``run(bundle, out, Settings(...))``
@@ -32,7 +37,7 @@ import numpy as np
 
 from flexjax.io import write_json_atomic, write_text_atomic
 from runtime import args as args_lib
-from runtime import coinfer
+from runtime import coinfer, planner
 from runtime.bundle import Bundle
 
 BANDWIDTHS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0, 10.0)
@@ -82,9 +87,20 @@ def _run(bundle, edges, policy, deadline, bandwidth, frames, margin, data, keep_
     s["edges"] = rep["edges"]
     s["bandwidth_changes"] = rep["bandwidth_changes"]
     s["predicted_mean_ms"] = float(np.mean([r["predicted_ms"] for r in rows]))
+    s["encodings"] = encodings(rows)
     if keep_rows:
         s["rows"] = rows
     return s
+
+
+def encodings(rows) -> dict[str, int]:
+    """Frames per cut encoding among the frames that sent a cut tensor (from their plan labels)."""
+    out: dict[str, int] = {}
+    for r in rows:
+        if r["partition"] is not None:
+            name = planner.split_label(r["plan"])[1]
+            out[name] = out.get(name, 0) + 1
+    return out
 
 
 def _top(plans: dict) -> str:
@@ -95,13 +111,14 @@ def markdown(rep: dict) -> str:
     policies = rep.get("policies", POLICIES)
     out = [f"Deadline {rep['deadline_ms']} ms, {rep['frames']} frames per run, "
            f"margin {rep['margin']}, {rep['servers']} edge servers.", ""]  # fmt: skip
-    out += ["| bandwidth (Mbps) | plan (most frames) | plans | predicted ms "
-            "| measured mean / p95 ms | met | misses remote / device-only "
+    out += ["| bandwidth (Mbps) | plan (most frames) | plans | cut encodings (frames) "
+            "| predicted ms | measured mean / p95 ms | met | misses remote / device-only "
             "| within 1 ms + transfer | accuracy |",
-            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in rep["bandwidth"]:
+        enc = ", ".join(f"{k} {v}" for k, v in s.get("encodings", {}).items()) or "-"
         out.append(
-            f"| {s['bandwidth']} | {_top(s['plans'])} | {len(s['plans'])} | "
+            f"| {s['bandwidth']} | {_top(s['plans'])} | {len(s['plans'])} | {enc} | "
             f"{s['predicted_mean_ms']:.2f} | {s['mean_ms']:.2f} / {s['p95_ms']:.2f} | "
             f"{s['deadline_met']:.3f} | {s['missed_remote']} / {s['missed_device_only']} | "
             f"{s['within_1ms_plus_transfer']:.3f} | {s['accuracy']:.3f} |"

@@ -1,23 +1,38 @@
-"""Edgent's online optimizer: choose the exit and the partition point (pure functions).
+"""Edgent's online optimizer: choose the exit, the partition point and the cut's encoding.
 
-  python -m runtime.planner --bundle=BUNDLE --deadline-ms=T [--bandwidths=0.05,0.1,...] [--json=OUT]
+  python -m runtime.planner --bundle=BUNDLE --deadline-ms=T [--bandwidths=0.05,0.1,...] \
+      [--policy=edgent] [--encodings=float32,float16,int8]
 
 `options` turns a bundle's partitions and latency models into every
-candidate (exit, partition) with its predicted device time, edge time and
-the bytes that cross the network. `plan` is Edgent's search (TWC Algorithm 1):
+candidate (exit, partition, encoding) with its predicted device time, edge
+time, the bytes that cross the network and its accuracy. Partition ``0`` is
+edge-only (the input is sent) and ``None`` is device-only (no transfer, the
+whole path runs on the device, nothing is encoded). A remote option's cut
+tensor travels as float32, float16 or int8 (`runtime.encoding`): its bytes
+are the encoded tensor's, and its accuracy is the exit's validation accuracy
+adjusted by the effect of that encoding at that cut measured at export
+(``min(0, accuracy(encoding) - accuracy(float32))`` on the same validation
+frames, stored per cut in the manifest's ``partitions.activations[cut].encodings``:
+rounding the cut tensor cannot add information, so a measured gain, a frame
+or two that happened to flip right, counts as no effect).
+Bundles exported before encodings have float32 only.
 
-* exits are scanned from the deepest (most accurate) to the shallowest;
-* for an exit, the best partition minimises
-  ``device_ms + edge_ms + bytes * 8 / bandwidth + rtt_ms`` (+ loading when
-  the models are cold); partition ``0`` is edge-only (the input is sent) and
-  ``None`` is device-only (no transfer, the whole path runs on the device);
-* the first exit whose minimum meets the deadline wins; if none does the plan
-  is the fastest option overall, flagged ``feasible=False`` (best effort).
+`plan` is Edgent's search (TWC Algorithm 1) extended to encodings: among the
+options whose predicted latency ``device_ms + edge_ms + bytes * 8 /
+bandwidth + rtt_ms`` (+ loading when the models are cold) meets the
+deadline, it takes the one with the highest accuracy; equal accuracy goes to
+the higher agreement with the float32 path (the less lossy encoding), then to
+the lowest latency. Without measured accuracies (old bundles, hand-made
+options) the exit's depth stands for its accuracy (Edgent's assumption: the
+deepest exit that meets the deadline, at its fastest partition). If nothing
+meets the deadline the plan is the fastest option overall, flagged
+``feasible=False`` (best effort).
 
-Baselines restrict the candidates (``POLICIES``): device-only and edge-only
-run the final exit on one side; ``neurosurgeon`` (partition-only) keeps the
-final exit and picks the partition; ``right-sizing`` (exit-only) keeps the
-whole path on the device and picks the exit.
+Baselines restrict the candidates (``POLICIES``) and keep float32 cuts:
+device-only and edge-only run the final exit on one side; ``neurosurgeon``
+(partition-only) keeps the final exit and picks the partition;
+``right-sizing`` (exit-only) keeps the whole path on the device and picks
+the exit. Only ``edgent`` chooses encodings.
 
 Dynamic bandwidth (Edgent TWC): `BandwidthEstimator` keeps an EWMA of the
 throughput of real transfers and detects change points (a sample off the
@@ -40,7 +55,10 @@ from runtime import args as args_lib
 from runtime import latency_model as lm
 from runtime import names
 from runtime.bundle import Bundle
+from runtime.encoding import ENCODINGS, Encoding, EncodingError
 from runtime.names import FINAL
+
+ENCODING_SEP = "+"  # plan label + encoding: ``final@p=4+int8`` (float32 is not written)
 
 POLICIES = ("edgent", "device-only", "edge-only", "neurosurgeon", "right-sizing")
 
@@ -51,7 +69,7 @@ class PlannerError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One candidate: run exit `exit` split at `partition`.
+    """One candidate: run exit `exit` split at `partition`, the cut tensor sent as `encoding`.
 
     Attributes:
       exit, exit_index: the exit and its position in execution order.
@@ -63,6 +81,10 @@ class Option:
       device_ms, edge_ms: predicted compute times.
       up_bytes, down_bytes: activation sent to the edge and logits returned.
       loading_ms: predicted cold-start model loading (device + edge).
+      encoding: how the cut tensor travels (float32 for device-only).
+      accuracy: the exit's validation accuracy adjusted by the encoding's
+        measured effect at this cut (None: not measured).
+      agreement: top-1 agreement with the float32 path at this cut (1.0 for float32).
     """
 
     exit: str
@@ -75,6 +97,9 @@ class Option:
     up_bytes: int
     down_bytes: int
     loading_ms: float = 0.0
+    encoding: Encoding = Encoding()
+    accuracy: float | None = None
+    agreement: float = 1.0
 
     @property
     def remote(self) -> bool:
@@ -88,7 +113,17 @@ class Option:
         return t
 
     def label(self) -> str:
-        return names.plan_label(self.exit, self.partition)
+        """``exit@where`` (`runtime.names.plan_label`), ``+encoding`` unless float32."""
+        base = names.plan_label(self.exit, self.partition)
+        if self.remote and self.encoding.name != "float32":
+            return f"{base}{ENCODING_SEP}{self.encoding.name}"
+        return base
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """``(plan label, encoding name)`` of an `Option.label` (float32 when none is written)."""
+    base, sep, enc = label.partition(ENCODING_SEP)
+    return base, (enc if sep else "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +142,24 @@ def transfer_ms(nbytes: int, bandwidth_bps: float) -> float:
     return 0.0 if nbytes == 0 else nbytes * 8.0 / max(bandwidth_bps, 1e-9) * 1e3
 
 
+def cut_encodings(part: Mapping, cut: str) -> list[tuple[Encoding, dict]]:
+    """``(encoding, {exit: {accuracy, agreement}})`` measured at `cut`; float32 alone if none.
+
+    Raises:
+      PlannerError: a malformed entry (a verified bundle never has one).
+    """
+    entries = part["activations"][cut].get("encodings")
+    if not entries:
+        return [(Encoding(), {})]
+    try:
+        return [(Encoding.from_json({k: e[k] for k in ("name", "scale", "zero_point") if k in e}),
+                 dict(e["exits"])) for e in entries]  # fmt: skip
+    except (EncodingError, KeyError, TypeError) as e:
+        raise PlannerError(f"partitions cut {cut}: bad encodings entry ({e})") from None
+
+
 def options(manifest: Mapping) -> list[Option]:
-    """Every (exit, partition) candidate of a bundle, with predicted times.
+    """Every (exit, partition, encoding) candidate of a bundle, with predicted times.
 
     Raises:
       PlannerError: the bundle has no partitions or no latency models.
@@ -125,27 +176,56 @@ def options(manifest: Mapping) -> list[Option]:
     model_bytes = manifest["files"][part["model"]]["bytes"]
     loading = lm.loading_ms(dev, model_bytes) + lm.loading_ms(edge, model_bytes)
     down = int(part["logits_bytes"])
+    base_acc = {e.get("name"): e.get("val_accuracy") for e in manifest.get("exits", ())}
     out = []
     for i, e in enumerate(part["exits"]):
         name, stop = e["name"], e["stop"]
+        base = base_acc.get(name)
         for p, edge_sig in e["edge"].items():
             start = names.cut_point(p)
             dev_sig = part["device"].get(p)
-            out.append(
-                Option(
-                    name, i, start, dev_sig, edge_sig,
-                    lm.signature_ms(dev, lm.path_rows(part, FINAL, 0, start)) if dev_sig else 0.0,
-                    lm.signature_ms(edge, lm.path_rows(part, name, start, stop)),
-                    int(part["activations"][p]["bytes"]), down, loading,
-                )
-            )  # fmt: skip
+            shape = part["activations"][p]["shape"]
+            encodings = cut_encodings(part, p)
+            ref = encodings[0][1].get(name) if encodings[0][0].name == "float32" else None
+            for enc, effects in encodings:
+                effect = effects.get(name)
+                acc, agree = base, 1.0
+                if effect is not None:
+                    agree = float(effect["agreement"])
+                    if base is None:
+                        acc = float(effect["accuracy"])
+                    elif ref is not None:  # a lossy encoding never adds accuracy: a gain is luck
+                        acc = base + min(0.0, float(effect["accuracy"]) - float(ref["accuracy"]))
+                nbytes = enc.nbytes(shape) if "encodings" in part["activations"][p] else int(
+                    part["activations"][p]["bytes"])  # fmt: skip
+                out.append(
+                    Option(
+                        name, i, start, dev_sig, edge_sig,
+                        lm.signature_ms(dev, lm.path_rows(part, FINAL, 0, start)) if dev_sig
+                        else 0.0,
+                        lm.signature_ms(edge, lm.path_rows(part, name, start, stop)),
+                        nbytes, down, loading, enc, acc, agree,
+                    )
+                )  # fmt: skip
         whole = e["edge"]["0"]
         out.append(
             Option(name, i, None, whole, None,
                    lm.signature_ms(dev, lm.path_rows(part, name, 0, stop)), 0.0, 0, 0,
-                   lm.loading_ms(dev, model_bytes))
+                   lm.loading_ms(dev, model_bytes), Encoding(), base, 1.0)
         )  # fmt: skip
     return out
+
+
+def with_encodings(opts: Sequence[Option], allowed_names: Sequence[str]) -> list[Option]:
+    """The options whose cut travels in one of `allowed_names` (device-only always stays).
+
+    Raises:
+      PlannerError: an unknown encoding name.
+    """
+    bad = [n for n in allowed_names if n not in ENCODINGS]
+    if bad:
+        raise PlannerError(f"unknown encoding {bad[0]!r}; valid: {', '.join(ENCODINGS)}")
+    return [o for o in opts if not o.remote or o.encoding.name in allowed_names]
 
 
 def allowed(opts: Sequence[Option], policy: str) -> list[Option]:
@@ -153,6 +233,8 @@ def allowed(opts: Sequence[Option], policy: str) -> list[Option]:
     if policy not in POLICIES:
         raise PlannerError(f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
     last = max(o.exit_index for o in opts)
+    if policy != "edgent":  # the baselines send float32 cut tensors
+        opts = [o for o in opts if o.encoding.name == "float32"]
     keep = {
         "edgent": lambda o: True,
         "device-only": lambda o: o.exit_index == last and o.partition is None,
@@ -176,9 +258,12 @@ def plan(
 
     `margin` is headroom against timing noise: an option meets the deadline if
     ``latency * (1 + margin) <= deadline`` (Edgent itself plans with margin 0).
+    Among those, the highest accuracy wins, then the highest agreement with
+    float32, then the lowest latency (options without a measured accuracy
+    rank by exit depth instead); among equals, the first in `opts`.
 
     Raises:
-      PlannerError: no options, or a non-positive bandwidth / deadline.
+      PlannerError: no options, or a bandwidth / deadline that is not > 0 (NaN included).
     """
     if not opts:
         raise PlannerError("no candidate (exit, partition) to plan with")
@@ -186,20 +271,20 @@ def plan(
         raise PlannerError(
             f"bandwidth and deadline must be > 0; got {bandwidth_bps}, {deadline_ms}"
         )
-    by_exit: dict[int, list[Option]] = {}
-    for o in opts:
-        by_exit.setdefault(o.exit_index, []).append(o)
-    best_overall: tuple[float, Option] | None = None
-    for idx in sorted(by_exit, reverse=True):  # deepest exit first
-        lat, opt = min(
-            ((o.latency_ms(bandwidth_bps, rtt_ms, cold), o) for o in by_exit[idx]),
-            key=lambda t: t[0],
-        )
+    measured = all(o.accuracy is not None for o in opts)
+    lats = [o.latency_ms(bandwidth_bps, rtt_ms, cold) for o in opts]
+    best: tuple[tuple, float, Option] | None = None
+    fastest: tuple[float, Option] | None = None
+    for lat, o in zip(lats, opts):
+        if fastest is None or lat < fastest[0]:
+            fastest = (lat, o)
         if lat * (1.0 + margin) <= deadline_ms:
-            return Plan(opt, lat, True, deadline_ms, bandwidth_bps)
-        if best_overall is None or lat < best_overall[0]:
-            best_overall = (lat, opt)
-    lat, opt = best_overall
+            key = (o.accuracy if measured else o.exit_index, o.agreement, -lat)
+            if best is None or key > best[0]:
+                best = (key, lat, o)
+    if best is not None:
+        return Plan(best[2], best[1], True, deadline_ms, bandwidth_bps)
+    lat, opt = fastest
     return Plan(opt, lat, False, deadline_ms, bandwidth_bps)
 
 
@@ -290,6 +375,8 @@ def build_parser() -> args_lib.ArgumentParser:
     p.add_argument("--rtt-ms", type=args_lib.real(0.0), default=0.0)
     p.add_argument("--margin", type=args_lib.real(0.0, 10.0), default=0.0,
                    help="relative headroom")  # fmt: skip
+    p.add_argument("--encodings", default=",".join(ENCODINGS),
+                   help="comma-separated, of float32, float16, int8")  # fmt: skip
     return p
 
 
@@ -298,11 +385,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    opts = allowed(options(Bundle.from_dir(args.bundle).manifest), args.policy)
-    print(f"{'Mbps':>8}  {'plan':<24}{'predicted ms':>13}  feasible")
+    wanted = [t.strip() for t in args.encodings.split(",")]
+    opts = options(Bundle.from_dir(args.bundle).manifest)
+    opts = allowed(with_encodings(opts, wanted), args.policy)
+    print(f"{'Mbps':>8}  {'plan':<26}{'encoding':<10}{'bytes up':>9}{'predicted ms':>13}"
+          f"{'accuracy':>10}  feasible")  # fmt: skip
     for b in (mbps * 1e6 for mbps in args.bandwidths):
         pl = plan(opts, b, args.deadline_ms, rtt_ms=args.rtt_ms, margin=args.margin)
-        print(f"{b / 1e6:>8.3f}  {pl.option.label():<24}{pl.predicted_ms:>13.2f}  {pl.feasible}")
+        o = pl.option
+        enc = o.encoding.name if o.remote else "-"
+        acc = "-" if o.accuracy is None else f"{o.accuracy:.4f}"
+        print(f"{b / 1e6:>8.3f}  {o.label():<26}{enc:<10}{o.up_bytes:>9}{pl.predicted_ms:>13.2f}"
+              f"{acc:>10}  {pl.feasible}")  # fmt: skip
     return 0
 
 

@@ -25,6 +25,10 @@ def test_edgent_job_smoke_runs_every_stage_resumes_and_refuses_another_config(tm
     assert REPORT_KEYS <= set(report)
     assert set(report["seconds"]) == {"train", "export", "sweep", "profile", "fit", "bench"}
     assert report["bundle"]["exits"][-1] == "final" and report["bundle"]["options"] > 0
+    # The export measured every cut encoding (bytes shrink float32 -> float16 -> int8).
+    enc = report["bundle"]["encodings"]
+    assert list(enc) == ["float32", "float16", "int8"] and enc["int8"]["cuts"] > 0
+    assert enc["int8"]["bytes"][1] * 4 == enc["float32"]["bytes"][1]
     assert set(report["fit"]["kinds"]) == {"device", "edge"} and report["fit"]["paths"]["count"]
     assert report["emulation"]["slowdown"] == 5.0 and report["emulation"]["ratio_median"] > 1
     bench = report["bench"]

@@ -8,7 +8,9 @@ once per test session; xdist workers share it through a file lock.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +26,7 @@ import pytest
 from open_inference.grpc import service as oip_service
 from test_adb import fake_adb, host_binary  # noqa: F401  (fixtures)
 
-from runtime import Bundle, BundleError, oip, planner
+from runtime import Bundle, BundleError, data, encoding, oip, planner
 from runtime.edge_server import EdgeService, make_server
 
 from conftest import ROOT, run_job
@@ -132,6 +134,209 @@ def test_partitions_cover_every_exit_and_cut_and_reproduce_exit_logits(bundle):
     got = model.signature("edge_7_p04")(model.signature("dev_p04")(x))
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert part["activations"]["4"]["bytes"] == 4 * int(np.prod(part["activations"]["4"]["shape"]))
+
+
+def _readers(part) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for e in part["exits"]:
+        for p in e["edge"]:
+            out.setdefault(p, set()).add(e["name"])
+    return out
+
+
+def test_exported_partitions_carry_every_cut_encoding_with_its_measured_accuracy(bundle):
+    part = bundle.manifest["partitions"]
+    readers = _readers(part)
+    assert part["encoding_eval"]["calibration_frames"] > 0
+    for cut, act in part["activations"].items():
+        if cut not in readers:
+            assert "encodings" not in act
+            continue
+        encs = act["encodings"]
+        assert [e["name"] for e in encs] == ["float32", "float16", "int8"]
+        assert [e["bytes"] for e in encs] == [act["bytes"], act["bytes"] // 2, act["bytes"] // 4]
+        assert all(set(e["exits"]) == readers[cut] for e in encs)
+        assert all(x["agreement"] == 1.0 for x in encs[0]["exits"].values())
+    # Measured as documented: int8 calibrated on the device prefix's activations of the
+    # training frames; device -> int8 -> edge on the validation frames, against the labels.
+    m = bundle.manifest
+    n_cal, n_val = part["encoding_eval"]["calibration_frames"], part["encoding_eval"][
+        "validation_frames"]  # fmt: skip
+    train = data.load(f"{m['data']['name']}:train", m)
+    val = data.load(f"{m['data']['name']}:val", m)
+    model = bundle.load_partitions()
+    dev, edge = model.signature("dev_p04"), model.signature("edge_7_p04")
+    cal = [dev(x[None]) for x in train.x[:n_cal]]
+    int8 = encoding.calibrate("int8", cal)
+    stored = part["activations"]["4"]["encodings"][2]
+    assert (stored["scale"], stored["zero_point"]) == (pytest.approx(int8.scale), int8.zero_point)
+    acts = [dev(x[None]) for x in val.x[:n_val]]
+    ref = np.array([edge(a).argmax() for a in acts])
+    got = np.array([edge(int8.roundtrip(a)).argmax() for a in acts])
+    assert stored["exits"]["exit_7"]["accuracy"] == pytest.approx(np.mean(got == val.y[:n_val]))
+    assert stored["exits"]["exit_7"]["agreement"] == pytest.approx(np.mean(got == ref))
+
+
+def test_encoding_effect_is_measured_a_miscalibrated_int8_loses_agreement(bundle):
+    from export import partitions as partitions_lib  # lazy: imports the converter (TF)
+
+    part = copy.deepcopy(bundle.manifest["partitions"])
+    frames = data.load("mnist5k:test", bundle.manifest)
+    # int8 calibrated on frames 50x too dark saturates on real ones: the loss must show.
+    partitions_lib.measure_encodings(
+        bundle.load_partitions(), part, frames.x[:20] * 0.02, frames.x[20:], frames.y[20:]
+    )
+    int8 = [x["agreement"] for a in part["activations"].values() for e in a.get("encodings", [])
+            if e["name"] == "int8" for x in e["exits"].values()]  # fmt: skip
+    assert min(int8) < 0.9
+    f32 = [x["agreement"] for a in part["activations"].values() for e in a.get("encodings", [])
+           if e["name"] == "float32" for x in e["exits"].values()]  # fmt: skip
+    assert set(f32) == {1.0}
+
+
+def test_planner_options_enumerate_each_cut_encoding_with_its_bytes_and_accuracy(bundle):
+    m = bundle.manifest
+    opts = planner.options(m)
+    part = m["partitions"]
+    acc = {e["name"]: e["val_accuracy"] for e in m["exits"]}
+    remote = [o for o in opts if o.remote]
+    assert len(remote) == 3 * sum(len(e["edge"]) for e in part["exits"])
+    for o in remote:
+        entries = {e["name"]: e for e in part["activations"][str(o.partition)]["encodings"]}
+        assert o.up_bytes == entries[o.encoding.name]["bytes"]
+        eff, ref = entries[o.encoding.name]["exits"][o.exit], entries["float32"]["exits"][o.exit]
+        # The exit's accuracy adjusted by the measured effect (a gain counts as none).
+        want = acc[o.exit] + min(0.0, eff["accuracy"] - ref["accuracy"])
+        assert o.accuracy == pytest.approx(want)
+        assert o.agreement == eff["agreement"]
+    # A bundle exported before encodings: float32 cuts only, its bytes as recorded.
+    old = copy.deepcopy(m)
+    for a in old["partitions"]["activations"].values():
+        a.pop("encodings", None)
+    del old["partitions"]["encoding_eval"]
+    old_opts = planner.options(old)
+    assert {o.encoding.name for o in old_opts} == {"float32"}
+    assert len(old_opts) == len(opts) - 2 * len(remote) // 3
+
+
+def _encoding_mutations(part) -> list[tuple[str, object]]:
+    """(what, edit of the partitions section) that verification must refuse: generated per
+    field of an encodings entry, its values' domains and the section's invariants."""
+    cut = next(c for c, a in part["activations"].items() if "encodings" in a)
+    other = next(c for c in part["activations"] if c not in _readers(part))
+    exit_name = next(iter(part["activations"][cut]["encodings"][0]["exits"]))
+
+    def entry(j):
+        return lambda p: p["activations"][cut]["encodings"][j]
+
+    cases = [
+        ("unknown key", lambda p: entry(0)(p).update(colour="red")),
+        ("unknown activation key", lambda p: p["activations"][cut].update(note=1)),
+        ("unknown encoding", lambda p: entry(1)(p).update(name="int4")),
+        ("name not a string", lambda p: entry(1)(p).update(name=16)),
+        ("float32 not first", lambda p: p["activations"][cut]["encodings"].reverse()),
+        ("listed twice", lambda p: p["activations"][cut]["encodings"].append(entry(1)(p))),
+        ("empty list", lambda p: p["activations"][cut].update(encodings=[])),
+        ("not a list", lambda p: p["activations"][cut].update(encodings={"name": "float32"})),
+        ("int8 without scale", lambda p: entry(2)(p).pop("scale")),
+        ("float16 with a scale", lambda p: entry(1)(p).update(scale=0.5)),
+        ("missing exits", lambda p: entry(0)(p).pop("exits")),
+        ("an exit missing", lambda p: entry(0)(p)["exits"].pop(exit_name)),
+        ("an unknown exit", lambda p: entry(0)(p)["exits"].update(exit_99=entry(0)(p)["exits"][
+            exit_name])),
+        ("effect key unknown", lambda p: entry(2)(p)["exits"][exit_name].update(loss=0.1)),
+        ("effect key missing", lambda p: entry(2)(p)["exits"][exit_name].pop("agreement")),
+        ("encodings at a cut no edge reads", lambda p: p["activations"][other].update(
+            encodings=p["activations"][cut]["encodings"])),
+        ("no encoding_eval", lambda p: p.pop("encoding_eval")),
+        ("encoding_eval extra", lambda p: p["encoding_eval"].update(seed=1)),
+        ("encoding_eval zero", lambda p: p["encoding_eval"].update(validation_frames=0)),
+    ]  # fmt: skip
+    for field, values in (
+        ("scale", [0, -1.0, "1", None, True, -0.0]),
+        ("zero_point", [-129, 128, 1.5, "0", None, True]),
+        ("bytes", [-1, 0, 1.5, "4", None, 10**30]),
+    ):
+        for v in values:
+            cases.append(
+                (f"int8 {field}={v!r}", lambda p, f=field, v=v: entry(2)(p).update({f: v}))
+            )
+    for key in ("accuracy", "agreement"):
+        for v in (-0.01, 1.01, "0.5", None, True):
+            cases.append((f"{key}={v!r}", lambda p, k=key, v=v: entry(1)(p)["exits"][
+                exit_name].update({k: v})))  # fmt: skip
+    cases.append(("wrong float16 bytes", lambda p: entry(1)(p).update(bytes=entry(0)(p)["bytes"])))
+    return cases
+
+
+def test_manifest_encodings_are_verified_and_every_bad_one_is_one_bundle_error(bundle, tmp_path):
+    part = bundle.manifest["partitions"]
+    refused = 0
+    for what, edit in _encoding_mutations(part):
+        d = tmp_path / f"b{refused}"
+        shutil.copytree(bundle.path, d)
+        m = json.loads((d / "manifest.json").read_text())
+        edit(m["partitions"])
+        _write_manifest(str(d), m)
+        with pytest.raises(BundleError) as e:
+            Bundle.from_dir(str(d))
+        msg = str(e.value)
+        assert "\n" not in msg and ("partitions" in msg or "beyond 2**53" in msg), (what, msg)
+        refused += 1
+        shutil.rmtree(d)
+    assert refused >= 40
+    # Without any encodings (a bundle from before them) it loads: float32 only.
+    d = tmp_path / "old"
+    shutil.copytree(bundle.path, d)
+    m = json.loads((d / "manifest.json").read_text())
+    for a in m["partitions"]["activations"].values():
+        a.pop("encodings", None)
+    del m["partitions"]["encoding_eval"]
+    _write_manifest(str(d), m)
+    assert Bundle.from_dir(str(d)).manifest["partitions"]
+
+
+def _write_manifest(path: str, m: dict) -> None:
+    raw = json.dumps(m).encode()
+    with open(os.path.join(path, "manifest.json"), "wb") as f:
+        f.write(raw)
+    with open(os.path.join(path, "manifest.sha256"), "w") as f:
+        f.write(hashlib.sha256(raw).hexdigest() + "\n")
+
+
+def test_planner_cli_shows_the_encoding_and_refuses_an_unknown_one(bundle):
+    proc = run_job("runtime.planner", f"--bundle={bundle.path}", "--deadline-ms=50",
+                   "--bandwidths=0.05,1000")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "encoding" in proc.stdout.splitlines()[0] and "accuracy" in proc.stdout.splitlines()[0]
+    for bad in ("--encodings=int4", "--encodings=float32,bf16", "--encodings=,"):
+        proc = run_job("runtime.planner", f"--bundle={bundle.path}", "--deadline-ms=50", bad)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), lines
+        assert "unknown encoding" in lines[0]
+
+
+def test_emulation_check_reports_every_signature_against_the_slowdown(bundle, tmp_path):
+    out = tmp_path / "emu.json"
+    proc = run_job("runtime.emulation_check", f"--bundle={bundle.path}", "--slowdown=8",
+                   "--rounds=2", "--min-ms=0.05", f"--json={out}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(out.read_text())
+    assert [r["signature"] for r in rep["signatures"]] == list(
+        bundle.manifest["partitions"]["signatures"]
+    )
+    assert rep["device"] == "local:threads=1:slowdown=8:clock=virtual"
+    for r in rep["signatures"]:
+        assert (
+            r["edge_ms"] > 0
+            and r["device_ms"] > 0
+            and r["within"] == (abs(r["ratio"] / 8 - 1) <= 0.1)
+        )
+    assert rep["summary"]["process_over_thread_cpu"] > 0
+    assert "within 10%" in proc.stdout
+    bad = run_job("runtime.emulation_check", f"--bundle={bundle.path}", "--slowdown=1")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:")
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_latency_fit_stores_models_and_reports_path_mape(bundle, edgent_dir):

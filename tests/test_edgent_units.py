@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import numpy as np
 import pytest
 
@@ -10,6 +13,7 @@ from runtime import oip, planner
 from runtime.coinfer import MAX_CALL_S, EdgeFailure, Link, clamp_timeout
 from runtime.encoding import Encoding, calibrate
 from runtime.planner import BandwidthEstimator, Option
+from runtime.profile import Target, Timeline
 
 
 def _opt(exit_index, partition, device_ms, edge_ms=0.0, up=0, name=None):
@@ -252,3 +256,107 @@ def test_link_constant_and_trace_parsing(tmp_path):
         Link.parse(str(tmp_path / "missing.csv"))
     with pytest.raises(ValueError):
         Link.parse("-3")
+
+
+# -- cut-tensor encodings in the plan ----------------------------------------------------------
+
+F32, F16, I8 = Encoding(), Encoding("float16"), Encoding("int8", 0.05, -128)
+
+
+def _enc_opts():
+    """One exit: device-only 100 ms; a cut at p=4 (10 kB as float32) in each encoding, whose
+    accuracy is the exit's 0.90 adjusted by a measured effect: float16 lossless, int8 -0.02."""
+    cut = [
+        Option("final", 0, 4, "d", "e", 10.0, 2.0, enc.nbytes((2500,)), 40, 0.0, enc, acc, agree)
+        for enc, acc, agree in ((F32, 0.90, 1.0), (F16, 0.90, 1.0), (I8, 0.88, 0.97))
+    ]
+    return [Option("final", 0, None, "e", None, 100.0, 0.0, 0, 0, 0.0, F32, 0.90, 1.0), *cut]
+
+
+def test_plan_picks_int8_when_only_int8_meets_the_deadline_at_low_bandwidth():
+    # 1 Mbps: float32 10 kB = 80 ms, float16 = 40 ms, int8 2.5 kB = 20 ms (+ 12 ms compute).
+    p = planner.plan(_enc_opts(), 1e6, 40.0)
+    assert p.feasible and p.option.encoding == I8 and p.option.label() == "final@p=4+int8"
+    assert p.option.up_bytes == 2500 and p.option.accuracy == pytest.approx(0.88)
+    assert p.predicted_ms == pytest.approx(12.0 + (2500 + 40) * 8 / 1e6 * 1e3)
+    # Baselines keep float32: neurosurgeon cannot use the int8 cut and misses.
+    ns = planner.allowed(_enc_opts(), "neurosurgeon")
+    assert {o.encoding.name for o in ns} == {"float32"}
+    assert planner.plan(ns, 1e6, 40.0).feasible is False
+
+
+def test_plan_picks_float32_when_bandwidth_is_ample_and_no_encoding_is_more_accurate():
+    p = planner.plan(_enc_opts(), 1000e6, 40.0)
+    # float16 is as accurate and agrees as well: equal merit, so the lower latency wins.
+    assert p.option.encoding == F16
+    assert p.option.label() == "final@p=4+float16"
+    lossy16 = [dataclasses.replace(o, agreement=0.999) if o.encoding == F16 else o
+               for o in _enc_opts()]  # fmt: skip
+    p = planner.plan(lossy16, 1000e6, 40.0)
+    assert p.option.encoding == F32 and p.option.label() == "final@p=4"
+    # Accuracy first: at 1 Mbps with a 60 ms deadline float16 (52 ms) beats int8 (32 ms).
+    assert planner.plan(_enc_opts(), 1e6, 60.0).option.encoding == F16
+
+
+def test_plan_without_measured_accuracy_ranks_by_exit_depth_then_latency():
+    opts = [dataclasses.replace(o, accuracy=None) for o in _enc_opts()]
+    assert planner.plan(opts, 1e6, 40.0).option.encoding == I8  # the only feasible one
+    # All as deep: the most faithful (agreement 1.0), then the fastest of those.
+    assert planner.plan(opts, 1000e6, 40.0).option.encoding == F16
+
+
+def test_encodings_filter_and_label_split_and_unknown_encoding_is_an_error():
+    assert {o.encoding.name for o in planner.with_encodings(_enc_opts(), ["float32"])} == {
+        "float32"
+    }
+    assert len(planner.with_encodings(_enc_opts(), ["int8"])) == 2  # device-only stays
+    assert planner.split_label("final@p=4+int8") == ("final@p=4", "int8")
+    assert planner.split_label("final@edge-only") == ("final@edge-only", "float32")
+    with pytest.raises(planner.PlannerError, match="unknown encoding 'int4'"):
+        planner.with_encodings(_enc_opts(), ["int4"])
+
+
+# -- the emulated device's virtual clock --------------------------------------------------------
+
+
+def _spin(cpu_s: float) -> None:
+    end = time.thread_time() + cpu_s
+    while time.thread_time() < end:
+        pass
+
+
+def test_virtual_device_charges_slowdown_times_cpu_and_nothing_for_waiting():
+    dev = Target.parse("local:threads=1:slowdown=10")
+    assert dev.clock == "virtual" and dev.emulated
+    _, waited = dev.measure(time.sleep, 0.05)  # no CPU: a dedicated device does not wait
+    assert waited < 0.05
+    _, busy = dev.measure(_spin, 0.02)
+    assert busy >= 10 * 0.02 * 0.999
+    clock = Timeline()
+    t0 = clock.now()
+    clock.measure(dev, _spin, 0.02)
+    assert clock.now() - t0 >= 10 * 0.02 * 0.999  # the frame clock advanced by device time
+    edge = Target.parse("local:threads=1")
+    assert not edge.emulated and edge.measure(time.sleep, 0.02)[1] >= 0.02  # wall time
+    assert Target.parse("local:slowdown=4:clock=sleep").clock == "sleep"
+    for bad in ("local:clock=atomic", "local:slowdown=0.5", "local:speed=2"):
+        with pytest.raises(ValueError, match="bad target option"):
+            Target.parse(bad)
+
+
+def test_figures_plot_plans_that_name_their_cut_encoding(tmp_path):
+    from export import edgent_figures  # lazy: matplotlib, for this test only
+
+    def run(plans, policy="edgent", deadline=10.0, bw="1.0"):
+        return {"plans": plans, "policy": policy, "deadline_ms": deadline, "bandwidth": bw,
+                "predicted_mean_ms": 5.0, "mean_ms": 6.0, "effective_accuracy": 0.9}  # fmt: skip
+
+    rep = {
+        "deadline_ms": 10.0, "bandwidth_mbps": 1.0, "exits": ["exit_3", "final"],
+        "policies": ["edgent"], "deadlines": [10.0],
+        "bandwidth": [run({"final@p=4+int8": 7, "exit_3@device-only": 1}, bw="0.5"),
+                      run({"final@edge-only+float16": 8}, bw="10")],
+        "deadline": [run({"final@p=4": 8})], "trace": {},
+    }  # fmt: skip
+    paths = edgent_figures.plot(rep, str(tmp_path))
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["edgent_bandwidth.png", "edgent_deadline.png"]
