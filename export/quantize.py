@@ -53,7 +53,10 @@ def _describe(rule: Mapping[str, Any]) -> str:
 
 
 def supported(op: str) -> list[str]:
-    """What the quantizer's policy allows for weights of TFLite op `op`, e.g. ``dynamic int4 channelwise``."""
+    """What the quantizer's policy allows for the weights of TFLite op `op`.
+
+    Entries read ``<mode> int<bits> <granularity>``, e.g. ``dynamic int4 channelwise``.
+    """
     qtyping, _ = _lib()
     from litert_quantizer.default_policy import DEFAULT_CONFIG_CHECK_POLICY
 
@@ -98,7 +101,8 @@ def _normalize(rule: Any, where: str) -> dict[str, Any]:
         raise QuantizeError(f"{where}: bits must be one of {BITS}, got {bits!r}")
     if gran not in GRANULARITIES:
         raise QuantizeError(
-            f"{where}: unknown granularity {rule['granularity']!r}; valid: {', '.join(GRANULARITIES)}"
+            f"{where}: unknown granularity {rule['granularity']!r}; "
+            f"valid: {', '.join(GRANULARITIES)}"
         )
     return {"op": op, "bits": int(bits), "granularity": gran, "mode": mode}
 
@@ -169,5 +173,7 @@ def quantize(float_model: bytes, rules: Sequence[Any], name: str = "recipe") -> 
     try:
         result = q.quantize(enable_progress_bar=False, enable_progress_report=False)
     except (ValueError, RuntimeError) as e:
-        raise QuantizeError(f"litert-quantizer failed on {name!r}: {str(e).splitlines()[0]}") from None
+        raise QuantizeError(
+            f"litert-quantizer failed on {name!r}: {str(e).splitlines()[0]}"
+        ) from None
     return bytes(result.quantized_model)

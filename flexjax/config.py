@@ -263,6 +263,15 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("ams.trace.hours", _real(0.0, 24.0 * 7, lo_open=True)),
     ("ams.trace.mean_rate", _real(0.0, 1000.0, lo_open=True)),
     ("ams.trace.bursts", _int(0, 10_000)),
+    # Pretrained EfficientNet-Lite catalog (train.lite_catalog).
+    ("resolutions", _each(_int(32, 1024))),
+    ("original.resolution", _int(32, 1024)),
+    ("clips.fps", _real(0.0, 120.0)),  # 0 = every frame (flexjax.data.clips.MAX_FPS)
+    ("clips.max_frames", _int(0, 100_000)),  # 0 = all (flexjax.data.clips.MAX_FRAMES)
+    ("clips.decode_resolutions", _each(_int(32, 1024))),
+    ("clips.reference_resolution", _int(0, 1024)),  # 0 = the reference's native size
+    ("clips.test_frames", _int(0, MAX_COUNT)),  # 0 = all
+    ("calibration_frames", _int(1, 100_000)),
 )
 
 
@@ -470,3 +479,36 @@ def validate(
     full = schema_fn()
     full.update(config)  # nested update keeps defaults for keys the config omits
     return full
+
+
+def lite_catalog_defaults() -> ml_collections.ConfigDict:
+    """A pretrained EfficientNet-Lite catalog (``python -m train.lite_catalog``): every key.
+
+    Variants are ``models x resolutions x weights`` plus ``originals`` (fp32 at
+    their native size) and ``original`` (the baseline every ratio is against).
+    ``weights`` entries are the TFLite converter's modes (`export.convert.PRECISIONS`)
+    or the names of ``recipes`` (lists of `export.quantize` rules applied by
+    litert-quantizer). Semantic checks are `pipelines.lite_catalog.validate`'s.
+    """
+    c = ml_collections.ConfigDict()
+    c.models = ("efficientnet_lite0",)
+    c.resolutions = (224,)
+    c.weights = ("fp32",)
+    c.originals = []  # more models, fp32 at their native resolution
+    c.original = ml_collections.ConfigDict(
+        {"model": "efficientnet_lite0", "resolution": 224, "weights": "fp32"}
+    )
+    c.recipes = []  # [{"name": ..., "rules": [{"op", "bits", "granularity", "mode"}, ...]}]
+    c.clips = ml_collections.ConfigDict(
+        {"train": "vtest,bigbuckbunny,bikes", "test": "box,megamind", "fps": 5.0,
+         "max_frames": 0, "decode_resolutions": (224,), "reference": "efficientnet_lite2",
+         "reference_resolution": 0, "test_frames": 0}
+    )  # fmt: skip
+    c.calibration_frames = 64  # int8: training-clip frames that calibrate activation ranges
+    c.bench = ml_collections.ConfigDict(
+        {"rounds": 3, "frames": 20, "warmup": 3, "load_repeats": 3, "threads": 1}
+    )
+    c.energy = ml_collections.ConfigDict(
+        {"cpu_power_w": 1.5, "dram_j_per_byte": 1.6e-10, "storage_j_per_byte": 1.0e-9}
+    )
+    return c

@@ -240,6 +240,8 @@ ABSL_JOBS = {
                      "edgent_defaults"),
     "train.throughput": (["--config=configs/mnist_lenet_branchy.py:smoke"], None),
     "train.pretrained": (["--model=efficientnet_lite0", "--workdir=W"], None),
+    "train.lite_catalog": (["--config=configs/clips_lite_catalog.py:smoke", "--workdir=W"],
+                           "lite_catalog_defaults"),
     "export.bundle": (["--workdir=W", "--out=O"], None),
 }  # fmt: skip
 
@@ -329,7 +331,9 @@ def test_absl_job_every_numeric_flag_and_config_key_refuses_bad_values_in_one_li
 
 # --- config values through validate(): every numeric key of every schema ---------------------
 
-SCHEMAS = ("defaults", "flexdnn_defaults", "catalog_defaults", "edgent_defaults")
+SCHEMAS = (
+    "defaults", "flexdnn_defaults", "catalog_defaults", "edgent_defaults", "lite_catalog_defaults",
+)  # fmt: skip
 
 
 def _bad_values(d: args_lib.Domain) -> list:

@@ -1,0 +1,420 @@
+"""MCDNN's catalog on the pretrained EfficientNet-Lite family: build, export, measure.
+
+`run(config, workdir)` (``python -m train.lite_catalog``; schema
+`flexjax.config.lite_catalog_defaults`, example ``configs/clips_lite_catalog.py``):
+
+1. `validate`: model names, resolutions (each must have decoded frames at or
+   above it), weight formats (converter modes or litert-quantizer recipes,
+   every rule checked against the quantizer's policy) -- before any work;
+2. the real clips (`flexjax.data.clips`, through the cache): the test split at
+   every ``clips.decode_resolutions`` size, the training split at the first
+   (int8 calibration only); a variant at another size gets the frames of the
+   smallest decoded size above it, resized (Pillow bilinear, antialiased);
+3. per variant (resumable: ``variants/<name>.tflite`` + ``.json``, reused when
+   its spec and sha256 match): pretrained weights at its resolution
+   (`flexjax.models.pretrained`), the ``full`` signature converted to fp32
+   TFLite, then the converter's fp16 / dynamic / int8 mode or a
+   litert-quantizer recipe (`export.quantize`) applied to the fp32 flatbuffer;
+   top-1 of every test frame **in the LiteRT interpreter**;
+4. agreement with the reference labels and with the original's top-1; LiteRT
+   latency at batch 1 of every variant interleaved with the original in one
+   run (`runtime.timing.interleaved`), load time (`runtime.mcdnn.time_load`),
+   parameters, bytes on disk, FLOPs (`flexjax.costs`), energy from the
+   documented model (`pipelines.mcdnn.energy_model`);
+5. ``catalog.json``: ``tasks.imagenet.variants`` (one row per variant: its
+   file, sha256 and numbers; what `runtime.ams.load_catalog` reads, numpy
+   only) and ``targets`` (issue 15's memory / latency targets vs the original).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from flexjax.data import clips as clips_lib
+from flexjax.io import sha256_file, write_json_atomic
+
+CONVERTER_MODES = ("fp32", "fp16", "dynamic", "int8")  # export.convert.PRECISIONS
+TASK = "imagenet"
+VARIANTS_DIR = "variants"
+CATALOG = "catalog.json"
+SCHEMA = "lite_catalog/1"
+# Issue 15's targets vs the original (fp32 Lite0 at 224 px), measured in LiteRT.
+MEMORY_TARGET, LATENCY_TARGET, MAX_DROP_POINTS = 10.0, 3.0, 2.0
+
+
+def _short(model: str) -> str:
+    return model.removeprefix("efficientnet_")
+
+
+def variant_name(model: str, resolution: int, weights: str) -> str:
+    """``lite0_224_int8``: one name per (model, resolution, weights)."""
+    return f"{_short(model)}_{resolution}_{weights}"
+
+
+def _clip_config(c, resolution: int, *, train: bool) -> clips_lib.ClipConfig:
+    cl = c.clips
+    return clips_lib.ClipConfig(
+        train=cl.train if train else (), val=(), test=cl.test, fps=float(cl.fps),
+        max_frames=int(cl.max_frames), resolution=int(resolution), reference=cl.reference,
+        reference_resolution=int(cl.reference_resolution),
+    )  # fmt: skip
+
+
+def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
+    """The variants a config asks for (the original first) and its checked quantizer recipes.
+
+    Raises:
+      ValueError: an unknown model or weight format, a resolution without
+        decoded frames at or above it, a malformed recipe or one the quantizer
+        does not support for an op (`export.quantize.QuantizeError`), or bad clip names.
+    """
+    from export import quantize
+
+    models = dict(clips_lib.REFERENCE_MODELS)  # name -> native resolution
+    recipes: dict[str, list[dict]] = {}
+    for i, r in enumerate(c.recipes):
+        if not hasattr(r, "keys") or set(r.keys()) != {"name", "rules"}:
+            raise ValueError(f"recipes[{i}] must be {{'name': ..., 'rules': [...]}}, got {r!r}")
+        name = str(r["name"])
+        if name in CONVERTER_MODES or name in recipes or not name.isidentifier():
+            raise ValueError(
+                f"recipes[{i}] name {name!r} must be a new identifier, not one of "
+                f"{', '.join(CONVERTER_MODES)} or an earlier recipe's"
+            )
+        recipes[name] = quantize.check_recipe(list(r["rules"]), name)
+    valid_weights = (*CONVERTER_MODES, *recipes)
+    decode = sorted(int(d) for d in c.clips.decode_resolutions)
+    if not decode:
+        raise ValueError("clips.decode_resolutions is empty; e.g. (224,)")
+    for d in decode:  # clip names, fps, reference: refused before any decoding
+        _clip_config(c, d, train=True)
+
+    def check(model: str, resolution: int, weights: str, where: str) -> dict[str, Any]:
+        if model not in models:
+            raise ValueError(f"{where}: unknown model {model!r}; valid: {', '.join(models)}")
+        if weights not in valid_weights:
+            raise ValueError(
+                f"{where}: unknown weights {weights!r}; valid: converter modes "
+                f"{', '.join(CONVERTER_MODES)} or recipes {', '.join(recipes) or '(none defined)'}"
+            )
+        if isinstance(resolution, bool) or not isinstance(resolution, int):
+            raise ValueError(f"{where}: resolution must be an int, got {resolution!r}")
+        if not 32 <= resolution <= decode[-1]:
+            raise ValueError(
+                f"{where}: resolution {resolution} px is out of range [32, {decode[-1]}] "
+                "(the largest clips.decode_resolutions); add a decode resolution to go higher"
+            )
+        return {"name": variant_name(model, resolution, weights), "model": model,
+                "resolution": resolution, "weights": weights}  # fmt: skip
+
+    o = c.original
+    out = [check(str(o.model), o.resolution, str(o.weights), "original")]
+    grid = itertools.product(c.models, c.resolutions, c.weights)
+    out += [check(str(m), r, str(w), "models x resolutions x weights") for m, r, w in grid]
+    out += [check(str(m), models.get(str(m), 0), "fp32", "originals") for m in c.originals]
+    seen: dict[str, dict] = {}
+    for v in out:
+        seen.setdefault(v["name"], v)
+    if "int8" in c.weights and not c.clips.train:
+        raise ValueError("int8 weights need clips.train (calibration frames); none given")
+    return list(seen.values()), recipes
+
+
+# ---------------------------------------------------------------------------
+# Frames.
+# ---------------------------------------------------------------------------
+
+
+def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, R, R, 3] -> [N, size, size, 3], Pillow bilinear (antialiased when shrinking)."""
+    from PIL import Image
+
+    if frames.shape[1] == size:
+        return frames
+    out = [np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in frames]
+    return np.stack(out).astype(np.uint8)
+
+
+def _pick(n: int, k: int) -> np.ndarray:
+    """`k` indices spread evenly over [0, n) (all of them if k is 0 or >= n)."""
+    if k <= 0 or k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
+
+
+def load_frames(c, resolutions: Sequence[int], need_calibration: bool) -> dict[str, Any]:
+    """Test (and calibration) frames at every resolution, with the reference labels."""
+    decode = sorted(int(d) for d in c.clips.decode_resolutions)
+    test: dict[int, np.ndarray] = {}
+    labels = conf = None
+    calib_src = None
+    info: dict[str, Any] = {}
+    for i, d in enumerate(decode):
+        splits = clips_lib.load_clips(_clip_config(c, d, train=need_calibration and i == 0))
+        keep = _pick(len(splits.test), int(c.clips.test_frames))
+        test[d] = splits.test.frames[keep]
+        if labels is None:
+            labels, conf = splits.test.labels[keep], splits.test.conf[keep]
+            info = {"test_clips": list(splits.test.clips), "test_frames": int(len(keep)),
+                    "clip_info": splits.info}  # fmt: skip
+        elif not np.array_equal(labels, splits.test.labels[keep]):
+            raise ValueError(f"the test clips' labels differ between decodes at {decode}")
+        if need_calibration and i == 0:
+            pick = _pick(len(splits.train), int(c.calibration_frames))
+            calib_src = splits.train.frames[pick]
+    frames, calib = {}, {}
+    for r in sorted(set(resolutions)):
+        src = min(d for d in decode if d >= r)
+        frames[r] = clips_lib.to_float(_resize(test[src], r))
+        if calib_src is not None:
+            calib[r] = clips_lib.to_float(_resize(calib_src, r))
+    info["decode_resolutions"] = decode
+    return {"test": frames, "labels": labels, "conf": conf, "calibration": calib, "info": info}
+
+
+# ---------------------------------------------------------------------------
+# Variants.
+# ---------------------------------------------------------------------------
+
+
+class _Models:
+    """Pretrained nets and their fp32 flatbuffers, built once per (model, resolution)."""
+
+    def __init__(self):
+        self._nets: dict[tuple[str, int], tuple] = {}
+        self._fp32: dict[tuple[str, int], bytes] = {}
+
+    def net(self, model: str, resolution: int):
+        from flexjax.models import pretrained
+
+        key = (model, resolution)
+        if key not in self._nets:
+            self._nets[key] = pretrained.load(model, resolution)
+        return self._nets[key]
+
+    def plans(self, net):
+        from export import convert
+
+        return [p for p in convert.plan_signatures(net) if p.name == convert.FULL]
+
+    def fp32(self, model: str, resolution: int) -> bytes:
+        from export import convert
+
+        key = (model, resolution)
+        if key not in self._fp32:
+            net, variables = self.net(model, resolution)
+            self._fp32[key] = convert.to_tflite(net, variables, self.plans(net))
+        return self._fp32[key]
+
+    def export(self, v: Mapping[str, Any], recipes, calibration) -> bytes:
+        from export import convert, quantize
+
+        m, r, w = v["model"], v["resolution"], v["weights"]
+        if w == "fp32":
+            return self.fp32(m, r)
+        if w in recipes:
+            return quantize.quantize(self.fp32(m, r), recipes[w], w)
+        net, variables = self.net(m, r)
+        rep = {convert.FULL: calibration[r]} if w == "int8" else None
+        return convert.to_tflite(
+            net, variables, self.plans(net), precision=w, representative=rep,
+            num_calibration=len(calibration.get(r, ())),
+        )  # fmt: skip
+
+
+def _spec(c, v: Mapping[str, Any], recipes, frames_info) -> dict[str, Any]:
+    """What a variant's file and numbers depend on (a resumed row must match it)."""
+    return {
+        **{k: v[k] for k in ("model", "resolution", "weights")},
+        "rules": recipes.get(v["weights"]),
+        "calibration_frames": int(c.calibration_frames) if v["weights"] == "int8" else None,
+        "clips": {k: c.clips[k] for k in ("train", "test", "fps", "max_frames", "reference",
+                                          "reference_resolution", "test_frames")},
+        "decode_resolutions": frames_info["decode_resolutions"],
+        "threads": int(c.bench.threads),
+    }  # fmt: skip
+
+
+def _predict(path: str, x: np.ndarray, threads: int) -> np.ndarray:
+    from runtime.lite import Model
+    from runtime.names import FULL
+
+    sig = Model(path, num_threads=threads).signature(FULL)
+    return np.array([int(np.argmax(sig(np.ascontiguousarray(f[None])))) for f in x], np.int64)
+
+
+def build_variant(c, v, recipes, data, models: _Models, workdir: str, log=print) -> dict:
+    """Exports one variant (or reuses a matching one) and measures its top-1 on the test frames."""
+    from flexjax import costs
+
+    directory = os.path.join(workdir, VARIANTS_DIR)
+    rel = os.path.join(VARIANTS_DIR, f"{v['name']}.tflite")
+    path, row_path = os.path.join(workdir, rel), os.path.join(directory, f"{v['name']}.json")
+    spec = _spec(c, v, recipes, data["info"])
+    if os.path.isfile(path) and os.path.isfile(row_path):
+        try:
+            with open(row_path) as f:
+                row = json.load(f)
+        except (OSError, ValueError):
+            row = {}  # damaged: rebuilt below
+        if (
+            isinstance(row, dict)
+            and row.get("spec") == spec
+            and row.get("sha256") == sha256_file(path)
+        ):
+            log(f"{v['name']}: reused ({row['bytes']:,} bytes)")
+            return row
+    t0 = time.perf_counter()
+    buf = models.export(v, recipes, data["calibration"])
+    export_s = time.perf_counter() - t0
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf)
+    os.replace(tmp, path)
+    pred = _predict(path, data["test"][v["resolution"]], int(c.bench.threads))
+    net, _ = models.net(v["model"], v["resolution"])
+    row = {
+        **{k: v[k] for k in ("name", "model", "resolution", "weights")},
+        "file": rel,
+        "sha256": sha256_file(path),
+        "bytes": os.path.getsize(path),
+        "params": int(costs.of(net).backbone.params),
+        "flops": int(2 * costs.multiply_adds(net)),
+        "export_s": round(export_s, 2),
+        "top1": pred.tolist(),
+        "spec": spec,
+    }
+    write_json_atomic(row_path, row)
+    log(f"{v['name']}: {row['bytes']:,} bytes, exported in {export_s:.1f} s")
+    return row
+
+
+# ---------------------------------------------------------------------------
+# Measurement and the catalog.
+# ---------------------------------------------------------------------------
+
+
+def measure(c, rows: list[dict], data, workdir: str) -> dict[str, Any]:
+    """Adds agreement, latency (interleaved with the original), load time and energy to rows."""
+    from pipelines.mcdnn import energy_model
+    from runtime import timing
+    from runtime.lite import Model
+    from runtime.mcdnn import time_load
+    from runtime.names import FULL
+
+    b = c.bench
+    labels, sure = data["labels"], data["conf"] >= 0.5
+    orig = rows[0]
+    orig_top1 = np.asarray(orig["top1"])
+    for r in rows:
+        top1 = np.asarray(r["top1"])
+        r["accuracy"] = float(np.mean(top1 == labels))  # agreement with the reference labels
+        r["accuracy_conf_ge_0.5"] = (
+            float(np.mean(top1[sure] == labels[sure])) if sure.any() else None
+        )
+        r["agreement_original"] = float(np.mean(top1 == orig_top1))
+    threads = int(b.threads)
+    sigs = {r["name"]: Model(os.path.join(workdir, r["file"]), num_threads=threads).signature(FULL)
+            for r in rows}  # fmt: skip
+    inputs = {
+        r["name"]: [
+            np.ascontiguousarray(x[None]) for x in data["test"][r["resolution"]][: b.frames]
+        ]
+        for r in rows
+    }
+    t = timing.interleaved(
+        sigs, inputs, rounds=int(b.rounds), warmup=int(b.warmup), order="rotate",
+        keep_outputs=False,
+    )  # fmt: skip
+    median, stats = t.median_round_ms(), t.stats()
+    for r in rows:
+        r["latency_ms"] = median[r["name"]]
+        r["latency_p50_ms"] = stats[r["name"]]["p50_ms"]
+        r["load_ms"] = time_load(
+            os.path.join(workdir, r["file"]), repeats=int(b.load_repeats), threads=threads
+        )["p50_ms"]
+        r["energy_run_j"], r["energy_load_j"] = energy_model(r, c.energy)
+        r["energy_source"] = "model"
+    for r in rows:
+        r["memory_ratio"] = orig["bytes"] / r["bytes"]  # > 1: smaller than the original
+        r["latency_ratio"] = orig["latency_ms"] / r["latency_ms"]  # > 1: faster
+        r["accuracy_drop_points"] = 100.0 * (orig["accuracy"] - r["accuracy"])
+    return {"frames": len(next(iter(inputs.values()))), "rounds": int(b.rounds),
+            "warmup": int(b.warmup), "threads": threads, "order": "rotate"}  # fmt: skip
+
+
+def targets(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Issue 15's memory and latency targets: met or not, and the best variant within 2 points."""
+    out = {}
+    for key, goal in (("memory_ratio", MEMORY_TARGET), ("latency_ratio", LATENCY_TARGET)):
+        ok = [r for r in rows[1:] if r["accuracy_drop_points"] <= MAX_DROP_POINTS]
+        best = max(ok, key=lambda r: r[key], default=None)
+        out[key] = {
+            "target": goal,
+            "max_drop_points": MAX_DROP_POINTS,
+            "met": bool(best is not None and best[key] >= goal),
+            "best_within_drop": None if best is None else
+            {"name": best["name"], key: best[key], "drop_points": best["accuracy_drop_points"]},
+            "best_overall": max(({"name": r["name"], key: r[key],
+                                  "drop_points": r["accuracy_drop_points"]} for r in rows[1:]),
+                                key=lambda d: d[key], default=None),
+        }  # fmt: skip
+    return out
+
+
+def run(c, workdir: str, log=print) -> dict[str, Any]:
+    """Builds, measures and writes the catalog (module docstring); returns what it wrote."""
+    variants, recipes = validate(c)
+    os.makedirs(os.path.join(workdir, VARIANTS_DIR), exist_ok=True)
+    need_calibration = any(v["weights"] == "int8" for v in variants)
+    t0 = time.perf_counter()
+    data = load_frames(c, [v["resolution"] for v in variants], need_calibration)
+    log(f"clips: {data['info']['test_frames']} test frames ({time.perf_counter() - t0:.1f} s)")
+    models = _Models()
+    rows = [build_variant(c, v, recipes, data, models, workdir, log) for v in variants]
+    bench = measure(c, rows, data, workdir)
+    report = {
+        "schema": SCHEMA,
+        "tasks": {TASK: {"original": rows[0]["name"], "variants": rows}},
+        "targets": targets(rows),
+        "recipes": recipes,
+        "data": {k: v for k, v in data["info"].items() if k != "clip_info"},
+        "bench": bench,
+        "energy": dict(c.energy),
+        "load_average": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+    }
+    write_json_atomic(os.path.join(workdir, CATALOG), report)
+    return report
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The catalog as a Markdown table, then the targets."""
+    rows = report["tasks"][TASK]["variants"]
+    lines = [
+        "| variant | params | bytes | MFLOPs | agreement | vs original top-1 | drop (pts) "
+        "| ms (LiteRT, b=1) | latency x | memory x | load ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['bytes'] / 2**20:.2f} MiB "
+            f"| {r['flops'] / 1e6:.0f} | {r['accuracy']:.3f} | {r['agreement_original']:.3f} "
+            f"| {r['accuracy_drop_points']:+.1f} | {r['latency_ms']:.2f} "
+            f"| {r['latency_ratio']:.2f} | {r['memory_ratio']:.2f} | {r['load_ms']:.1f} |"
+        )
+    for key, t in report["targets"].items():
+        b = t["best_within_drop"]
+        best = "none" if b is None else f"{b['name']} {b[key]:.2f}x at {b['drop_points']:+.1f} pts"
+        lines.append(
+            f"{key} >= {t['target']:g}x at <= {t['max_drop_points']:g} pts: "
+            f"{'MET' if t['met'] else 'NOT met'} (best within the drop: {best})"
+        )
+    return "\n".join(lines)
