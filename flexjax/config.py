@@ -495,6 +495,7 @@ def lite_catalog_defaults() -> ml_collections.ConfigDict:
     c.resolutions = (224,)
     c.weights = ("fp32",)
     c.originals = []  # more models, fp32 at their native resolution
+    c.extras = []  # more single variants: [{"model", "resolution", "weights"}, ...]
     c.original = ml_collections.ConfigDict(
         {"model": "efficientnet_lite0", "resolution": 224, "weights": "fp32"}
     )

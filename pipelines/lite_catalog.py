@@ -119,6 +119,10 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
     grid = itertools.product(c.models, c.resolutions, c.weights)
     out += [check(str(m), r, str(w), "models x resolutions x weights") for m, r, w in grid]
     out += [check(str(m), models.get(str(m), 0), "fp32", "originals") for m in c.originals]
+    for i, e in enumerate(c.extras):
+        if not hasattr(e, "keys") or set(e.keys()) != {"model", "resolution", "weights"}:
+            raise ValueError(f"extras[{i}] must be {{'model', 'resolution', 'weights'}}, got {e!r}")
+        out.append(check(str(e["model"]), e["resolution"], str(e["weights"]), f"extras[{i}]"))
     seen: dict[str, dict] = {}
     for v in out:
         seen.setdefault(v["name"], v)

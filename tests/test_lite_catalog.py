@@ -137,6 +137,15 @@ _BAD = {
     "resolution_below_domain": ("c.resolutions = (16,)", "config key 'resolutions'"),
     "original_resolution_huge": ("c.original.resolution = 5000", "original.resolution"),
     "unknown_model": ('c.originals = ("efficientnet_b7",)', "unknown model 'efficientnet_b7'"),
+    "extra_without_weights": (
+        'c.extras = [{"model": "efficientnet_lite0", "resolution": 64}]',
+        "extras[0] must be",
+    ),
+    "unknown_granularity": (
+        'c.recipes = [{"name": "q", "rules": [{"op": "FULLY_CONNECTED", "bits": 4, '
+        '"granularity": "blockwise_48", "mode": "dynamic"}]}]',
+        "unknown granularity 'blockwise_48'",
+    ),
 }
 
 
