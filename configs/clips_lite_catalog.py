@@ -4,11 +4,12 @@
   python -m train.lite_catalog --config=configs/clips_lite_catalog.py:smoke --workdir=/tmp/lc
 
 Variants (issue 15, item 1: the "input resolution" and "low-bit weights" axes):
-``efficientnet_lite0`` at 224 / 192 / 160 / 128 px, each with
+``efficientnet_lite0`` at 224 / 192 / 176 / 160 / 128 px, each with
 
-* ``fp32``, ``fp16``, ``int8``: the TFLite converter's own modes
-  (`export.convert.PRECISIONS`; ``int8`` = integer weights and activations,
-  activation ranges calibrated on training-clip frames, float input/output);
+* ``fp32``, ``fp16``, ``dynamic``, ``int8``: the TFLite converter's own modes
+  (`export.convert.PRECISIONS`; ``dynamic`` = int8 weights, float activations;
+  ``int8`` = integer weights and activations, activation ranges calibrated on
+  64 training-clip frames, float input/output);
 * ``mixed4``: litert-quantizer (`export.quantize`): 4-bit weights in blocks of
   32 for the classifier (``FULLY_CONNECTED``, 27% of Lite0's weights; the only
   op 0.11.0 quantizes blockwise) and 8-bit per-channel weights for the 1x1 /
@@ -52,8 +53,8 @@ INT4_CONV = [
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = lite_catalog_defaults()
     c.models = ("efficientnet_lite0",)
-    c.resolutions = (224, 192, 160, 128)
-    c.weights = ("fp32", "fp16", "int8", "mixed4")
+    c.resolutions = (224, 192, 176, 160, 128)
+    c.weights = ("fp32", "fp16", "dynamic", "int8", "mixed4")
     c.originals = ("efficientnet_lite1", "efficientnet_lite2")
     c.recipes = [{"name": "mixed4", "rules": MIXED4}, {"name": "int4_conv", "rules": INT4_CONV}]
     c.extras = [{"model": "efficientnet_lite0", "resolution": 224, "weights": "int4_conv"}]
