@@ -382,10 +382,13 @@ def catalog_defaults() -> ml_collections.ConfigDict:
 def schema_of(config: Any) -> Callable[[], ml_collections.ConfigDict]:
     """The schema a config follows.
 
-    Catalog (has ``base``), Edgent (``model_config``), FlexDNN (``flexdnn``) or training.
+    Catalog (has ``base``), lite catalog (``recipes`` and ``resolutions``), Edgent
+    (``model_config``), FlexDNN (``flexdnn``) or training.
     """
     if "base" in config:
         return catalog_defaults
+    if "recipes" in config and "resolutions" in config:
+        return lite_catalog_defaults
     if "model_config" in config:
         return edgent_defaults
     return flexdnn_defaults if "flexdnn" in config else defaults
