@@ -16,12 +16,13 @@ Variants (issue 15, item 1: the "input resolution" and "low-bit weights" axes):
   3x3 and depthwise convolutions, all "dynamic" (integer kernels, float
   activations);
 * ``int4_conv`` (Lite0 at 224 px only, an ``extras`` entry): 4-bit per-channel
-  weights for every ``CONV_2D`` as well, which the quantizer accepts. LiteRT
-  runs it faithfully (its top-1 equals that of the fp32 file with the
-  dequantized 4-bit weights written back as floats), but min-max 4-bit
-  post-training weights on the BN-folded convolutions destroy the model (see
-  BENCHMARKS.md): without quantization-aware fine-tuning it is not a usable
-  catalog member;
+  weights for every ``CONV_2D`` as well, which the quantizer accepts. The
+  model collapses (0% agreement), and not because of LiteRT: the same 4-bit
+  weights stored weight-only give exactly the top-1 of the fp32 file with the
+  dequantized weights written back as floats
+  (`export.quantize.dequantized_float_model`, BENCHMARKS.md). Min-max 4-bit
+  post-training weights on the BN-folded convolutions need quantization-aware
+  fine-tuning; it stays in the catalog as a measured negative result;
 
 plus ``efficientnet_lite1`` / ``lite2`` in fp32 at their native 240 / 260 px.
 The original every ratio is against is Lite0, fp32, 224 px.

@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 MODES = ("dynamic", "weight_only")
 BITS = (2, 4, 8)
 GRANULARITIES = (
@@ -177,3 +179,59 @@ def quantize(float_model: bytes, rules: Sequence[Any], name: str = "recipe") -> 
             f"litert-quantizer failed on {name!r}: {str(e).splitlines()[0]}"
         ) from None
     return bytes(result.quantized_model)
+
+
+_INT8, _INT4 = 9, 17  # TFLite TensorType codes
+
+
+def _unpack(t, data: bytes) -> np.ndarray:
+    """A quantized constant's integer values (INT4: two per byte, low nibble first)."""
+    raw = np.frombuffer(data, np.uint8)
+    if t.type == _INT8:
+        return raw.view(np.int8).astype(np.float32)
+    lo, hi = (raw & 0x0F).astype(np.int8), (raw >> 4).astype(np.int8)
+    vals = np.stack([lo, hi], 1).reshape(-1)
+    vals[vals > 7] -= 16
+    return vals.astype(np.float32)
+
+
+def dequantized_float_model(float_model: bytes, quantized_model: bytes) -> bytes:
+    """The fp32 model with every weight the quantizer stored as int8 / int4 replaced by
+    its dequantized value (``scale * (q - zero_point)``), still as float32.
+
+    Running this and a *weight-only* quantized model must give the same outputs: the
+    difference between it and `float_model` is then the quantization error alone, not
+    the runtime's low-bit kernels. Tensors are matched by name (the quantizer keeps them).
+
+    Raises:
+      QuantizeError: a quantized weight without a float tensor of the same name and shape.
+    """
+    from ai_edge_litert.tools import flatbuffer_utils as fb
+
+    fm, qm = (
+        fb.read_model_from_bytearray(bytearray(float_model)),
+        fb.read_model_from_bytearray(bytearray(quantized_model)),
+    )
+    floats = {t.name: t for t in fm.subgraphs[0].tensors}
+    for t in qm.subgraphs[0].tensors:
+        data = qm.buffers[t.buffer].data if t.buffer < len(qm.buffers) else None
+        if t.type not in (_INT8, _INT4) or data is None or len(data) == 0:
+            continue  # not a constant weight
+        ref = floats.get(t.name)
+        shape = tuple(int(d) for d in t.shape)
+        if ref is None or tuple(int(d) for d in ref.shape) != shape:
+            raise QuantizeError(f"quantized weight {t.name!r} has no float twin of shape {shape}")
+        q = _unpack(t, bytes(data))[: int(np.prod(shape))].reshape(shape)
+        qp = t.quantization
+        scale = np.asarray(qp.scale, np.float32)
+        zero = np.asarray(qp.zeroPoint if qp.zeroPoint is not None else 0, np.float32)
+        if scale.size > 1:  # per channel (blockwise scales would need the block layout)
+            if scale.size != shape[qp.quantizedDimension]:
+                raise QuantizeError(f"weight {t.name!r}: blockwise scales are not supported here")
+            bshape = [1] * len(shape)
+            bshape[qp.quantizedDimension] = -1
+            scale = scale.reshape(bshape)
+            zero = zero.reshape(bshape) if zero.size > 1 else zero
+        deq = ((q - zero) * scale).astype(np.float32)
+        fm.buffers[ref.buffer].data = np.frombuffer(deq.tobytes(), np.uint8)
+    return bytes(fb.convert_object_to_bytearray(fm))

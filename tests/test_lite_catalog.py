@@ -192,3 +192,25 @@ def test_quantize_check_recipe_accepts_exactly_what_the_quantizer_policy_lists()
     assert not any("blockwise" in s for s in quantize.supported("CONV_2D"))
     assert quantize.supported("ADD") == []
     assert n_ok > 10 and n_bad > 50
+
+
+def test_quantize_int4_weight_only_runs_like_fp32_with_the_dequantized_weights(smoke_catalog):
+    """LiteRT runs litert-quantizer's 4-bit weights faithfully: what changes is the weights."""
+    from pipelines import lite_catalog
+    from runtime.lite import Model
+
+    workdir, _ = smoke_catalog
+    with open(os.path.join(workdir, "variants", "lite0_64_fp32.tflite"), "rb") as f:
+        fp32 = f.read()
+    rule = {"op": "CONV_2D", "bits": 4, "granularity": "channelwise", "mode": "weight_only"}
+    int4 = quantize.quantize(fp32, [rule], "w4")
+    twin = quantize.dequantized_float_model(fp32, int4)
+    assert len(int4) < len(fp32) / 2  # the 1x1 / 3x3 conv weights are most of Lite0
+    frames = lite_catalog.load_frames(_smoke_config(), [64], need_calibration=False)["test"][64]
+    outs = {}
+    for name, buf in (("fp32", fp32), ("int4", int4), ("twin", twin)):
+        sig = Model.from_bytes(buf).signature("full")
+        outs[name] = np.concatenate([sig(np.ascontiguousarray(x[None])) for x in frames])
+    scale = np.abs(outs["fp32"]).max()
+    assert np.abs(outs["int4"] - outs["twin"]).max() <= 1e-4 * scale
+    assert np.abs(outs["int4"] - outs["fp32"]).max() > 1e-2 * scale  # 4 bits do change things
