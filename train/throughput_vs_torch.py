@@ -31,7 +31,15 @@ from runtime.args import MAX_COUNT
 from train.benchmarking import cpu_model, load_config
 
 flags.DEFINE_multi_string("config", None, "Config file(s) (configs/*.py[:arg]).")
-flags.DEFINE_integer("threads", 2, "CPU threads for both (XLA and torch).", lower_bound=1)
+flags.DEFINE_integer(
+    "threads", 0,
+    "CPU threads for both: torch.set_num_threads and XLA's --threads (0 = every core: XLA "
+    "keeps its default multi-threaded Eigen, which --threads=N turns off).",
+    lower_bound=0,
+)  # fmt: skip
+flags.DEFINE_integer(
+    "xla_threads", -1, "XLA's threads if not --threads (-1 = same as --threads).", lower_bound=-1
+)
 flags.DEFINE_integer("rounds", 7, "Timed rounds per framework (interleaved).", lower_bound=1)
 flags.DEFINE_integer("steps", 20, "Train steps per round.", lower_bound=1, upper_bound=MAX_COUNT)
 flags.DEFINE_integer("warmup", 3, "Untimed steps of each first.", lower_bound=1)
@@ -64,7 +72,7 @@ def compare(config, threads: int, rounds: int, steps: int, warmup: int, steps_pe
     from flexjax import training
     from train import torch_reference
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or os.cpu_count())
     setup = training.prepare(config)
     config, net, splits = setup.config, setup.net, setup.splits
     t = config.train
@@ -124,7 +132,8 @@ def compare(config, threads: int, rounds: int, steps: int, warmup: int, steps_pe
         "optimizer": t.optimizer,
         "steps_per_round": steps,
         "rounds": rounds,
-        "threads": threads,
+        "threads": threads or os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "steps_per_call": fns.k,
         "flexjax_images_per_sec": statistics.median(jx),
         "torch_images_per_sec": statistics.median(tr),
@@ -149,7 +158,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     try:
         configs = [(spec, load_config(spec, FLAGS.set)) for spec in FLAGS.config]
-        limit_cpu_threads(FLAGS.threads)
+        limit_cpu_threads(FLAGS.threads if FLAGS.xla_threads < 0 else FLAGS.xla_threads)
     except (ValueError, TypeError, OSError) as e:
         fail(str(e))
     if FLAGS.omp_wait_policy != "default":  # read once, when torch's OpenMP starts
