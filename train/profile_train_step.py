@@ -34,6 +34,7 @@ flags.DEFINE_integer("threads", 0, "CPU threads (0 = every core).", lower_bound=
 flags.DEFINE_integer("steps_per_call", 0, "0 = the config's train.steps_per_call.", lower_bound=0)
 flags.DEFINE_string("out", "/tmp/flexjax_profile", "Directory for the trace, HLO and ops.json.")
 flags.DEFINE_integer("top", 25, "Ops to list.", lower_bound=0)
+flags.DEFINE_multi_string("set", [], "Override a config value (key=value).")
 flags.mark_flag_as_required("config")
 FLAGS = flags.FLAGS
 
@@ -176,7 +177,7 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
-        config = load_config(FLAGS.config, [])
+        config = load_config(FLAGS.config, FLAGS.set)
         limit_cpu_threads(FLAGS.threads)
     except (ValueError, TypeError, OSError) as e:
         fail(str(e))
