@@ -106,3 +106,23 @@ def test_freeze_backbone_gives_zero_backbone_gradients():
     for k, g in grads.items():
         norm = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g))
         assert (norm > 0) == k.startswith("exit_"), k
+
+
+@pytest.mark.parametrize(
+    ("window", "stride", "padding"),
+    [((2, 2), (2, 2), "VALID"), ((3, 3), (2, 2), "SAME"), ((3, 3), (1, 1), "SAME"),
+     ((2, 2), (2, 2), "SAME")],
+)  # fmt: skip
+def test_max_pool_custom_gradient_matches_flax_including_ties(window, stride, padding):
+    import flax.linen as nn
+
+    from flexjax.models.build import max_pool
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 9, 7, 3)).astype(np.float32)).at[:, ::2].set(0.0)
+    y_ref, vjp_ref = jax.vjp(lambda v: nn.max_pool(v, window, stride, padding), x)
+    y, vjp = jax.vjp(lambda v: max_pool(v, window, stride, padding), x)
+    g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+    np.testing.assert_array_equal(y, y_ref)
+    # the same element of each window gets the gradient (the first maximum, ties included)
+    np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=0, atol=1e-6)

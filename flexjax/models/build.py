@@ -13,6 +13,7 @@ from.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -35,6 +36,60 @@ def _lrn(x: jax.Array, layer: Layer) -> jax.Array:
     c = x.shape[-1]
     window = sum(padded[..., k : k + c] for k in range(size))
     return x / jnp.power(layer["bias"] + (layer["alpha"] / size) * window, layer["beta"])
+
+
+def max_pool(x: jax.Array, window: tuple[int, int], stride: tuple[int, int], padding: str):
+    """Max pooling over NHWC `x`: flax's `nn.max_pool` forward, a cheaper exact gradient.
+
+    The forward is the same single ``reduce_window`` (what export converts).
+    JAX's own gradient of it lowers on XLA:CPU to ``select_and_scatter``
+    (a variadic value/index reduce-window, iotas and a scatter): 20-35% of a
+    LeNet or AlexNet training step (docs/training_profile.md). This backward
+    routes each output gradient to the first maximum of its window in
+    row-major order -- the same element ``select_and_scatter`` picks -- with
+    one strided slice, compare and interior-padded add per window offset, all
+    elementwise. Non-overlapping windows give bit-identical gradients;
+    overlapping ones differ only by the order of the float additions.
+    """
+    dims, strides = (1, *window, 1), (1, *stride, 1)
+    pads = jax.lax.padtype_to_pads(x.shape, dims, strides, padding)
+    return _max_pool_vjp(x, dims, strides, tuple(pads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_vjp(x, dims, strides, pads):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, pads)
+
+
+def _max_pool_fwd(x, dims, strides, pads):
+    y = _max_pool_vjp(x, dims, strides, pads)
+    return y, (x, y)
+
+
+def _max_pool_bwd(dims, strides, pads, res, g):
+    x, y = res
+    xp = jnp.pad(x, pads, constant_values=-jnp.inf)
+    (_, hp, wp, _), (_, ho, wo, _) = xp.shape, y.shape
+    (_, kh, kw, _), (_, sh, sw, _) = dims, strides
+    taken = jnp.zeros(y.shape, bool)
+    gp = jnp.zeros(xp.shape, g.dtype)
+    zero = jnp.zeros((), g.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            hi, wj = i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1
+            window = jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], hi, wj, xp.shape[3]), strides)
+            hit = (window == y) & ~taken
+            taken = taken | hit
+            gp = gp + jax.lax.pad(
+                jnp.where(hit, g, zero),
+                zero,
+                ((0, 0, 0), (i, hp - hi, sh - 1), (j, wp - wj, sw - 1), (0, 0, 0)),
+            )
+    (top, bottom), (left, right) = pads[1], pads[2]
+    return (gp[:, top : hp - bottom, left : wp - right, :],)
+
+
+_max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class _LowRankConv(nn.Module):
@@ -95,6 +150,8 @@ def apply_layer(layer: Layer, x: jax.Array, *, train: bool, name: str) -> jax.Ar
         return _LowRankConv(layer, name=name)(x)
     if k == "low_rank_dense":
         return _LowRankDense(layer, name=name)(x)
+    if k == "max_pool" and x.ndim == 4:
+        return max_pool(x, layer["window"], layer["stride"], layer["padding"])
     if k == "max_pool":
         return nn.max_pool(x, layer["window"], layer["stride"], layer["padding"])
     if k == "avg_pool":
