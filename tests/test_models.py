@@ -126,3 +126,26 @@ def test_max_pool_custom_gradient_matches_flax_including_ties(window, stride, pa
     np.testing.assert_array_equal(y, y_ref)
     # the same element of each window gets the gradient (the first maximum, ties included)
     np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("size", "alpha", "beta", "bias"), [(5, 1e-4, 0.75, 1.0), (4, 0.5, 0.75, 2.0)]
+)
+def test_lrn_custom_gradient_matches_autodiff_of_the_same_formula(size, alpha, beta, bias):
+    from flexjax.models.build import apply_layer
+    from flexjax.spec import lrn
+
+    def autodiff_lrn(x):  # the formula, differentiated by JAX
+        half = size // 2
+        padded = jnp.pad(jnp.square(x), [(0, 0)] * 3 + [(half, size - 1 - half)])
+        window = sum(padded[..., k : k + x.shape[-1]] for k in range(size))
+        return x / jnp.power(bias + (alpha / size) * window, beta)
+
+    layer = lrn(size=size, alpha=alpha, beta=beta, bias=bias)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3 * rng.normal(size=(2, 5, 5, 12)).astype(np.float32))
+    g = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+    y_ref, vjp_ref = jax.vjp(autodiff_lrn, x)
+    y, vjp = jax.vjp(lambda v: apply_layer(layer, v, train=True, name="lrn"), x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-5, atol=1e-6)
