@@ -26,14 +26,17 @@ import time
 from absl import app, flags, logging
 
 from flexjax.cli import fail, limit_cpu_threads, parse_flags
+from runtime.args import MAX_THREADS
 from train.benchmarking import load_config
 
 flags.DEFINE_string("config", None, "Config file (configs/*.py[:arg]).")
 flags.DEFINE_integer("steps", 10, "Profiled steps.", lower_bound=1, upper_bound=1000)
-flags.DEFINE_integer("threads", 0, "CPU threads (0 = every core).", lower_bound=0)
-flags.DEFINE_integer("steps_per_call", 0, "0 = the config's train.steps_per_call.", lower_bound=0)
+flags.DEFINE_integer("threads", 0, "CPU threads (0 = every core).", lower_bound=0,
+                     upper_bound=MAX_THREADS)  # fmt: skip
+flags.DEFINE_integer("steps_per_call", 0, "0 = the config's train.steps_per_call.",
+                     lower_bound=0, upper_bound=100_000)  # fmt: skip
 flags.DEFINE_string("out", "/tmp/flexjax_profile", "Directory for the trace, HLO and ops.json.")
-flags.DEFINE_integer("top", 25, "Ops to list.", lower_bound=0)
+flags.DEFINE_integer("top", 25, "Ops to list.", lower_bound=0, upper_bound=100_000)
 flags.DEFINE_multi_string("set", [], "Override a config value (key=value).")
 flags.mark_flag_as_required("config")
 FLAGS = flags.FLAGS

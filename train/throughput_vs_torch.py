@@ -27,7 +27,7 @@ import time
 from absl import app, flags, logging
 
 from flexjax.cli import fail, limit_cpu_threads, parse_flags
-from runtime.args import MAX_COUNT
+from runtime.args import MAX_COUNT, MAX_THREADS
 from train.benchmarking import cpu_model, load_config
 
 flags.DEFINE_multi_string("config", None, "Config file(s) (configs/*.py[:arg]).")
@@ -35,16 +35,26 @@ flags.DEFINE_integer(
     "threads", 0,
     "CPU threads for both: torch.set_num_threads and XLA's --threads (0 = every core: XLA "
     "keeps its default multi-threaded Eigen, which --threads=N turns off).",
-    lower_bound=0,
+    lower_bound=0, upper_bound=MAX_THREADS,
 )  # fmt: skip
 flags.DEFINE_integer(
-    "xla_threads", -1, "XLA's threads if not --threads (-1 = same as --threads).", lower_bound=-1
+    "xla_threads",
+    -1,
+    "XLA's threads if not --threads (-1 = same as --threads).",
+    lower_bound=-1,
+    upper_bound=MAX_THREADS,
 )
-flags.DEFINE_integer("rounds", 7, "Timed rounds per framework (interleaved).", lower_bound=1)
+flags.DEFINE_integer("rounds", 7, "Timed rounds per framework (interleaved).", lower_bound=1,
+                     upper_bound=10_000)  # fmt: skip
 flags.DEFINE_integer("steps", 20, "Train steps per round.", lower_bound=1, upper_bound=MAX_COUNT)
-flags.DEFINE_integer("warmup", 3, "Untimed steps of each first.", lower_bound=1)
+flags.DEFINE_integer("warmup", 3, "Untimed steps of each first.", lower_bound=1,
+                     upper_bound=MAX_COUNT)  # fmt: skip
 flags.DEFINE_integer(
-    "steps_per_call", 0, "flexjax steps per jitted call (0 = the config's).", lower_bound=0
+    "steps_per_call",
+    0,
+    "flexjax steps per jitted call (0 = the config's).",
+    lower_bound=0,
+    upper_bound=100_000,
 )
 flags.DEFINE_enum(
     "omp_wait_policy", "PASSIVE", ["PASSIVE", "ACTIVE", "default"],

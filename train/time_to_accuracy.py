@@ -26,13 +26,16 @@ import time
 from absl import app, flags, logging
 
 from flexjax.cli import fail, limit_cpu_threads, parse_flags
+from runtime.args import MAX_THREADS
 from train.benchmarking import load_config
 
 flags.DEFINE_string("config", None, "Config file (configs/*.py[:arg]).")
 flags.DEFINE_list("seeds", ["0"], "Seeds (config.seed), one run of each side per seed.")
-flags.DEFINE_integer("threads", 0, "CPU threads for both (0 = every core).", lower_bound=0)
+flags.DEFINE_integer("threads", 0, "CPU threads for both (0 = every core).",
+                     lower_bound=0, upper_bound=MAX_THREADS)  # fmt: skip
 flags.DEFINE_string("workdir", "/tmp/flexjax_tta", "flexjax workdirs go under here (fresh).")
-flags.DEFINE_float("target", 0.0, "Validation accuracy (final exit) to time; 0 = none.")
+flags.DEFINE_float("target", 0.0, "Validation accuracy (final exit) to time; 0 = none.",
+                   lower_bound=0.0, upper_bound=1.0)  # fmt: skip
 flags.DEFINE_string("json", "", "Also write the results here.")
 flags.DEFINE_multi_string("set", [], "Override a config value (key=value).")
 flags.mark_flag_as_required("config")
