@@ -149,3 +149,30 @@ def test_lrn_custom_gradient_matches_autodiff_of_the_same_formula(size, alpha, b
     y, vjp = jax.vjp(lambda v: apply_layer(layer, v, train=True, name="lrn"), x)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("hw", "c", "k", "s", "padding"),
+    [(17, 8, 3, 1, "SAME"), (17, 8, 3, 2, "SAME"), (16, 6, 5, 2, "SAME"), (15, 4, 3, 1, "VALID"),
+     (16, 4, 3, 2, "VALID"), (14, 5, 5, 2, ((1, 2), (2, 1)))],
+)  # fmt: skip
+def test_depthwise_conv_matches_lax_values_and_gradients(hw, c, k, s, padding):
+    from flexjax.models.build import conv_general_dilated, export_lowering
+
+    rng = np.random.default_rng(hw * 100 + k * 10 + s)
+    x = jnp.asarray(rng.normal(size=(3, hw, hw, c)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, 1, c)), jnp.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, (s, s), padding, dimension_numbers=dn,
+                                                 feature_group_count=c)))  # fmt: skip
+
+    ref, new = loss(jax.lax.conv_general_dilated), loss(conv_general_dilated)
+    np.testing.assert_allclose(new(x, w), ref(x, w), rtol=1e-5, atol=1e-4)
+    for a, b in zip(jax.grad(new, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    sliced = str(jax.make_jaxpr(new)(x, w))
+    assert "conv_general_dilated" not in sliced
+    with export_lowering():  # a fresh function: make_jaxpr caches traces per function
+        assert "conv_general_dilated" in str(jax.make_jaxpr(loss(conv_general_dilated))(x, w))
