@@ -239,6 +239,9 @@ ABSL_JOBS = {
     "train.edgent": (["--config=configs/mnist_edgent.py:smoke", "--workdir=W"],
                      "edgent_defaults"),
     "train.throughput": (["--config=configs/mnist_lenet_branchy.py:smoke"], None),
+    "train.throughput_vs_torch": (["--config=configs/mnist_lenet_branchy.py:smoke"], None),
+    "train.profile_train_step": (["--config=configs/mnist_lenet_branchy.py:smoke"], None),
+    "train.time_to_accuracy": (["--config=configs/mnist_lenet_branchy.py:smoke"], None),
     "train.pretrained": (["--model=efficientnet_lite0", "--workdir=W"], None),
     "export.bundle": (["--workdir=W", "--out=O"], None),
 }  # fmt: skip
