@@ -49,3 +49,8 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What a benchmark report says about the machine it ran on."""
+    return {"cpus": os.cpu_count(), "processor": cpu_model(), "python": platform.python_version()}

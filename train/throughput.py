@@ -10,14 +10,12 @@ that include compilation) on each config's training batches.
 from __future__ import annotations
 
 import json
-import os
-import platform
 
 from absl import app, flags, logging
 
 from flexjax.cli import fail, parse_flags
 from runtime.args import MAX_COUNT
-from train.benchmarking import cpu_model, load_config
+from train.benchmarking import load_config, machine
 
 flags.DEFINE_multi_string("config", None, "Config file(s) (configs/*.py[:arg]).")
 flags.DEFINE_integer("steps", 100, "Timed steps per config.", lower_bound=1, upper_bound=MAX_COUNT)
@@ -69,14 +67,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.json:
         write_json_atomic(
             FLAGS.json,
-            {
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "processor": cpu_model(),
-                    "python": platform.python_version(),
-                },
-                "results": rows,
-            },
+            {"machine": machine(), "results": rows},
         )
     print(json.dumps({r["config"]: round(r["images_per_sec"], 1) for r in rows}))
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -28,7 +27,7 @@ from absl import app, flags, logging
 
 from flexjax.cli import fail, limit_cpu_threads, parse_flags
 from runtime.args import MAX_COUNT, MAX_THREADS
-from train.benchmarking import cpu_model, load_config
+from train.benchmarking import load_config, machine
 
 flags.DEFINE_multi_string("config", None, "Config file(s) (configs/*.py[:arg]).")
 flags.DEFINE_integer(
@@ -200,14 +199,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.json:
         write_json_atomic(
             FLAGS.json,
-            {
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "processor": cpu_model(),
-                    "python": platform.python_version(),
-                },
-                "results": rows,
-            },
+            {"machine": machine(), "results": rows},
         )
     print(json.dumps({r["config"]: round(r["ratio"], 3) for r in rows}))
 
