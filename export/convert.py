@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from flexjax import models
+from flexjax.models.build import export_lowering
 from flexjax.spec import FINAL, PARAMETRIC, Net
 from runtime.names import ACTIVATION, FULL, LOGITS, head_name, segment_name, stage_name
 
@@ -278,6 +279,12 @@ def to_tflite_many(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    # Traced with the ops TFLite converts (depthwise convolutions as DEPTHWISE_CONV_2D).
+    with export_lowering():
+        return _to_tflite_many(parts, precision, sparsity, representative, num_calibration)
+
+
+def _to_tflite_many(parts, precision, sparsity, representative, num_calibration) -> bytes:
     # lazy: TensorFlow takes seconds to import and only conversion needs it
     import tensorflow as tf
     from jax.experimental import jax2tf

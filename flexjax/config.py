@@ -57,6 +57,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.exit_weights = ()  # per exit incl. final; () = BranchyNet 1.0 ... 0.3
     c.train.augment_shift = 0  # random translation by up to N pixels
     c.train.log_every = 50
+    # Train steps per jitted call (lax.scan over stacked batches): same result, fewer
+    # dispatches; chunks never cross a log / eval / checkpoint step.
+    c.train.steps_per_call = 1
     c.train.eval_every = 0  # steps; 0 = once per epoch
     c.train.checkpoint_every = 200
     c.train.max_to_keep = 2
@@ -193,6 +196,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("train.weight_decay", _real(0.0, 1.0)),
     ("train.exit_weights", _each(_real(0.0, 1000.0))),
     ("train.log_every", _int(1, MAX_COUNT)),
+    ("train.steps_per_call", _int(1, 1000)),
     ("train.eval_every", _STEPS),  # 0 = once per epoch
     ("train.checkpoint_every", _int(1, MAX_COUNT)),
     ("train.max_to_keep", _int(1, 1000)),

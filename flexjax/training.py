@@ -334,46 +334,174 @@ def data_parallel_mesh() -> tuple[NamedSharding, NamedSharding]:
     return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
 
-def jit_train_step(net: Net, tx, weights, t, data_sharding, replicated, *, freeze=False):
+def jit_train_step(
+    net: Net, tx, weights, t, data_sharding, replicated, *, freeze=False, steps_per_call=1
+):
+    """The jitted, data-parallel train step; the state argument is donated.
+
+    With ``steps_per_call=1``: ``step(state, x [B, ...], y [B], rng)``. With
+    ``steps_per_call=K > 1``: ``steps(state, xs [K, B, ...], ys [K, B], rng)``
+    runs K consecutive steps in one call (`jax.lax.scan`) and returns every
+    step's metrics stacked along a leading axis. Both give the same states:
+    the step's randomness is ``fold_in(rng, state.step)`` either way.
+    """
     step = make_train_step(net, tx, weights, freeze_backbone=freeze, augment_shift=t.augment_shift)
+    if steps_per_call <= 1:
+        return jax.jit(
+            step,
+            in_shardings=(replicated, data_sharding, data_sharding, replicated),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
+
+    def steps(state, xs, ys, rng):
+        return jax.lax.scan(lambda s, xy: step(s, xy[0], xy[1], rng), state, (xs, ys))
+
+    stacked = stacked_sharding(data_sharding)
     return jax.jit(
-        step,
-        in_shardings=(replicated, data_sharding, data_sharding, replicated),
+        steps,
+        in_shardings=(replicated, stacked, stacked, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
 
 
-def measure_throughput(config: ml_collections.ConfigDict, steps: int = 50, warmup: int = 5) -> dict:
+def stacked_sharding(data_sharding: NamedSharding) -> NamedSharding:
+    """The sharding of K stacked batches ``[K, B, ...]``: the batch axis split as before."""
+    return NamedSharding(data_sharding.mesh, P(None, *data_sharding.spec))
+
+
+def train_compiler_options() -> dict[str, Any]:
+    """XLA options for the train step on this backend (see docs/training_profile.md)."""
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """A train step compiled twice: one step per call and `k` steps per call (scan).
+
+    `run_steps` covers any number of steps with at most two executables, so
+    chunk sizes never recompile.
+    """
+
+    one: Any  # (state, x, y, rng) -> (state, metrics)
+    many: Any | None  # (state, xs, ys, rng) -> (state, stacked metrics); None when k == 1
+    k: int
+    sharding: NamedSharding
+    compile_seconds: float
+
+
+def compile_step_fns(
+    net: Net,
+    tx,
+    weights,
+    t,
+    state: TrainState,
+    data_sharding: NamedSharding,
+    replicated: NamedSharding,
+    *,
+    freeze: bool = False,
+    steps_per_call: int = 1,
+    compiler_options: Mapping[str, Any] | None = None,
+) -> StepFns:
+    """Compiles (ahead of time) the 1-step and the `steps_per_call`-step train functions.
+
+    `compiler_options` are XLA debug options for these two executables only
+    (default: `train_compiler_options()`).
+    """
+    opts = dict(train_compiler_options() if compiler_options is None else compiler_options)
+    t0 = time.perf_counter()
+    shape = (t.batch_size, *net.input_shape)
+    spec = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state
+    )
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+
+    def args(k: int, sharding):
+        lead = (k,) if k > 1 else ()
+        return (
+            spec,
+            jax.ShapeDtypeStruct((*lead, *shape), jnp.float32, sharding=sharding),
+            jax.ShapeDtypeStruct((*lead, t.batch_size), jnp.int32, sharding=sharding),
+            rng,
+        )
+
+    kw = dict(freeze=freeze)
+    one = jit_train_step(net, tx, weights, t, data_sharding, replicated, **kw)
+    one = one.lower(*args(1, data_sharding)).compile(opts)
+    many = None
+    if steps_per_call > 1:
+        many = jit_train_step(
+            net, tx, weights, t, data_sharding, replicated, steps_per_call=steps_per_call, **kw
+        )
+        many = many.lower(*args(steps_per_call, stacked_sharding(data_sharding))).compile(opts)
+    return StepFns(one, many, max(1, steps_per_call), data_sharding, time.perf_counter() - t0)
+
+
+def run_steps(fns: StepFns, state: TrainState, batches: Sequence, rng: jax.Array):
+    """Runs one train step per ``(x, y)`` batch; returns ``(state, metrics of the last step)``.
+
+    Full chunks of ``fns.k`` batches go through the scanned executable (one
+    transfer and one dispatch per chunk), the rest one at a time. Nothing
+    here waits for the device: the caller syncs when it reads a value.
+    """
+    metrics = None
+    i, n = 0, len(batches)
+    while i < n:
+        if fns.many is not None and n - i >= fns.k:
+            chunk = batches[i : i + fns.k]
+            xs = np.stack([x for x, _ in chunk]).astype(np.float32, copy=False)
+            ys = np.stack([y for _, y in chunk]).astype(np.int32)
+            stacked = stacked_sharding(fns.sharding)
+            xs, ys = jax.device_put(xs, stacked), jax.device_put(ys, stacked)
+            state, m = fns.many(state, xs, ys, rng)
+            metrics = (m, -1)
+            i += fns.k
+        else:
+            x, y = batches[i]
+            xs = jax.device_put(x.astype(np.float32, copy=False), fns.sharding)
+            ys = jax.device_put(y.astype(np.int32), fns.sharding)
+            state, m = fns.one(state, xs, ys, rng)
+            metrics = (m, None)
+            i += 1
+    if metrics is None:
+        return state, None
+    m, last = metrics
+    return state, (jax.tree.map(lambda a: a[last], m) if last is not None else m)
+
+
+def measure_throughput(
+    config: ml_collections.ConfigDict,
+    steps: int = 50,
+    warmup: int = 5,
+    steps_per_call: int | None = None,
+) -> dict:
     """Training images/s of the configured job's real (jitted, sharded) step.
 
-    Times `steps` steps after `warmup` untimed ones (the first compiles), on
-    the training split's batches, from a fresh initialization.
+    Times `steps` steps after `warmup` untimed ones (compilation is ahead of
+    both), on the training split's batches, from a fresh initialization, run
+    the way `train_and_evaluate` runs them (`run_steps`, ``train.steps_per_call``
+    unless `steps_per_call` is given).
     """
     setup = prepare(config)
     config, net, splits = setup.config, setup.net, setup.splits
     t = config.train
+    steps_per_call = t.steps_per_call if steps_per_call is None else steps_per_call
     data_sharding, replicated = data_parallel_mesh()
     tx = make_optimizer(t, steps + warmup)
     weights = exit_weights(net, tuple(t.exit_weights), "joint")
     state = jax.device_put(initial_state(net, tx, config.seed, None), replicated)
-    step_fn = jit_train_step(net, tx, weights, t, data_sharding, replicated)
-    rng = jax.random.key(0)
-    batches = itertools.cycle(
-        list(data_lib.batches(splits.train, t.batch_size, seed=0, drop_remainder=True))
+    fns = compile_step_fns(
+        net, tx, weights, t, state, data_sharding, replicated, steps_per_call=steps_per_call
     )
+    rng = jax.random.key(0)
+    pool = list(data_lib.batches(splits.train, t.batch_size, seed=0, drop_remainder=True))
+    batches = [pool[i % len(pool)] for i in range(warmup + steps)]
     t0 = time.perf_counter()
-    for i in range(warmup + steps):
-        if i == warmup:
-            jax.block_until_ready(state)
-            t_warm = time.perf_counter()
-        x, y = next(batches)
-        state, _ = step_fn(
-            state,
-            jax.device_put(x, data_sharding),
-            jax.device_put(y.astype(np.int32), data_sharding),
-            rng,
-        )
+    state, _ = run_steps(fns, state, batches[:warmup], rng)
+    jax.block_until_ready(state)
+    t_warm = time.perf_counter()
+    state, _ = run_steps(fns, state, batches[warmup:], rng)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t_warm
     return {
@@ -384,6 +512,8 @@ def measure_throughput(config: ml_collections.ConfigDict, steps: int = 50, warmu
         "steps": steps,
         "seconds": seconds,
         "warmup_seconds": t_warm - t0,
+        "compile_seconds": fns.compile_seconds,
+        "steps_per_call": fns.k,
         "images_per_sec": steps * t.batch_size / seconds,
         "backbone_flops": costs.of(net).backbone_flops,
         "devices": jax.local_device_count(),
@@ -491,10 +621,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if os.path.exists(metrics_path):
                 os.remove(metrics_path)
         state = jax.device_put(state, replicated)
-        step_fn = jit_train_step(net, tx, weights, t, data_sharding, replicated, freeze=freeze)
+        fns = compile_step_fns(
+            net,
+            tx,
+            weights,
+            t,
+            state,
+            data_sharding,
+            replicated,
+            freeze=freeze,
+            steps_per_call=t.steps_per_call,
+        )
         state, train_seconds, compile_seconds, images = _train_loop(
             state,
-            step_fn,
+            fns,
             setup,
             start=start,
             total_steps=total_steps,
@@ -528,8 +668,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return report
 
 
-def _train_loop(state, step_fn, setup: _Setup, *, start, total_steps, mgr, logger, sharding):
-    """Runs steps ``start..total_steps``; returns the final state and timing."""
+def _train_loop(state, fns: StepFns, setup: _Setup, *, start, total_steps, mgr, logger, sharding):
+    """Runs steps ``start..total_steps``; returns the final state and timing.
+
+    Steps run in chunks (`run_steps`) that end at every log, eval and
+    checkpoint step and at epoch ends, so what is logged, evaluated and saved
+    is the same as one step at a time; the host syncs only there.
+    """
     # lazy: the progress bar is only needed once training starts
     from tqdm import tqdm
 
@@ -540,7 +685,8 @@ def _train_loop(state, step_fn, setup: _Setup, *, start, total_steps, mgr, logge
     rng = jax.random.key(config.seed + 1)
 
     names = net.exit_names
-    timed_images, timed_seconds, compile_seconds = 0, 0.0, 0.0
+    timed_images, timed_seconds, compile_seconds = 0, 0.0, fns.compile_seconds
+    every = [t.log_every, eval_every, t.checkpoint_every]
     step = start
     metrics = None
     bar = tqdm(
@@ -568,24 +714,24 @@ def _train_loop(state, step_fn, setup: _Setup, *, start, total_steps, mgr, logge
         return loss
 
     try:
+        t_start = time.perf_counter()
         while step < total_steps:
             epoch, offset = divmod(step, steps_per_epoch)
-            it = data_lib.batches(
-                splits.train, t.batch_size, seed=config.seed, epoch=epoch, drop_remainder=True
+            it = itertools.islice(
+                data_lib.batches(
+                    splits.train, t.batch_size, seed=config.seed, epoch=epoch, drop_remainder=True
+                ),
+                offset,
+                None,
             )
-            for x, y in itertools.islice(it, offset, None):
-                t0 = time.perf_counter()
-                xs = jax.device_put(x, sharding)
-                ys = jax.device_put(y.astype(np.int32), sharding)
-                state, metrics = step_fn(state, xs, ys, rng)
-                step += 1
-                if step == start + 1:  # first step compiles; keep it out of throughput
-                    jax.block_until_ready(metrics)
-                    compile_seconds = time.perf_counter() - t0
-                    t_start = time.perf_counter()
-                else:
-                    timed_images += len(x)
-                bar.update(1)
+            epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+            while step < epoch_end:
+                stop = min([epoch_end] + [(step // n + 1) * n for n in every])
+                chunk = list(itertools.islice(it, stop - step))
+                state, metrics = run_steps(fns, state, chunk, rng)
+                timed_images += sum(len(x) for x, _ in chunk)
+                bar.update(stop - step)
+                step = stop
                 if step % t.log_every == 0 or step == total_steps:
                     m = jax.device_get(metrics)
                     loss = check_finite(m, step)
@@ -609,9 +755,7 @@ def _train_loop(state, step_fn, setup: _Setup, *, start, total_steps, mgr, logge
                 if step % t.checkpoint_every == 0 or step == total_steps:
                     check_finite(jax.device_get(metrics), step)  # never save a NaN state
                     checkpoint.save(mgr, step, net, state.to_tree())
-                if step >= total_steps:
-                    break
-        if metrics is not None and step > start + 1:
+        if metrics is not None:
             jax.block_until_ready(state)
             timed_seconds = time.perf_counter() - t_start
     finally:

@@ -106,3 +106,73 @@ def test_freeze_backbone_gives_zero_backbone_gradients():
     for k, g in grads.items():
         norm = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g))
         assert (norm > 0) == k.startswith("exit_"), k
+
+
+@pytest.mark.parametrize(
+    ("window", "stride", "padding"),
+    [((2, 2), (2, 2), "VALID"), ((3, 3), (2, 2), "SAME"), ((3, 3), (1, 1), "SAME"),
+     ((2, 2), (2, 2), "SAME")],
+)  # fmt: skip
+def test_max_pool_custom_gradient_matches_flax_including_ties(window, stride, padding):
+    import flax.linen as nn
+
+    from flexjax.models.build import max_pool
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 9, 7, 3)).astype(np.float32)).at[:, ::2].set(0.0)
+    y_ref, vjp_ref = jax.vjp(lambda v: nn.max_pool(v, window, stride, padding), x)
+    y, vjp = jax.vjp(lambda v: max_pool(v, window, stride, padding), x)
+    g = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+    np.testing.assert_array_equal(y, y_ref)
+    # the same element of each window gets the gradient (the first maximum, ties included)
+    np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("size", "alpha", "beta", "bias"), [(5, 1e-4, 0.75, 1.0), (4, 0.5, 0.75, 2.0)]
+)
+def test_lrn_custom_gradient_matches_autodiff_of_the_same_formula(size, alpha, beta, bias):
+    from flexjax.models.build import apply_layer
+    from flexjax.spec import lrn
+
+    def autodiff_lrn(x):  # the formula, differentiated by JAX
+        half = size // 2
+        padded = jnp.pad(jnp.square(x), [(0, 0)] * 3 + [(half, size - 1 - half)])
+        window = sum(padded[..., k : k + x.shape[-1]] for k in range(size))
+        return x / jnp.power(bias + (alpha / size) * window, beta)
+
+    layer = lrn(size=size, alpha=alpha, beta=beta, bias=bias)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3 * rng.normal(size=(2, 5, 5, 12)).astype(np.float32))
+    g = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+    y_ref, vjp_ref = jax.vjp(autodiff_lrn, x)
+    y, vjp = jax.vjp(lambda v: apply_layer(layer, v, train=True, name="lrn"), x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("hw", "c", "k", "s", "padding"),
+    [(17, 8, 3, 1, "SAME"), (17, 8, 3, 2, "SAME"), (16, 6, 5, 2, "SAME"), (15, 4, 3, 1, "VALID"),
+     (16, 4, 3, 2, "VALID"), (14, 5, 5, 2, ((1, 2), (2, 1)))],
+)  # fmt: skip
+def test_depthwise_conv_matches_lax_values_and_gradients(hw, c, k, s, padding):
+    from flexjax.models.build import conv_general_dilated, export_lowering
+
+    rng = np.random.default_rng(hw * 100 + k * 10 + s)
+    x = jnp.asarray(rng.normal(size=(3, hw, hw, c)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, 1, c)), jnp.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, (s, s), padding, dimension_numbers=dn,
+                                                 feature_group_count=c)))  # fmt: skip
+
+    ref, new = loss(jax.lax.conv_general_dilated), loss(conv_general_dilated)
+    np.testing.assert_allclose(new(x, w), ref(x, w), rtol=1e-5, atol=1e-4)
+    for a, b in zip(jax.grad(new, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    sliced = str(jax.make_jaxpr(new)(x, w))
+    assert "conv_general_dilated" not in sliced
+    with export_lowering():  # a fresh function: make_jaxpr caches traces per function
+        assert "conv_general_dilated" in str(jax.make_jaxpr(loss(conv_general_dilated))(x, w))

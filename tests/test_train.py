@@ -378,3 +378,35 @@ def test_throughput_missing_config_file_is_clear_error():
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last == "error: config file configs/nope.py does not exist"
+
+
+def test_run_steps_scanned_chunks_match_one_step_at_a_time():
+    import jax
+
+    from flexjax import config as config_lib
+    from flexjax import data as data_lib
+    from flexjax import training
+
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import mnist_lenet_branchy as cfg
+
+    config = config_lib.validate(cfg.get_config("smoke"))
+    setup = training.prepare(config)
+    net, t = setup.net, config.train
+    tx = training.make_optimizer(t, 10)
+    data, repl = training.data_parallel_mesh()
+    state0 = jax.device_get(training.initial_state(net, tx, 0, None))
+    weights = training.exit_weights(net)
+    batches = list(data_lib.batches(setup.splits.train, t.batch_size, seed=0))[:7]
+    out = {}
+    for k in (1, 3):  # 7 steps = two scanned chunks of 3 + one single step
+        fns = training.compile_step_fns(
+            net, tx, weights, t, jax.device_put(state0, repl), data, repl, steps_per_call=k
+        )
+        state, metrics = training.run_steps(
+            fns, jax.device_put(state0, repl), batches, jax.random.key(1)
+        )
+        out[k] = jax.device_get((state.to_tree(), metrics))
+    assert int(out[3][0]["step"]) == 7
+    for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(out[3])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
