@@ -160,10 +160,9 @@ def exit_logits(
     for e in net.exits:
         feats = cache.features(split, e.after)
         fn = jax.jit(lambda h, e=e: head_apply(net, dict(variables), e.name, h))
-        parts = [np.asarray(fn(np.asarray(feats[i : i + batch]))) for i in range(0, len(feats), batch)]
-        out[e.name] = (
-            np.concatenate(parts) if parts else np.zeros((0, net.num_classes), np.float32)
-        )
+        parts = [np.asarray(fn(np.asarray(feats[i : i + batch])))
+                 for i in range(0, len(feats), batch)]  # fmt: skip
+        out[e.name] = np.concatenate(parts) if parts else np.zeros((0, net.num_classes), np.float32)
     out[spec.FINAL] = cache.logits(split)
     return out
 

@@ -125,9 +125,7 @@ class FeatureCache:
     def features(self, split: str, position: int) -> np.ndarray:
         """float32 [N, *shape] (memory-mapped): the output of backbone `position` on `split`."""
         if position not in self.positions:
-            raise ValueError(
-                f"position {position} is not cached; cached: {list(self.positions)}"
-            )
+            raise ValueError(f"position {position} is not cached; cached: {list(self.positions)}")
         return np.load(self._path(split, f"p{position:02d}"), mmap_mode="r")
 
     def logits(self, split: str) -> np.ndarray:
@@ -230,7 +228,7 @@ def build(
                 if n < batch_size:
                     xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
                 h = xb
-                for (a, b), fn, p in zip(segments, fns, bounds):
+                for (_, b), fn, p in zip(segments, fns, bounds):
                     res = fn(dict(variables), h)
                     if b == len(net.layers):
                         outs["logits"].append(np.asarray(res["final"][:n], np.float32))
