@@ -1,4 +1,4 @@
-"""The Edgent job on the multi-exit EfficientNet-Lite0 (distilled exits, real clips), smoke config."""
+"""The Edgent job on a multi-exit EfficientNet-Lite0 (distilled exits, real clips): smoke."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ SMOKE = os.path.join(ROOT, "configs", "clips_lite0_edgent.py") + ":smoke"
 
 
 def _job(workdir, *extra):
-    return run_job("train.edgent", f"--config={SMOKE}", f"--workdir={workdir}", *extra, timeout=1500)
+    args = (f"--config={SMOKE}", f"--workdir={workdir}", *extra)
+    return run_job("train.edgent", *args, timeout=1500)
 
 
 def test_edgent_lite0_smoke_distills_exits_cuts_at_mbconv_and_runs_every_stage(tmp_path):
