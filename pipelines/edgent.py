@@ -6,7 +6,10 @@ workdir and is recorded in ``stages.json`` when it finishes, so re-running the
 same command continues after the last finished stage; a workdir made with
 another config is refused, and a finished one says so.
 
-  train/          the multi-exit net (`flexjax.training`, config ``model_config``)
+  train/          the multi-exit net (`flexjax.training`, config ``model_config``; or a
+                  pretrained backbone with distilled exits, `pipelines.edgent_distill`,
+                  whose cached activations stay in features/ and test frames in
+                  frames_test.npz)
   bundle/         its bundle with device/edge partition signatures (`export.bundle`);
                   the fit stage adds the latency models to its manifest
   sweep/          single-layer signatures for the regressions (`export.sweep`)
@@ -223,7 +226,7 @@ def run(
 
     stage_fns = {
         "train": lambda: (
-            edgent_distill.train(config, w.train, log)
+            edgent_distill.train(config, w.train, os.path.join(w.root, "features"), log)
             if model_config is None
             else _train(model_config, w, log)
         ),

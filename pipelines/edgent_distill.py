@@ -8,7 +8,7 @@ Used by `pipelines.edgent` when the config sets ``distill.backbone`` (e.g.
    reference model (`flexjax.data.clips`);
 2. runs the frozen backbone once over every split and caches its activations
    at the exit positions and its final logits (`flexjax.feature_cache`,
-   ``train/features/``);
+   ``features/`` beside ``train/``, which is written atomically as a whole);
 3. distills one BranchyNet-style head per exit position from the backbone's
    own softmax at temperature T on the train split (`flexjax.distill_exits`),
    the heads fixed in advance (not FlexDNN-searched);
@@ -118,7 +118,10 @@ def _splits(loaded: clips_lib.ClipSplits) -> Splits:
                   loaded.input_shape, "clips")  # fmt: skip
 
 
-def train(config: ml_collections.ConfigDict, train_dir: str, log: Callable[[str], None]) -> dict:
+def train(
+    config: ml_collections.ConfigDict, train_dir: str, features_dir: str,
+    log: Callable[[str], None],
+) -> dict:  # fmt: skip
     """Steps 1-4 of the module docstring; returns the training report."""
     d = config.distill
     backbone, variables = pretrained.load(d.backbone, d.image_size)
@@ -129,9 +132,7 @@ def train(config: ml_collections.ConfigDict, train_dir: str, log: Callable[[str]
     )
     positions = exit_positions(config, backbone)
     frames = {s: getattr(loaded, s).frames for s in ("train", "val", "test")}
-    cache = feature_cache.build(
-        backbone, variables, frames, positions, os.path.join(train_dir, "features"), log=log
-    )
+    cache = feature_cache.build(backbone, variables, frames, positions, features_dir, log=log)
     net = de.attach(backbone, positions, de.head_layers(d.head, backbone.num_classes,
                                                         d.head_features))  # fmt: skip
     settings = de.DistillSettings(
