@@ -43,6 +43,9 @@ def get_config(arg: str | None = None):
     d.exit_every = 4
     d.exit_skip = 2
     d.cut_every = 4
+    # "mimic" (the backbone's own head, classifier shared) generalized no better across scenes
+    # in a trial on these splits (0.0 agreement with the backbone on val and test) at 10x
+    # the head's cost, so the light head stays.
     d.head = "conv_pool_dense"
     d.head_features = 128
     d.steps = 300
@@ -61,17 +64,17 @@ def get_config(arg: str | None = None):
     config.bench.servers = 1
     config.bench.frames = 40
     config.bench.margin = 0.15
-    config.bench.deadline_ms = 60.0
+    # Below the device's ~33 ms for `full` (S x ~11 ms here): the planner must cut or exit.
+    config.bench.deadline_ms = 25.0
     config.bench.bandwidths = (0.1, 1.0, 5.0, 20.0, 100.0)
     config.bench.bandwidth_mbps = 5.0
-    config.bench.deadlines = (20.0, 40.0, 60.0, 100.0)
+    config.bench.deadlines = (15.0, 25.0, 40.0, 60.0)
     config.bench.trace_frames = 100
     config.bench.trace_seconds = 6.0
     if arg == "smoke":  # the end-to-end test: every stage on a few 64 px frames, 2 exits
         d.image_size = 64
         d.positions = (8, 14)
         d.cut_every = 8
-        d.head_features = 16
         d.steps = 10
         d.batch_size = 8
         d.clips.train = ("carphone",)
@@ -80,6 +83,7 @@ def get_config(arg: str | None = None):
         d.clips.max_frames = 4
         d.clips.reference = "efficientnet_lite0"
         d.clips.reference_resolution = 64
+        d.head = "mimic"  # the smoke test covers the shared-classifier head too
         config.export.parity_examples = 4
         config.export.epsilons = (0.01,)
         config.sweep.size = "lite_smoke"

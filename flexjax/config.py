@@ -163,6 +163,7 @@ def edgent_defaults() -> ml_collections.ConfigDict:
     c.distill.positions = ()  # explicit exit positions; () = exit_every / exit_skip
     c.distill.cut_every = 1  # partition points at every k-th block boundary (+ input, end)
     c.distill.head = "conv_pool_dense"  # flexjax.distill_exits.HEADS
+    # (mimic: the backbone's head width and its classifier; head_features is not used)
     c.distill.head_features = 128
     c.distill.steps = 300
     c.distill.batch_size = 64

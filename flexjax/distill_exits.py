@@ -10,7 +10,14 @@ fixed positions, not FlexDNN-searched exits.
 Heads (`HEADS`):
 
 * ``pool_dense``: global average pool -> dense(num_classes);
-* ``conv_pool_dense``: conv 1x1 (``features``) -> relu6 -> global pool -> dense.
+* ``conv_pool_dense``: conv 1x1 (``features``) -> relu6 -> global pool -> dense;
+* ``mimic``: the backbone's own head on the exit's activation: conv 1x1 to the
+  width of the backbone's classifier input -> relu6 -> global pool -> the
+  backbone's classifier, copied and frozen. Only the conv learns, to reproduce
+  the backbone's pooled features (mean squared error, `DistillSettings.feature_weight`)
+  as well as its softmax: a per-frame target of hundreds of values instead of
+  one class distribution, and one classifier for every exit, so a head trained
+  on a few scenes still speaks about the classes those scenes never show.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,10 +34,10 @@ import optax
 
 from flexjax import spec
 from flexjax.feature_cache import FeatureCache
-from flexjax.models.build import head_apply, init
+from flexjax.models.build import apply_layer, head_apply, init, layer_name
 from flexjax.spec import Exit, Net
 
-HEADS = ("pool_dense", "conv_pool_dense")
+HEADS = ("pool_dense", "conv_pool_dense", "mimic")
 
 
 def head_layers(kind: str, num_classes: int, features: int = 128) -> tuple[spec.Layer, ...]:
@@ -40,7 +48,7 @@ def head_layers(kind: str, num_classes: int, features: int = 128) -> tuple[spec.
     """
     if kind == "pool_dense":
         return (spec.global_pool(), spec.dense(num_classes))
-    if kind == "conv_pool_dense":
+    if kind in ("conv_pool_dense", "mimic"):
         if features < 1:
             raise ValueError(f"head features must be >= 1; got {features}")
         return (
@@ -67,6 +75,50 @@ class DistillSettings:
     learning_rate: float = 3e-3
     temperature: float = 2.0
     seed: int = 0
+    feature_weight: float = 1.0  # mimic heads: weight of the pooled-feature error
+
+
+def classifier(net: Net) -> tuple[int, int]:
+    """``(pool position, classifier position)`` of a backbone ending in pool [-> dropout] -> dense.
+
+    Raises:
+      ValueError: the backbone does not end that way (no classifier to share).
+    """
+    kinds = [layer.kind for layer in net.layers]
+    if kinds[-1] != "dense" or "global_pool" not in kinds:
+        raise ValueError(f"{net.name or 'the net'} does not end in global_pool ... dense")
+    pool = len(kinds) - 1 - kinds[::-1].index("global_pool")
+    if any(k not in ("dropout",) for k in kinds[pool + 1 : -1]):
+        raise ValueError(f"{net.name or 'the net'}: only dropout may sit between pool and dense")
+    return pool, len(kinds) - 1
+
+
+def _is_mimic(net: Net, e: Exit) -> bool:
+    """A head that ends in relu6 -> pool -> a dense as wide as the backbone's classifier."""
+    kinds = [layer.kind for layer in e.layers]
+    last = net.layers[-1]
+    return (
+        kinds[-4:] == ["conv", "relu6", "global_pool", "dense"]
+        and e.layers[-4]["features"] == _classifier_width(net)
+        and e.layers[-1] == last
+    )
+
+
+def _classifier_width(net: Net) -> int:
+    return int(net.shapes()[-1][0][-1])
+
+
+class _Head(nn.Module):
+    """An exit head returning ``(input of its last layer, logits)`` (names as `_Stack`'s)."""
+
+    layers: tuple[spec.Layer, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        for j, layer in enumerate(self.layers[:-1]):
+            x = apply_layer(layer, x, train=False, name=layer_name(j))
+        j = len(self.layers) - 1
+        return x, apply_layer(self.layers[-1], x, train=False, name=layer_name(j))
 
 
 def distill_loss(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
@@ -101,11 +153,13 @@ def train_heads(
     Raises:
       ValueError: an exit position that is not in the cache, or an empty split.
     """
-    missing = [e.after for e in net.exits if e.after not in cache.positions]
+    mimic = any(_is_mimic(net, e) for e in net.exits)
+    pool_pos, dense_pos = classifier(net) if mimic else (None, None)
+    need = [e.after for e in net.exits] + ([pool_pos] if mimic else [])
+    missing = [p for p in need if p not in cache.positions]
     if missing:
         raise ValueError(
-            f"exit positions {missing} are not in the feature cache (cached: "
-            f"{list(cache.positions)})"
+            f"positions {missing} are not in the feature cache (cached: {list(cache.positions)})"
         )
     teacher = cache.logits(split)
     n = len(teacher)
@@ -118,20 +172,31 @@ def train_heads(
     schedule = optax.cosine_decay_schedule(settings.learning_rate, max(1, settings.steps))
     opt = optax.adam(schedule)
     temperature = float(settings.temperature)
+    pooled = np.asarray(cache.features(split, pool_pos)) if mimic else np.zeros((n, 1))
+    w = float(settings.feature_weight)
     for e in net.exits:
         feats = np.asarray(cache.features(split, e.after))
         # A head alone, as a net on its input: its params are named as the exit's are.
         head_net = Net(shapes[e.after][1], net.num_classes, e.layers)
         p = init(head_net, jax.random.key(settings.seed + e.after))["params"]
+        frozen = {}
+        if _is_mimic(net, e):  # the backbone's classifier, shared and kept as it is
+            last = layer_name(len(e.layers) - 1)
+            frozen = {last: backbone_variables["params"][layer_name(dense_pos)]}
+            p = {k: v for k, v in p.items() if k != last}
         state = opt.init(p)
+        head = _Head(e.layers)
 
-        def loss_fn(p, h, t, e=e):
-            student = head_apply(net, {"params": {e.name: p}}, e.name, h)
-            return distill_loss(student, t, temperature)
+        def loss_fn(p, h, t, f, e=e, frozen=frozen, head=head):
+            feat, student = head.apply({"params": {**p, **frozen}}, h)
+            loss = distill_loss(student, t, temperature)
+            if frozen:
+                loss = loss + w * jnp.mean(jnp.square(feat - f))
+            return loss
 
         @jax.jit
-        def step(p, state, h, t, loss_fn=loss_fn):
-            loss, g = jax.value_and_grad(loss_fn)(p, h, t)
+        def step(p, state, h, t, f, loss_fn=loss_fn):
+            loss, g = jax.value_and_grad(loss_fn)(p, h, t, f)
             updates, state = opt.update(g, state, p)
             return optax.apply_updates(p, updates), state, loss
 
@@ -139,12 +204,12 @@ def train_heads(
         bs = min(settings.batch_size, n)
         for i in range(settings.steps):
             idx = rng.choice(n, size=bs, replace=False)
-            p, state, loss = step(p, state, feats[idx], teacher[idx])
+            p, state, loss = step(p, state, feats[idx], teacher[idx], pooled[idx])
             last = float(loss)
             first = last if first is None else first
             if not np.isfinite(last):
                 raise FloatingPointError(f"{e.name}: distillation loss is {last} at step {i}")
-        params[e.name] = p
+        params[e.name] = {**p, **frozen}
         losses[e.name] = {"first": first, "last": last}
         log(f"distilled {e.name} (after position {e.after}): loss {first:.3f} -> {last:.3f}")
     variables = {k: v for k, v in backbone_variables.items() if k != "params"}

@@ -132,9 +132,14 @@ def train(
     )
     positions = exit_positions(config, backbone)
     frames = {s: getattr(loaded, s).frames for s in ("train", "val", "test")}
-    cache = feature_cache.build(backbone, variables, frames, positions, features_dir, log=log)
-    net = de.attach(backbone, positions, de.head_layers(d.head, backbone.num_classes,
-                                                        d.head_features))  # fmt: skip
+    cached = positions
+    features = d.head_features
+    if d.head == "mimic":  # the backbone's pooled features are the heads' second target
+        pool, _ = de.classifier(backbone)
+        cached = (*positions, pool)
+        features = int(backbone.shapes()[-1][0][-1])
+    cache = feature_cache.build(backbone, variables, frames, cached, features_dir, log=log)
+    net = de.attach(backbone, positions, de.head_layers(d.head, backbone.num_classes, features))
     settings = de.DistillSettings(
         steps=d.steps, batch_size=d.batch_size, learning_rate=float(d.learning_rate),
         temperature=float(d.temperature), seed=0,

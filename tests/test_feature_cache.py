@@ -119,7 +119,7 @@ def test_distilled_heads_learn_the_backbone_and_match_the_multi_exit_net(tiny, t
         np.testing.assert_allclose(got[name], want[name], atol=1e-4)
     agree = de.agreement(got, got["final"].argmax(-1))
     assert agree["final"] == 1.0 and 0.0 <= agree["exit_3"] <= 1.0
-    with pytest.raises(ValueError, match=r"exit positions \[5\] are not in the feature cache"):
+    with pytest.raises(ValueError, match=r"positions \[5\] are not in the feature cache"):
         de.train_heads(de.attach(net, [5], de.head_layers("pool_dense", 10)), variables, cache,
                        settings)  # fmt: skip
     with pytest.raises(ValueError, match="unknown exit head 'mlp'; valid: pool_dense"):
@@ -161,3 +161,23 @@ def test_latency_model_depthwise_and_mbconv_as_unit_or_as_parts():
     unit = {"overhead_ms": 0.0, "kinds": {**kinds, "mbconv": {
         "variables": ["x1", "x2", "x3"], "coef": [1e-6, 1e-6, 0.0], "intercept": 0.5}}}  # fmt: skip
     assert lm.layer_ms(unit, block) == pytest.approx(0.5 + 1e-6 * (v["x1"] + v["x2"]))
+
+
+def test_mimic_head_shares_the_frozen_classifier_and_learns_the_pooled_features(tiny, tmp_path):
+    net, variables, frames = tiny
+    assert de.classifier(net) == (6, 7)
+    cache = feature_cache.build(net, variables, frames, [4, 6], str(tmp_path / "f"), log=print)
+    multi = de.attach(net, [4], de.head_layers("mimic", 10, 12))
+    settings = de.DistillSettings(steps=100, batch_size=16, learning_rate=1e-2)
+    trained, losses = de.train_heads(multi, variables, cache, settings, log=print)
+    assert losses["exit_4"]["last"] < 0.5 * losses["exit_4"]["first"], losses
+    shared = trained["params"]["exit_4"]["layer_03"]
+    for k, want in variables["params"]["layer_07"].items():
+        np.testing.assert_array_equal(shared[k], want)  # copied, never updated
+    got = de.exit_logits(multi, trained, cache, "val")
+    want = evaluation.predict(multi, trained, frames["val"].astype(np.float32) / 255)
+    np.testing.assert_allclose(got["exit_4"], want["exit_4"], atol=1e-4)
+    # Without the pooled features in the cache, a mimic head cannot be trained.
+    bare = feature_cache.build(net, variables, frames, [4], str(tmp_path / "g"), log=print)
+    with pytest.raises(ValueError, match=r"positions \[6\] are not in the feature cache"):
+        de.train_heads(multi, variables, bare, settings)
