@@ -30,7 +30,9 @@ def test_edgent_lite0_smoke_distills_exits_cuts_at_mbconv_and_runs_every_stage(t
     assert train["accuracy"]["test"]["backbone"]["final"] == 1.0
     assert "not searched" in train["heads"]
     index = json.loads((workdir / "features/index.json").read_text())
-    assert index["positions"] == [8, 14] and index["frames"] == {"train": 4, "val": 4, "test": 4}
+    # The exits' positions, and the pooled features the smoke's "mimic" heads also learn.
+    assert index["positions"] == [8, 14, 23]
+    assert index["frames"] == {"train": 4, "val": 4, "test": 4}
     # Partition points: only block boundaries (after a block), each smaller than the input.
     manifest = json.loads((workdir / "bundle/manifest.json").read_text())
     kinds = [layer["kind"] for layer in manifest["net"]["layers"]]
