@@ -335,6 +335,8 @@ def export_model(
     max_logit_diff: float = FP32_TOLERANCE,
     min_agreement: float = AGREEMENT_TARGET,
     partitions: bool = False,
+    cuts: Sequence[int] | None = None,
+    splits: Any = None,
     log=print,
 ) -> dict:
     """Exports an in-memory `(config, net, variables)` into the bundle directory `out`.
@@ -345,7 +347,10 @@ def export_model(
     manifest (a workdir, or a description such as "catalog variant lowrank_r8").
     Any search or catalog job exports its variants through this one function.
     `partitions=True` adds Edgent's device/edge partition signatures
-    (`export.partitions`, a second model file and a ``partitions`` manifest section).
+    (`export.partitions`, a second model file and a ``partitions`` manifest section);
+    `cuts` limits them to those interior partition points. `splits` (a
+    `flexjax.data.Splits`) replaces the config's data, for data no registered
+    dataset loads (e.g. the real clips).
 
     Raises:
       FileExistsError / ValueError: bad arguments.
@@ -363,7 +368,7 @@ def export_model(
         manifest = _export(
             config, net, variables, staged.dir, precision, sparsity, epsilons,
             parity_examples, num_calibration, source, log, (max_logit_diff, min_agreement),
-            partitions=partitions,
+            partitions=partitions, cuts=cuts, splits=splits,
         )  # fmt: skip
         staged.commit()
     except BaseException:
@@ -375,10 +380,10 @@ def export_model(
 
 def _export(
     config, net, variables, tmp, precision, sparsity, epsilons, parity_examples,
-    num_calibration, source, log, parity_limits, partitions=False,
+    num_calibration, source, log, parity_limits, partitions=False, cuts=None, splits=None,
 ) -> dict:  # fmt: skip
 
-    splits = training.load_data(config)
+    splits = training.load_data(config) if splits is None else splits
     plans = convert.plan_signatures(net, stages=True)
     nc = costs_lib.of(net)
     rep = None
@@ -481,7 +486,7 @@ def _export(
             net, variables, tmp, precision=precision, check_x=splits.test.x[:k],
             check_logits={n: v[:k] for n, v in test_logits.items()},
             calibration_x=splits.train.x[:num_calibration],
-            validation=(splits.val.x, splits.val.y), log=log,
+            validation=(splits.val.x, splits.val.y), cuts=cuts, log=log,
         )  # fmt: skip
     write_manifest(tmp, manifest)
     Bundle.from_dir(tmp)  # the final bundle verifies

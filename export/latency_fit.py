@@ -47,7 +47,8 @@ HOLDOUT_EVERY = 4
 
 def _variables(kind: str, form: str) -> tuple[str, ...]:
     base = lm.BASE_VARIABLES[kind]
-    return base if form == "edgent" or len(base) == 1 else (*base, "x1x2")
+    plain = form == "edgent" or len(base) == 1 or kind in lm.NO_INTERACTION
+    return base if plain else (*base, "x1x2")
 
 
 def _fit(rows: Sequence[Mapping], ys: np.ndarray, names: Sequence[str]) -> dict:
@@ -86,7 +87,7 @@ def fit_target(profile: Mapping, form: str = "auto") -> tuple[dict, dict]:
     for r in profile["layers"]:
         if r["signature"] == "probe":
             continue
-        by_kind.setdefault(lm.REGRESSION_KIND[r["row"]["kind"]], []).append(r)
+        by_kind.setdefault(lm.regression_kind(r["row"]), []).append(r)
     kinds, report = {}, {}
     for kind, samples in sorted(by_kind.items()):
         rows = [s["row"] for s in samples]
@@ -173,6 +174,29 @@ def path_errors(
     }
 
 
+def _brief(errors: Mapping) -> dict:
+    return {k: errors[k] for k in ("mape", "p90_ape", "max_ape", "count")}
+
+
+def _mbconv_form(section: Mapping, models: dict, measured: Mapping, report: dict) -> dict:
+    """Keeps the MBConv model (block as a unit, or as its parts) with the lower path MAPE.
+
+    Records both in ``report["mbconv"]``; ``report["paths"]`` is the kept one's.
+    """
+    split = {t: {**m, "kinds": {k: v for k, v in m["kinds"].items() if k != "mbconv"}}
+             for t, m in models.items()}  # fmt: skip
+    forms = {"unit": report["paths"]}
+    try:
+        forms["parts"] = path_errors(section, split, measured)
+    except lm.LatencyModelError as e:  # a sweep without dwconv / conv samples
+        report["mbconv"] = {"unit": _brief(forms["unit"]), "parts": str(e), "kept": "unit"}
+        return models
+    kept = min(forms, key=lambda f: forms[f]["mape"])
+    report["mbconv"] = {f: _brief(r) for f, r in forms.items()} | {"kept": kept}
+    report["paths"] = forms[kept]
+    return models if kept == "unit" else split
+
+
 def store(bundle_dir: str, models: Mapping, report: Mapping) -> None:
     """Rewrites the bundle's manifest with ``latency_models`` and ``latency_fit`` (staged)."""
 
@@ -229,6 +253,8 @@ def run(
             if m.get("kind") != "partitions":
                 raise ValueError(f"--{t}-paths is not a partition profile of this bundle")
         report["paths"] = path_errors(section, models, measured)
+        if any("mbconv" in m["kinds"] for m in models.values()):
+            models = _mbconv_form(section, models, measured, report)
     store(bundle, models, report)
     return report
 
@@ -243,6 +269,10 @@ def format_report(report: Mapping) -> str:
             m = r["forms"][r["form"]]["heldout_mape"]
             shown = "-" if m is None else f"{m:.1f}"
             lines.append(f"{target:<8}{kind:<9}{r['form']:<13}{shown:>16}")
+    if "mbconv" in report:
+        m = report["mbconv"]
+        forms = [f"{f} {m[f]['mape']:.1f}%" for f in ("unit", "parts") if isinstance(m[f], dict)]
+        lines.append(f"MBConv as (whole-path MAPE): {', '.join(forms)}; kept {m['kept']}")
     if "paths" in report:
         p = report["paths"]
         lines.append(

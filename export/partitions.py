@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,12 +60,27 @@ ENCODING_FRAMES = 256  # validation frames the encodings' accuracy effect is mea
 _NO_CUT_BEFORE = ("relu", "relu6", "dropout", "flatten")
 # Activations fused by the TFLite converter into the layer before them.
 _FUSES_INTO = ("conv", "dense", "low_rank_conv", "low_rank_dense", "batch_norm")
+# Inference batch norm after a conv is a per-channel scale and shift the converter folds
+# into the conv's weights and bias.
+_BN_FOLDS_INTO = ("conv",)
 
 
-def cut_points(net: Net) -> list[int]:
-    """Every partition point of the backbone, ``0 .. L`` (``L``: nothing on the edge)."""
+def cut_points(net: Net, allowed: Sequence[int] | None = None) -> list[int]:
+    """Every partition point of the backbone, ``0 .. L`` (``L``: nothing on the edge).
+
+    `allowed` (e.g. block boundaries) keeps only those interior points; 0 and L stay.
+
+    Raises:
+      ValueError: an allowed point that is not a partition point of `net`.
+    """
     n = len(net.layers)
-    return [p for p in range(n + 1) if p in (0, n) or net.layers[p].kind not in _NO_CUT_BEFORE]
+    every = [p for p in range(n + 1) if p in (0, n) or net.layers[p].kind not in _NO_CUT_BEFORE]
+    if allowed is None:
+        return every
+    bad = sorted(set(allowed) - set(every))
+    if bad:
+        raise ValueError(f"partition point {bad[0]} is not a cut point of the net; valid: {every}")
+    return sorted({0, n, *allowed})
 
 
 def exit_stop(net: Net, name: str) -> int:
@@ -73,10 +88,10 @@ def exit_stop(net: Net, name: str) -> int:
     return len(net.layers) if name == FINAL else net.exit_position(name) + 1
 
 
-def plan_partitions(net: Net) -> list[convert.SignaturePlan]:
+def plan_partitions(net: Net, cuts: Sequence[int] | None = None) -> list[convert.SignaturePlan]:
     """The device-prefix and edge-path signatures of `net`, device prefixes first."""
     shapes = net.shapes()
-    cuts = cut_points(net)
+    cuts = cut_points(net, cuts)
     n = len(net.layers)
 
     def act(p: int) -> tuple[int, ...]:
@@ -112,12 +127,15 @@ def layer_rows(layers: tuple[Layer, ...], input_shape: tuple[int, ...]) -> list[
             "kind": layer.kind,
             "in_shape": list(sin),
             "out_shape": list(sout),
-            "fused": layer.kind in ("relu", "relu6") and prev in _FUSES_INTO,
+            "fused": (layer.kind in ("relu", "relu6") and prev in _FUSES_INTO)
+            or (layer.kind == "batch_norm" and prev in _BN_FOLDS_INTO),
         }
-        for arg in ("kernel", "stride", "window", "features"):
+        for arg in ("kernel", "stride", "window", "features", "groups", "skip"):
             if layer.get(arg) is not None:
                 v = layer[arg]
                 row[arg] = list(v) if isinstance(v, tuple) else v
+        if layer.kind == "mbconv":  # its body, for a latency model of the parts
+            row["body"] = layer_rows(layer.branches[0], tuple(sin))
         rows.append(row)
         prev = layer.kind
     return rows
@@ -132,10 +150,13 @@ def layer_table(net: Net) -> dict[str, list[dict]]:
     return table
 
 
-def manifest_section(net: Net, plans: list[convert.SignaturePlan], model_file: str) -> dict:
+def manifest_section(
+    net: Net, plans: list[convert.SignaturePlan], model_file: str,
+    cuts: Sequence[int] | None = None,
+) -> dict:  # fmt: skip
     """The ``partitions`` manifest section for `plans` stored in `model_file`."""
     shapes = net.shapes()
-    cuts = cut_points(net)
+    cuts = cut_points(net, cuts)
     n = len(net.layers)
     acts = {}
     for p in cuts:
@@ -176,6 +197,7 @@ def export_partitions(
     calibration_x: np.ndarray | None = None,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     encoding_frames: int = ENCODING_FRAMES,
+    cuts: Sequence[int] | None = None,
     log=print,
 ) -> dict:
     """Writes ``partitions.tflite`` into `directory`; returns its manifest section.
@@ -189,6 +211,7 @@ def export_partitions(
         of the validation split; when both are given every cut's encodings are
         calibrated and measured (`measure_encodings`, on at most
         `encoding_frames` validation frames).
+      cuts: interior partition points to export (`cut_points`); None = every one.
 
     Raises:
       ValueError: int8 (partitions would need per-cut calibration data).
@@ -196,12 +219,12 @@ def export_partitions(
     """
     if precision == "int8":
         raise ValueError("partition signatures support fp32, fp16 and dynamic precision, not int8")
-    plans = plan_partitions(net)
+    plans = plan_partitions(net, cuts)
     buf = convert.to_tflite(net, variables, plans, precision=precision)
     path = os.path.join(directory, names.PARTITIONS_FILE)
     with open(path, "wb") as f:
         f.write(buf)
-    section = manifest_section(net, plans, names.PARTITIONS_FILE)
+    section = manifest_section(net, plans, names.PARTITIONS_FILE, cuts)
     log(f"partitions: {len(plans)} signatures, {len(buf):,} bytes")
     if check_x is not None and check_logits is not None:
         section["parity"] = _check_pairs(path, section, check_x, check_logits, precision, tolerance)
@@ -209,8 +232,8 @@ def export_partitions(
         vx, vy = validation
         n = min(len(vx), encoding_frames)
         measure_encodings(Model(path), section, calibration_x, vx[:n], vy[:n])
-        cuts = sum("encodings" in a for a in section["activations"].values())
-        log(f"partitions: {', '.join(ENCODINGS)} measured at {cuts} cuts on {n} validation "
+        measured = sum("encodings" in a for a in section["activations"].values())
+        log(f"partitions: {', '.join(ENCODINGS)} measured at {measured} cuts on {n} validation "
             f"frames (int8 calibrated on {len(calibration_x)})")  # fmt: skip
     return section
 

@@ -155,7 +155,7 @@ def check_config(schema_fn: Callable[[], Any], flag_values: flags.FlagValues = f
     config = config_lib.validate(flag_values["config"].value, schema_fn)
     if "base" in config:  # a catalog: its training config has the training schema
         config_lib.validate(config.base, config_lib.defaults)
-    if "model_config" in config:
+    if "model_config" in config and not config.get("distill", {}).get("backbone"):
         config_lib.validate(config_lib.load(config.model_config))
 
 

@@ -155,6 +155,34 @@ def edgent_defaults() -> ml_collections.ConfigDict:
     c.bench.trace_seconds = 8.0  # trace length: a new bandwidth every trace_step_s
     c.bench.trace_step_s = 0.5
     c.bench.trace_seed = 0
+
+    # A pretrained backbone with BranchyNet-style exit heads distilled on the real clips
+    # (flexjax.distill_exits on flexjax.feature_cache), instead of training model_config.
+    c.distill = ml_collections.ConfigDict()
+    c.distill.backbone = ""  # "" = train model_config; else a pretrained name (efficientnet_lite0)
+    c.distill.image_size = 224
+    c.distill.exit_every = 4  # an exit at every k-th block boundary, counted from the last
+    c.distill.exit_skip = 2  # ... after the first blocks (their activations are the largest)
+    c.distill.positions = ()  # explicit exit positions; () = exit_every / exit_skip
+    c.distill.cut_every = 1  # partition points at every k-th block boundary (+ input, end)
+    c.distill.head = "conv_pool_dense"  # flexjax.distill_exits.HEADS
+    # (mimic: the backbone's head width and its classifier; head_features is not used)
+    c.distill.head_features = 128
+    c.distill.steps = 300
+    c.distill.batch_size = 64
+    c.distill.learning_rate = 3e-3
+    c.distill.temperature = 2.0
+    c.distill.criterion = "entropy"  # exit criterion (entropy | max_softmax)
+    c.distill.epsilon = 0.01  # thresholds: allowed agreement loss on val
+    # flexjax.data.ClipConfig fields (its resolution is distill.image_size)
+    c.distill.clips = ml_collections.ConfigDict()
+    c.distill.clips.train = ("vtest", "bigbuckbunny", "bikes")
+    c.distill.clips.val = ("tree", "carphone", "cup")
+    c.distill.clips.test = ("box", "megamind")
+    c.distill.clips.fps = 5.0
+    c.distill.clips.max_frames = 0
+    c.distill.clips.reference = "efficientnet_lite2"
+    c.distill.clips.reference_resolution = 0
     return c
 
 
@@ -238,6 +266,18 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("bench.trace_frames", _int(1, MAX_COUNT)),
     ("bench.trace_seconds", _real(0.0, 86_400.0, lo_open=True)),
     ("bench.trace_step_s", _real(0.001, 3600.0)),
+    ("distill.image_size", _int(32, 1024)),
+    ("distill.exit_every", _int(1, 1000)),
+    ("distill.exit_skip", _int(0, 1000)),
+    ("distill.positions", _POSITION),
+    ("distill.cut_every", _int(1, 1000)),
+    ("distill.head_features", _int(1, 4096)),
+    ("distill.steps", _int(1, MAX_COUNT)),
+    ("distill.epsilon", _FRACTION),
+    ("distill.temperature", _real(0.0, 1000.0, lo_open=True)),
+    ("distill.clips.fps", _real(0.0, 120.0)),
+    ("distill.clips.max_frames", _int(0, 100_000)),
+    ("distill.clips.reference_resolution", _int(0, 1024)),
     # MCDNN catalog.
     ("stem", _int(0, 10_000)),
     ("heads.steps", _int(1, MAX_COUNT)),

@@ -6,7 +6,10 @@ workdir and is recorded in ``stages.json`` when it finishes, so re-running the
 same command continues after the last finished stage; a workdir made with
 another config is refused, and a finished one says so.
 
-  train/          the multi-exit net (`flexjax.training`, config ``model_config``)
+  train/          the multi-exit net (`flexjax.training`, config ``model_config``; or a
+                  pretrained backbone with distilled exits, `pipelines.edgent_distill`,
+                  whose cached activations stay in features/ and test frames in
+                  frames_test.npz)
   bundle/         its bundle with device/edge partition signatures (`export.bundle`);
                   the fit stage adds the latency models to its manifest
   sweep/          single-layer signatures for the regressions (`export.sweep`)
@@ -37,6 +40,7 @@ from export.bundle import export_bundle
 from flexjax import config as config_lib
 from flexjax import training
 from flexjax.io import jsonable, write_json_atomic
+from pipelines import edgent_distill
 from runtime import edgent_bench, planner
 from runtime import profile as profile_lib
 
@@ -58,8 +62,16 @@ def load_model_config(ref: str) -> ml_collections.ConfigDict:
         raise ValueError(f"model_config {ref}: {e}") from None
 
 
-def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Every value the stages will use, checked before anything is written."""
+def _distilled(config: ml_collections.ConfigDict) -> bool:
+    """True when the job distills exits onto a pretrained backbone (``distill.backbone``)."""
+    return bool(config.distill.backbone)
+
+
+def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """Every value the stages will use, checked before anything is written.
+
+    Returns the model's training config, or None for a distilled job.
+    """
     if config.sweep.size not in sweep.SIZES:
         raise ValueError(
             f"sweep.size must be one of {', '.join(sweep.SIZES)}; got {config.sweep.size!r}"
@@ -90,13 +102,15 @@ def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"bench.policies must include 'edgent' and come from "
             f"{', '.join(edgent_bench.POLICIES)}; got {list(b.policies)}"
         )
+    if _distilled(config):
+        edgent_distill.check(config)
     if min(b.frames, b.trace_frames, b.servers) < 1:
         raise ValueError("bench.frames, bench.trace_frames and bench.servers must be >= 1")
     if not (b.deadline_ms > 0 and b.bandwidth_mbps > 0 and b.trace_step_s > 0):
         raise ValueError("bench.deadline_ms, bench.bandwidth_mbps, bench.trace_step_s must be > 0")
     if any(not float(x) > 0 for x in (*b.bandwidths, *b.deadlines)):
         raise ValueError("bench.bandwidths and bench.deadlines must be > 0")
-    return load_model_config(config.model_config)
+    return None if _distilled(config) else load_model_config(config.model_config)
 
 
 def _same(saved_path: str, config: ml_collections.ConfigDict) -> list[str]:
@@ -120,8 +134,9 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _stage_settings(config: ml_collections.ConfigDict) -> edgent_bench.Settings:
+def _stage_settings(config: ml_collections.ConfigDict, root: str) -> edgent_bench.Settings:
     b = config.bench
+    data = edgent_distill.test_frames(root) if _distilled(config) else b.data
     defaults = edgent_bench.Settings()
     return edgent_bench.Settings(
         frames=b.frames, servers=b.servers, deadline_ms=float(b.deadline_ms),
@@ -129,7 +144,7 @@ def _stage_settings(config: ml_collections.ConfigDict) -> edgent_bench.Settings:
         trace_frames=b.trace_frames,
         bandwidths=tuple(float(x) for x in b.bandwidths) or defaults.bandwidths,
         deadlines=tuple(float(x) for x in b.deadlines) or defaults.deadlines,
-        policies=tuple(b.policies) or defaults.policies, data=b.data,
+        policies=tuple(b.policies) or defaults.policies, data=data,
         trace_seconds=float(b.trace_seconds), trace_step_s=float(b.trace_step_s),
         trace_seed=b.trace_seed,
     )  # fmt: skip
@@ -187,9 +202,11 @@ def run(
     saved = os.path.join(workdir, "config.json")
     if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.exists(saved):
         raise ValueError(f"{workdir} is not empty and holds no Edgent job; use a new --workdir")
-    for path, cfg, what in ((saved, config, "config"),
-                            (os.path.join(w.train, "config.json"), model_config,
-                             f"model config ({config.model_config})")):  # fmt: skip
+    checks = [(saved, config, "config")]
+    if model_config is not None:
+        checks.append((os.path.join(w.train, "config.json"), model_config,
+                       f"model config ({config.model_config})"))  # fmt: skip
+    for path, cfg, what in checks:
         diff = _same(path, cfg)
         if diff:
             more = ", ..." if len(diff) > 4 else ""
@@ -208,14 +225,24 @@ def run(
             return json.load(f)
 
     stage_fns = {
-        "train": lambda: _train(model_config, w, log),
-        "export": lambda: _export(config, w, log),
+        "train": lambda: (
+            edgent_distill.train(config, w.train, os.path.join(w.root, "features"), log)
+            if model_config is None
+            else _train(model_config, w, log)
+        ),
+        "export": lambda: (
+            edgent_distill.export(config, w.train, w.bundle, w.root, log)
+            if model_config is None
+            else _export(config, w, log)
+        ),
         "sweep": lambda: sweep.export_sweep(
             w.sweep, size=config.sweep.size, seed=config.sweep.seed, overwrite=True, log=log
         ),
         "profile": lambda: _profile(config, w, log),
         "fit": lambda: _fit(config, w, log),
-        "bench": lambda: edgent_bench.run(w.bundle, w.bench, _stage_settings(config), log=log),
+        "bench": lambda: edgent_bench.run(
+            w.bundle, w.bench, _stage_settings(config, w.root), log=log
+        ),
     }
     for i, stage in enumerate(STAGES, 1):
         if stage in w.finished():
@@ -303,15 +330,18 @@ def _report(config, w: _Workdir) -> dict:
     part = manifest["partitions"]
     device_target = profile_lib.Target.parse(config.device.target)
     paths = fit.get("paths", {})
+    keys = ("name", "position", "accuracy", "backbone_agreement")
     return {
         "model_config": config.model_config,
+        **({"distill": config.distill.to_dict()} if _distilled(config) else {}),
         "train": {
             "final_accuracy": train["final_accuracy"],
-            "exits": [{k: e[k] for k in ("name", "position", "accuracy")} for e in train["exits"]],
+            "exits": [{k: e[k] for k in keys if k in e} for e in train["exits"]],
         },
         "bundle": {
             "exits": [e["name"] for e in part["exits"]],
             "cut_points": part["cut_points"],
+            "activation_bytes": {p: a["bytes"] for p, a in part["activations"].items()},
             "signatures": len(part["signatures"]),
             "options": len(planner.options(manifest)),
             "encodings": encodings_brief(part),
@@ -322,6 +352,7 @@ def _report(config, w: _Workdir) -> dict:
                 for t, kinds in fit["kinds"].items()
             },
             "paths": {k: paths[k] for k in ("count", "mape", "p90_ape", "max_ape") if k in paths},
+            **({"mbconv": fit["mbconv"]} if "mbconv" in fit else {}),
         },
         "emulation": emulation(
             _load(w.profile("device_parts")),
@@ -375,21 +406,37 @@ def _brief(summary: Mapping) -> dict:
 def format_report(report: Mapping) -> str:
     """The lines ``python -m train.edgent`` prints."""
     t, b, f, e = report["train"], report["bundle"], report["fit"], report["emulation"]
+    d = report.get("distill")
+    model = f"{d['backbone']} + distilled exits" if d else report["model_config"]
     lines = [
-        f"{report['model_config']}: final accuracy {t['final_accuracy']:.4f}; exits "
-        + ", ".join(f"{x['name']} {x['accuracy']:.3f}" for x in t["exits"]),
+        f"{model}: final accuracy {t['final_accuracy']:.4f}; exits "
+        + ", ".join(
+            f"{x['name']} {x['accuracy']:.3f}"
+            + (f" (backbone {x['backbone_agreement']:.3f})" if "backbone_agreement" in x else "")
+            for x in t["exits"]
+        ),
         f"bundle: {len(b['exits'])} exits, cut points {b['cut_points']}, "
         f"{b['signatures']} partition signatures, {b['options']} (exit, partition, encoding) "
         "options; cut encodings (cuts, worst agreement with float32): "
         + (", ".join(f"{n} {e['cuts']} {e['min_agreement']:.3f}"
                      for n, e in b.get("encodings", {}).items()) or "float32 only"),
     ]  # fmt: skip
+    if "activation_bytes" in b:
+        acts = b["activation_bytes"]
+        lines.append(
+            "bytes crossing each cut (fp32; input first): "
+            + ", ".join(f"p{p} {n:,}" for p, n in acts.items())
+        )
     for target, kinds in f["kinds"].items():
         parts = []
         for k, r in kinds.items():
             m = r.get("heldout_mape", r.get("train_mape"))
             parts.append(f"{k} {r['form']} " + ("-" if m is None else f"{m:.1f}%"))
         lines.append(f"fit {target} (held-out MAPE): " + ", ".join(parts))
+    if "mbconv" in f:
+        m = f["mbconv"]
+        forms = [f"{k} {m[k]['mape']:.1f}%" for k in ("unit", "parts") if isinstance(m[k], dict)]
+        lines.append(f"MBConv latency as (whole-path MAPE): {', '.join(forms)}; kept {m['kept']}")
     if f["paths"]:
         p = f["paths"]
         lines.append(

@@ -59,7 +59,12 @@ def test_shipped_config_validates_and_builds_its_net(path, arg):
             assert net.exit_names[-1] == "final"
         return
     if "model_config" in config:  # an Edgent job: its own schema, the net's config by reference
-        config_lib.validate(config, config_lib.edgent_defaults)
+        config = config_lib.validate(config, config_lib.edgent_defaults)
+        if config.distill.backbone:  # a pretrained backbone with distilled exits, no model_config
+            from pipelines import edgent_distill
+
+            edgent_distill.check(config)  # builds the backbone, its exit and cut positions
+            return
         config = config_lib.load(config.model_config)
     config = config_lib.validate(config)
     kwargs = config.model.kwargs.to_dict()
