@@ -63,6 +63,7 @@ def thresholds_for(config, net, variables, splits, bundle_dir: str | None) -> di
     cal = exits_lib.calibrate(
         logits, splits.val.y, costs_lib.of(net).exit_flops, criterion=config.exits.criterion,
         epsilon=float(config.exits.epsilon), names=net.exit_names,
+        **exits_lib.calibration_options(config),
     )  # fmt: skip
     return {
         "criterion": cal.criterion,

@@ -66,6 +66,17 @@ def defaults() -> ml_collections.ConfigDict:
     c.exits.criterion = "entropy"  # entropy | max_softmax
     c.exits.epsilon = 0.01  # allowed accuracy loss vs the final exit (0.01 = 1 point)
 
+    # How exit thresholds meet exits.epsilon (flexjax.exits.METHODS): "ucb" keeps an upper
+    # confidence bound (level 1 - delta) of the accuracy loss within epsilon, so it holds on
+    # new frames (empirical fitting exceeds it on about half of fresh test splits:
+    # BENCHMARKS.md, calibration study); "empirical" | "margin" (epsilon - margin) | "ltt"
+    # (Learn-then-Test, a formal guarantee, far more conservative). FlexDNN and BranchyNet
+    # alike: every calibration of a job (plan, bundles, reports) uses this.
+    c.calibration = ml_collections.ConfigDict()
+    c.calibration.method = "ucb"
+    c.calibration.delta = 0.1  # ucb / ltt: error level, in (0, 1)
+    c.calibration.margin = 0.005  # margin: safety margin (fraction; 0.005 = half a point)
+
     # Also evaluate on video streams (flexjax.data.video): thresholds calibrated on a
     # stream filmed from the val split, measured on one filmed from the test split.
     c.video = ml_collections.ConfigDict()
@@ -263,6 +274,9 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("ams.trace.hours", _real(0.0, 24.0 * 7, lo_open=True)),
     ("ams.trace.mean_rate", _real(0.0, 1000.0, lo_open=True)),
     ("ams.trace.bursts", _int(0, 10_000)),
+    # Exit threshold calibration.
+    ("calibration.delta", _real(0.0, 1.0, lo_open=True, hi_open=True)),
+    ("calibration.margin", _FRACTION),
 )
 
 
@@ -402,6 +416,8 @@ def smoke_on_slice(
 ) -> ml_collections.ConfigDict:
     """Shrinks a config for tests: a `limit`-example slice of its own data, one tiny epoch."""
     config.data.limit = limit
+    if "calibration" in config:  # a 1-point bound needs ~1000 val frames, not 60
+        config.calibration.method = "empirical"
     config.train.batch_size = 32
     config.train.num_epochs = 1
     config.train.warmup_steps = 0
@@ -469,4 +485,16 @@ def validate(
             check_value(key, value)
     full = schema_fn()
     full.update(config)  # nested update keeps defaults for keys the config omits
+    if "calibration" in full:
+        check_calibration(full.calibration)
     return full
+
+
+def check_calibration(section: Any) -> None:
+    """Raises ValueError (one line) for an unknown ``calibration.method``."""
+    from flexjax.exits import METHODS  # noqa: PLC0415 (numpy only; exits never imports config)
+
+    if section.method not in METHODS:
+        raise ValueError(
+            f"unknown calibration.method {section.method!r}; valid: {', '.join(METHODS)}"
+        )

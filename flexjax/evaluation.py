@@ -128,6 +128,7 @@ def _calibrate_and_test(net, variables, val, test, nc, config, sharding):
             criterion=config.exits.criterion,
             epsilon=epsilon,
             names=net.exit_names,
+            **exits.calibration_options(config),
         )
         stats = exits.simulate(
             test_logits, test.y, cal.thresholds, cal.criterion, nc.exit_flops, net.exit_names

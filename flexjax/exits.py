@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -211,6 +212,25 @@ def check_options(method: str, epsilon: float, delta: float, margin: float) -> N
     ):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(float(v)):
             raise ValueError(f"{name} must be a fraction in {dom}, got {v!r}")
+
+
+def calibration_options(config: Any) -> dict:
+    """``{"method", "delta", "margin"}`` for `calibrate` from a job config's ``calibration``.
+
+    A config saved before the section existed gets the schema's defaults
+    (`flexjax.config.defaults`), as every missing key does.
+    """
+    from flexjax import config as config_lib  # noqa: PLC0415 (config imports this module)
+
+    section = dict(config_lib.defaults().calibration)
+    given = config.get("calibration") if hasattr(config, "get") else None
+    section.update(dict(given or {}))
+    check_options(section["method"], 0.0, section["delta"], section["margin"])
+    return {
+        "method": section["method"],
+        "delta": float(section["delta"]),
+        "margin": float(section["margin"]),
+    }
 
 
 def clopper_pearson_upper(k, n, delta: float):

@@ -30,6 +30,7 @@ import shutil
 from collections.abc import Callable, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 
 from export import convert
@@ -37,6 +38,7 @@ from export.bundle import calibrate_bundle, export_bundle
 from flexjax import checkpoint, costs, evaluation, flexdnn, training
 from flexjax import config as config_lib
 from flexjax import data as data_lib
+from flexjax import exits as exits_lib
 from flexjax.data import Dataset
 from flexjax.io import write_json_atomic
 from flexjax.models import init
@@ -96,7 +98,10 @@ def prepare(config, workdir: str) -> dict:
     if os.path.exists(saved):
         with open(saved) as fh:
             old = json.load(fh)
-        if old != json.loads(config.to_json()):
+        # Keys added to the schema since (at their defaults) do not make it another run.
+        if json.loads(config_lib.validate(ml_collections.ConfigDict(old)).to_json()) != (
+            json.loads(config.to_json())
+        ):
             raise ValueError(
                 f"{workdir} holds a FlexDNN run with a different config; use a new --workdir"
             )
@@ -307,8 +312,9 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     crit, eps = config.exits.criterion, float(config.exits.epsilon)
     val_logits = evaluation.predict(snet, svars, splits.val.x)
     plan = flexdnn.plan_exits(
-        val_logits, splits.val.y, names, head_ms, seg_ms, criterion=crit, epsilon=eps
-    )
+        val_logits, splits.val.y, names, head_ms, seg_ms, criterion=crit, epsilon=eps,
+        calibration=exits_lib.calibration_options(config),
+    )  # fmt: skip
     log(f"insertion plan: kept {list(plan.kept)}, removed (in order) {list(plan.removed)}")
     fnet, fvars = flexdnn.keep_exits(snet, svars, plan.kept)
     final_dir = os.path.join(workdir, "final")
@@ -412,6 +418,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         "backbone_workdir": os.path.abspath(backbone_dir),
         "criterion": crit,
         "epsilon": eps,
+        "calibration": exits_lib.calibration_options(config),
         "delta": float(f.delta),
         "candidates": candidates,
         "final_segment_latency_ms": seg_ms[-1],
