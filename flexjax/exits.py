@@ -49,6 +49,7 @@ to, not on new ones: fitted to the limit, the loss on fresh frames exceeds
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -289,6 +290,8 @@ def accuracy_loss_ucb(lost: int, gained: int, n: int, delta: float) -> float:
     Raises:
       ValueError: counts out of range, or delta outside (0, 1).
     """
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
     lost, gained, n = int(lost), int(gained), int(n)
     if n < 1 or lost < 0 or gained < 0 or lost + gained > n:
         raise ValueError(f"need 0 <= lost + gained <= n, n >= 1; got {lost}, {gained}, {n}")
@@ -345,6 +348,7 @@ def calibrate(
     target_eps = max(0.0, epsilon - margin) if method == "margin" else epsilon
     n = len(labels)
 
+    @functools.cache  # the search meets the same counts many times
     def bound(lost: int, gained: int) -> float:
         return accuracy_loss_ucb(lost, gained, n, delta)
 
@@ -435,11 +439,11 @@ def _calibrate_ltt(
     never = {m: None for m in names[:-1]}
     scale = len(test) / len(fit)
 
+    @functools.cache
     def predicted(lost: int, gained: int) -> float:
         # The bound these rates would get on the testing part (its size, not the fit's).
-        return accuracy_loss_ucb(
-            round(lost * scale), round(gained * scale), len(test), delta
-        )  # fmt: skip
+        a = min(round(lost * scale), len(test))
+        return accuracy_loss_ucb(a, min(round(gained * scale), len(test) - a), len(test), delta)
 
     chosen, path = never, []
     for j in range(UCB_MAX_STEPS + 1):
