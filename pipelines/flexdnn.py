@@ -98,14 +98,22 @@ def prepare(config, workdir: str) -> dict:
     if os.path.exists(saved):
         with open(saved) as fh:
             old = json.load(fh)
-        # Keys added to the schema since (at their defaults) do not make it another run.
-        if json.loads(config_lib.validate(ml_collections.ConfigDict(old)).to_json()) != (
-            json.loads(config.to_json())
-        ):
+        if _with_defaults(old) != json.loads(config.to_json()):
             raise ValueError(
                 f"{workdir} holds a FlexDNN run with a different config; use a new --workdir"
             )
     return {"config": config, "splits": setup.splits, "backbone": backbone, "positions": positions}
+
+
+def _with_defaults(saved: dict) -> dict | None:
+    """A saved config with keys added to the schema since at their defaults (None: invalid now).
+
+    A key added later (e.g. ``calibration``) does not make an old workdir another run.
+    """
+    try:
+        return json.loads(config_lib.validate(ml_collections.ConfigDict(saved)).to_json())
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 # ---------------------------------------------------------------------------

@@ -310,3 +310,30 @@ def test_study_command_refuses_a_directory_that_holds_no_model(tmp_path):
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
     assert "neither a trained multi-exit workdir" in lines[0]
+
+
+def test_flexdnn_plan_passes_the_calibration_method_through():
+    # Exit "a" is right on every frame and confident on 60%: empirically free. On 200 frames
+    # the ucb method cannot certify 1 point even so (no disagreement seen still bounds the
+    # rate by 1.5%), so the exit never fires and the plan removes it; 2 points it certifies.
+    from flexjax import flexdnn  # noqa: PLC0415 (JAX; only this test)
+
+    n = 200
+    y = np.random.default_rng(12).integers(0, 2, n)
+    a = np.zeros((n, 2))
+    a[np.arange(n), y] = np.where(np.arange(n) < 120, 8.0, 0.0)
+    final = np.zeros((n, 2))
+    final[np.arange(n), y] = 8.0
+    logits = {"a": a, "final": final}
+
+    def plan(epsilon, method):
+        return flexdnn.plan_exits(
+            logits, y, ["a"], [0.1], [1.0, 1.0], criterion="entropy", epsilon=epsilon,
+            calibration={"method": method, "delta": 0.1, "margin": 0.0},
+        )  # fmt: skip
+
+    assert plan(0.01, "empirical").kept == ("a",)
+    strict = plan(0.01, "ucb")
+    assert strict.kept == () and strict.calibration.method == "ucb"
+    loose = plan(0.02, "ucb")
+    assert loose.kept == ("a",) and loose.rounds[-1]["exit_rates"]["a"] == pytest.approx(0.6)
