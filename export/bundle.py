@@ -34,6 +34,7 @@ from export import convert
 from export import partitions as partitions_lib
 from export.staging import ExportError, Staged, rewrite_manifest, write_manifest
 from flexjax import checkpoint, evaluation, training
+from flexjax import config as config_lib
 from flexjax import costs as costs_lib
 from flexjax import data as data_lib
 from flexjax import exits as exits_lib
@@ -214,7 +215,7 @@ def calibrate(
     epsilons = sorted({*map(float, epsilons), default_eps})
     val_logits = executor.all_logits(splits.val.x)
     args = (net, nc, criterion, epsilons)
-    opts = exits_lib.calibration_options(config)  # config.calibration: the same for every bundle
+    opts = config_lib.calibration_options(config)  # config.calibration: the same for every bundle
     rows = _calibrations(val_logits, splits.val.y, *args, "val", exit_costs, cost, opts)
     if config.video.enabled:
         v = config.video

@@ -19,6 +19,7 @@ from typing import Any
 
 import ml_collections
 
+from flexjax import exits
 from runtime.args import MAX_COUNT, MAX_SEED, MAX_THREADS, Domain
 
 FREE_FORM = ("model.kwargs",)
@@ -493,9 +494,27 @@ def validate(
 
 def check_calibration(section: Any) -> None:
     """Raises ValueError (one line) for an unknown ``calibration.method``."""
-    from flexjax.exits import METHODS  # noqa: PLC0415 (numpy only; exits never imports config)
-
-    if section.method not in METHODS:
+    if section.method not in exits.METHODS:
         raise ValueError(
-            f"unknown calibration.method {section.method!r}; valid: {', '.join(METHODS)}"
+            f"unknown calibration.method {section.method!r}; valid: {', '.join(exits.METHODS)}"
         )
+
+
+def calibration_options(config: Any) -> dict:
+    """``{"method", "delta", "margin"}`` for `flexjax.exits.calibrate` from a job's config.
+
+    A config saved before the ``calibration`` section existed (a workdir's
+    ``config.json``) gets `defaults`' values, as every missing key does.
+
+    Raises:
+      ValueError: an unknown method, delta or margin out of range.
+    """
+    section = dict(defaults().calibration)
+    given = config.get("calibration") if hasattr(config, "get") else None
+    section.update(dict(given or {}))
+    exits.check_options(section["method"], 0.0, section["delta"], section["margin"])
+    return {
+        "method": section["method"],
+        "delta": float(section["delta"]),
+        "margin": float(section["margin"]),
+    }

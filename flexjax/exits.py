@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -215,25 +214,6 @@ def check_options(method: str, epsilon: float, delta: float, margin: float) -> N
             raise ValueError(f"{name} must be a fraction in {dom}, got {v!r}")
 
 
-def calibration_options(config: Any) -> dict:
-    """``{"method", "delta", "margin"}`` for `calibrate` from a job config's ``calibration``.
-
-    A config saved before the section existed gets the schema's defaults
-    (`flexjax.config.defaults`), as every missing key does.
-    """
-    from flexjax import config as config_lib  # noqa: PLC0415 (config imports this module)
-
-    section = dict(config_lib.defaults().calibration)
-    given = config.get("calibration") if hasattr(config, "get") else None
-    section.update(dict(given or {}))
-    check_options(section["method"], 0.0, section["delta"], section["margin"])
-    return {
-        "method": section["method"],
-        "delta": float(section["delta"]),
-        "margin": float(section["margin"]),
-    }
-
-
 def clopper_pearson_upper(k, n, delta: float):
     """One-sided Clopper-Pearson upper bound on a binomial rate at level ``1 - delta``.
 
@@ -241,7 +221,7 @@ def clopper_pearson_upper(k, n, delta: float):
     at least ``1 - delta`` the true rate is at most this. Vectorised over `k`
     and `n`; 1 where ``k >= n``; ``n = 0`` gives 1 (no evidence).
     """
-    from scipy.special import betaincinv  # noqa: PLC0415 (scipy only where a bound is asked)
+    from scipy.special import betaincinv  # lazy: scipy loads only where a bound is asked
 
     k = np.asarray(k, float)
     n = np.asarray(n, float)

@@ -38,7 +38,6 @@ from export.bundle import calibrate_bundle, export_bundle
 from flexjax import checkpoint, costs, evaluation, flexdnn, training
 from flexjax import config as config_lib
 from flexjax import data as data_lib
-from flexjax import exits as exits_lib
 from flexjax.data import Dataset
 from flexjax.io import write_json_atomic
 from flexjax.models import init
@@ -321,7 +320,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     val_logits = evaluation.predict(snet, svars, splits.val.x)
     plan = flexdnn.plan_exits(
         val_logits, splits.val.y, names, head_ms, seg_ms, criterion=crit, epsilon=eps,
-        calibration=exits_lib.calibration_options(config),
+        calibration=config_lib.calibration_options(config),
     )  # fmt: skip
     log(f"insertion plan: kept {list(plan.kept)}, removed (in order) {list(plan.removed)}")
     fnet, fvars = flexdnn.keep_exits(snet, svars, plan.kept)
@@ -426,7 +425,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         "backbone_workdir": os.path.abspath(backbone_dir),
         "criterion": crit,
         "epsilon": eps,
-        "calibration": exits_lib.calibration_options(config),
+        "calibration": config_lib.calibration_options(config),
         "delta": float(f.delta),
         "candidates": candidates,
         "final_segment_latency_ms": seg_ms[-1],

@@ -210,10 +210,10 @@ def test_config_calibration_bad_values_are_refused(key, value, match):
 
 def test_config_calibration_default_is_ucb_for_flexdnn_and_branchynet_alike():
     for schema in (config_lib.defaults, config_lib.flexdnn_defaults):
-        opts = exits.calibration_options(config_lib.validate(schema()))
+        opts = config_lib.calibration_options(config_lib.validate(schema()))
         assert opts == {"method": "ucb", "delta": 0.05, "margin": 0.005}
     # A workdir config saved before the section existed gets the same defaults.
-    assert exits.calibration_options({"exits": {"epsilon": 0.01}})["method"] == "ucb"
+    assert config_lib.calibration_options({"exits": {"epsilon": 0.01}})["method"] == "ucb"
 
 
 def test_bad_calibration_override_is_one_error_line_before_training(tmp_path):

@@ -34,6 +34,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flexjax import exits as exits_lib
+from flexjax.costs import of as costs_of
+from flexjax.io import write_json_atomic
+from flexjax.spec import Net
 from runtime import args as args_lib
 
 CACHE_FILE = "heldout_logits.npz"
@@ -191,8 +194,6 @@ def heldout_logits(workdir: str, cache_path: str, log=print) -> dict:
     with open(cfg_path) as fh:
         config = json.load(fh)
     fp = _fingerprint(net_json, config)
-    from flexjax.costs import of as costs_of  # noqa: PLC0415 (numpy-only, but pulls the spec)
-    from flexjax.spec import Net  # noqa: PLC0415
 
     net = Net.from_dict(json.loads(net_json))
     nc = costs_of(net)
@@ -211,9 +212,10 @@ def heldout_logits(workdir: str, cache_path: str, log=print) -> dict:
                 log(f"{workdir}: held-out logits from {cache_path}")
                 return out
     log(f"{workdir}: computing held-out logits (once; cached in {cache_path})")
-    import ml_collections  # noqa: PLC0415 (JAX only when the cache misses)
+    # lazy: JAX (and the data sets) load only when the cache misses
+    import ml_collections
 
-    from flexjax import checkpoint, evaluation, training  # noqa: PLC0415
+    from flexjax import checkpoint, evaluation, training  # lazy: JAX, as above
 
     splits = training.load_data(ml_collections.ConfigDict(config))
     saved, variables = checkpoint.load(workdir)
@@ -322,8 +324,6 @@ def _main(a) -> int:
     report = run(a, log=lambda s: print(s, file=sys.stderr))
     print(format_table(report))
     if a.json:
-        from flexjax.io import write_json_atomic  # noqa: PLC0415
-
         write_json_atomic(a.json, report)
     return 0
 
