@@ -602,7 +602,8 @@ def plan_exits(
     `exit_costs`; the plan's R uses the same data. Stops when a round removes
     nothing, so every exit kept has R > 1 under the thresholds it ships with.
     `calibration`: `flexjax.exits.calibrate`'s ``method`` / ``delta`` /
-    ``margin`` (`flexjax.config.calibration_options`); default its defaults.
+    ``margin`` (a job passes `flexjax.config.calibration_options`); None:
+    `calibrate`'s own defaults (the empirical rule).
     """
     opts = dict(calibration or {})
     kept = list(range(len(names)))
