@@ -49,6 +49,7 @@ def get_config(arg: str | None = None):
         config.video.num_clips = 25
     elif arg == "smoke":  # tests: tiny data, a couple of search steps
         config.data.limit = 600
+        config.calibration.method = "empirical"  # 1-point bounds need ~1000 val frames
         config.train.batch_size = 32
         config.train.num_epochs = 1
         config.train.log_every = 5

@@ -28,6 +28,7 @@ def get_config(arg: str | None = None):
         config.video.num_clips = 10
         config.video.frames_per_clip = 10
         config.data.limit = 600
+        config.calibration.method = "empirical"  # 1-point bounds need ~1000 val frames
         config.train.batch_size = 32
         config.train.num_epochs = 2
         config.train.log_every = 5

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from export.bundle import load_workdir
+from flexjax import config as config_lib
 from flexjax import costs as costs_lib
 from flexjax import evaluation, training
 from flexjax import exits as exits_lib
@@ -63,6 +64,7 @@ def thresholds_for(config, net, variables, splits, bundle_dir: str | None) -> di
     cal = exits_lib.calibrate(
         logits, splits.val.y, costs_lib.of(net).exit_flops, criterion=config.exits.criterion,
         epsilon=float(config.exits.epsilon), names=net.exit_names,
+        **config_lib.calibration_options(config),
     )  # fmt: skip
     return {
         "criterion": cal.criterion,

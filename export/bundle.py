@@ -34,6 +34,7 @@ from export import convert
 from export import partitions as partitions_lib
 from export.staging import ExportError, Staged, rewrite_manifest, write_manifest
 from flexjax import checkpoint, evaluation, training
+from flexjax import config as config_lib
 from flexjax import costs as costs_lib
 from flexjax import data as data_lib
 from flexjax import exits as exits_lib
@@ -154,12 +155,15 @@ def _parity(net, variables, plans, model, precision, test, parity_examples, exec
     return result, got_logits
 
 
-def _calibrations(logits, labels, net, nc, criterion, epsilons, source, exit_costs, cost):
+def _calibrations(
+    logits, labels, net, nc, criterion, epsilons, source, exit_costs, cost, options=None
+):
     rows = []
     for eps in epsilons:
         cal = exits_lib.calibrate(
-            logits, labels, exit_costs, criterion=criterion, epsilon=eps, names=net.exit_names
-        )
+            logits, labels, exit_costs, criterion=criterion, epsilon=eps, names=net.exit_names,
+            **(options or {}),
+        )  # fmt: skip
         row = {"source": source, "cost": cost, **cal.to_dict()}
         flops = cal.val.expected_cost if cost == FLOPS else _expected_flops(cal, nc)
         row["val_flops_ratio"] = flops / nc.backbone_flops
@@ -211,7 +215,8 @@ def calibrate(
     epsilons = sorted({*map(float, epsilons), default_eps})
     val_logits = executor.all_logits(splits.val.x)
     args = (net, nc, criterion, epsilons)
-    rows = _calibrations(val_logits, splits.val.y, *args, "val", exit_costs, cost)
+    opts = config_lib.calibration_options(config)  # config.calibration: the same for every bundle
+    rows = _calibrations(val_logits, splits.val.y, *args, "val", exit_costs, cost, opts)
     if config.video.enabled:
         v = config.video
         vcfg = data_lib.VideoConfig(
@@ -219,7 +224,7 @@ def calibrate(
         )
         stream = data_lib.make_stream(splits.val, vcfg)
         vlogits = executor.all_logits(stream.x)
-        rows += _calibrations(vlogits, stream.y, *args, "video_val", exit_costs, cost)
+        rows += _calibrations(vlogits, stream.y, *args, "video_val", exit_costs, cost, opts)
     default = next(r for r in rows if r["source"] == "val" and r["epsilon"] == default_eps)
     test_y = splits.test.y[: len(next(iter(test_logits.values())))]
     tested = exits_lib.simulate(

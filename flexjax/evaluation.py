@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
+from flexjax import config as config_lib
 from flexjax import costs, exits
 from flexjax import data as data_lib
 from flexjax.io import (
@@ -128,6 +129,7 @@ def _calibrate_and_test(net, variables, val, test, nc, config, sharding):
             criterion=config.exits.criterion,
             epsilon=epsilon,
             names=net.exit_names,
+            **config_lib.calibration_options(config),
         )
         stats = exits.simulate(
             test_logits, test.y, cal.thresholds, cal.criterion, nc.exit_flops, net.exit_names

@@ -594,13 +594,18 @@ def plan_exits(
     *,
     criterion: str,
     epsilon: float,
+    calibration: Mapping | None = None,
 ) -> PlanResult:
     """Calibrate thresholds, run the insertion plan, re-calibrate for the survivors, repeat.
 
     Thresholds are calibrated on (`logits`, `labels`) with the costs of
     `exit_costs`; the plan's R uses the same data. Stops when a round removes
     nothing, so every exit kept has R > 1 under the thresholds it ships with.
+    `calibration`: `flexjax.exits.calibrate`'s ``method`` / ``delta`` /
+    ``margin`` (a job passes `flexjax.config.calibration_options`); None:
+    `calibrate`'s own defaults (the empirical rule).
     """
+    opts = dict(calibration or {})
     kept = list(range(len(names)))
     removed: list[int] = []
     rounds: list[dict] = []
@@ -609,7 +614,7 @@ def plan_exits(
         order = [names[j] for j in kept] + [FINAL]
         cal = exits_lib.calibrate(
             logits, labels, exit_costs(kept, head_cost, seg_cost, names),
-            criterion=criterion, epsilon=epsilon, names=order,
+            criterion=criterion, epsilon=epsilon, names=order, **opts,
         )  # fmt: skip
         passes = passes_matrix(logits, names, cal.thresholds, criterion)
         plan = insertion_plan(passes, head_cost, seg_cost, kept)
@@ -624,7 +629,7 @@ def plan_exits(
             if plan.removed:  # everything went: calibrate the plain backbone
                 cal = exits_lib.calibrate(
                     logits, labels, {FINAL: float(sum(seg_cost))}, criterion=criterion,
-                    epsilon=epsilon, names=[FINAL],
+                    epsilon=epsilon, names=[FINAL], **opts,
                 )  # fmt: skip
             kept = list(plan.kept)
             break

@@ -30,6 +30,7 @@ import shutil
 from collections.abc import Callable, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 
 from export import convert
@@ -96,11 +97,22 @@ def prepare(config, workdir: str) -> dict:
     if os.path.exists(saved):
         with open(saved) as fh:
             old = json.load(fh)
-        if old != json.loads(config.to_json()):
+        if _with_defaults(old) != json.loads(config.to_json()):
             raise ValueError(
                 f"{workdir} holds a FlexDNN run with a different config; use a new --workdir"
             )
     return {"config": config, "splits": setup.splits, "backbone": backbone, "positions": positions}
+
+
+def _with_defaults(saved: dict) -> dict | None:
+    """A saved config with keys added to the schema since at their defaults (None: invalid now).
+
+    A key added later (e.g. ``calibration``) does not make an old workdir another run.
+    """
+    try:
+        return json.loads(config_lib.validate(ml_collections.ConfigDict(saved)).to_json())
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -307,8 +319,9 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     crit, eps = config.exits.criterion, float(config.exits.epsilon)
     val_logits = evaluation.predict(snet, svars, splits.val.x)
     plan = flexdnn.plan_exits(
-        val_logits, splits.val.y, names, head_ms, seg_ms, criterion=crit, epsilon=eps
-    )
+        val_logits, splits.val.y, names, head_ms, seg_ms, criterion=crit, epsilon=eps,
+        calibration=config_lib.calibration_options(config),
+    )  # fmt: skip
     log(f"insertion plan: kept {list(plan.kept)}, removed (in order) {list(plan.removed)}")
     fnet, fvars = flexdnn.keep_exits(snet, svars, plan.kept)
     final_dir = os.path.join(workdir, "final")
@@ -412,6 +425,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         "backbone_workdir": os.path.abspath(backbone_dir),
         "criterion": crit,
         "epsilon": eps,
+        "calibration": config_lib.calibration_options(config),
         "delta": float(f.delta),
         "candidates": candidates,
         "final_segment_latency_ms": seg_ms[-1],

@@ -116,7 +116,10 @@ def test_kill_9_mid_run_then_rerun_resumes_from_last_checkpoint(tmp_path):
     "flag, message",
     [
         ("--config.train.lrr=1", "error: unknown config key 'train.lrr'; valid keys here: "),
-        ("--config.foo=1", "error: unknown config key 'foo'; valid keys here: data, exits"),
+        (
+            "--config.foo=1",
+            "error: unknown config key 'foo'; valid keys here: calibration, data, exits",
+        ),
         ("--config=configs/nope.py", "error: config file configs/nope.py does not exist"),
         (f"--config={SMOKE[:-6]}:bogus", "error: unknown config argument 'bogus'; valid: smoke"),
     ],
