@@ -41,7 +41,7 @@ class QuantizeError(ValueError):
 
 
 def _lib():
-    try:
+    try:  # lazy: litert-quantizer is the optional `train` extra's and slow to import
         from litert_quantizer import qtyping, recipe_manager
     except ImportError as e:  # pragma: no cover - the dependency is pinned in setup.cfg
         raise QuantizeError(
@@ -60,6 +60,7 @@ def supported(op: str) -> list[str]:
     Entries read ``<mode> int<bits> <granularity>``, e.g. ``dynamic int4 channelwise``.
     """
     qtyping, _ = _lib()
+    # lazy: litert-quantizer is the optional `train` extra's and slow to import
     from litert_quantizer.default_policy import DEFAULT_CONFIG_CHECK_POLICY
 
     try:
@@ -167,6 +168,7 @@ def quantize(float_model: bytes, rules: Sequence[Any], name: str = "recipe") -> 
     """
     rules = check_recipe(rules, name)
     qtyping, _ = _lib()
+    # lazy: litert-quantizer is the optional `train` extra's and slow to import
     from litert_quantizer import quantizer
 
     q = quantizer.Quantizer(bytearray(float_model))
@@ -206,6 +208,7 @@ def dequantized_float_model(float_model: bytes, quantized_model: bytes) -> bytes
     Raises:
       QuantizeError: a quantized weight without a float tensor of the same name and shape.
     """
+    # lazy: LiteRT's flatbuffer tools are only needed to rewrite int4 weights
     from ai_edge_litert.tools import flatbuffer_utils as fb
 
     fm, qm = (

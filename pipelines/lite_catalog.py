@@ -36,9 +36,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from export import convert, quantize
+from flexjax import costs
 from flexjax.data import clips as clips_lib
 from flexjax.io import sha256_file, write_json_atomic
+from flexjax.models import pretrained
+from pipelines.mcdnn import energy_model
+from runtime import timing
+from runtime.lite import Model
+from runtime.mcdnn import time_load
+from runtime.names import FULL
 
 CONVERTER_MODES = ("fp32", "fp16", "dynamic", "int8")  # export.convert.PRECISIONS
 TASK = "imagenet"
@@ -75,7 +84,6 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
         decoded frames at or above it, a malformed recipe or one the quantizer
         does not support for an op (`export.quantize.QuantizeError`), or bad clip names.
     """
-    from export import quantize
 
     models = dict(clips_lib.REFERENCE_MODELS)  # name -> native resolution
     recipes: dict[str, list[dict]] = {}
@@ -138,7 +146,6 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
 
 def _resize(frames: np.ndarray, size: int) -> np.ndarray:
     """uint8 [N, R, R, 3] -> [N, size, size, 3], Pillow bilinear (antialiased when shrinking)."""
-    from PIL import Image
 
     if frames.shape[1] == size:
         return frames
@@ -196,7 +203,6 @@ class _Models:
         self._fp32: dict[tuple[str, int], bytes] = {}
 
     def net(self, model: str, resolution: int):
-        from flexjax.models import pretrained
 
         key = (model, resolution)
         if key not in self._nets:
@@ -204,12 +210,10 @@ class _Models:
         return self._nets[key]
 
     def plans(self, net):
-        from export import convert
 
         return [p for p in convert.plan_signatures(net) if p.name == convert.FULL]
 
     def fp32(self, model: str, resolution: int) -> bytes:
-        from export import convert
 
         key = (model, resolution)
         if key not in self._fp32:
@@ -218,7 +222,6 @@ class _Models:
         return self._fp32[key]
 
     def export(self, v: Mapping[str, Any], recipes, calibration) -> bytes:
-        from export import convert, quantize
 
         m, r, w = v["model"], v["resolution"], v["weights"]
         if w == "fp32":
@@ -247,8 +250,6 @@ def _spec(c, v: Mapping[str, Any], recipes, frames_info) -> dict[str, Any]:
 
 
 def _predict(path: str, x: np.ndarray, threads: int) -> np.ndarray:
-    from runtime.lite import Model
-    from runtime.names import FULL
 
     sig = Model(path, num_threads=threads).signature(FULL)
     return np.array([int(np.argmax(sig(np.ascontiguousarray(f[None])))) for f in x], np.int64)
@@ -256,7 +257,6 @@ def _predict(path: str, x: np.ndarray, threads: int) -> np.ndarray:
 
 def build_variant(c, v, recipes, data, models: _Models, workdir: str, log=print) -> dict:
     """Exports one variant (or reuses a matching one) and measures its top-1 on the test frames."""
-    from flexjax import costs
 
     directory = os.path.join(workdir, VARIANTS_DIR)
     rel = os.path.join(VARIANTS_DIR, f"{v['name']}.tflite")
@@ -307,11 +307,6 @@ def build_variant(c, v, recipes, data, models: _Models, workdir: str, log=print)
 
 def measure(c, rows: list[dict], data, workdir: str) -> dict[str, Any]:
     """Adds agreement, latency (interleaved with the original), load time and energy to rows."""
-    from pipelines.mcdnn import energy_model
-    from runtime import timing
-    from runtime.lite import Model
-    from runtime.mcdnn import time_load
-    from runtime.names import FULL
 
     b = c.bench
     labels, sure = data["labels"], data["conf"] >= 0.5
