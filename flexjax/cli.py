@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import ml_collections
-from absl import flags
+from absl import app, flags, logging
 
 from flexjax import config as config_lib
 from runtime.args import MAX_THREADS
@@ -177,6 +177,24 @@ def note_if_finished(workdir: str, marker: str = REPORT_FILE) -> bool:
         flush=True,
     )
     return True
+
+
+def start_job(argv: Sequence[str], threads: int | None = None) -> None:
+    """What every absl job does first, before JAX loads.
+
+    Refuses stray positional arguments, quiets INFO logging unless --verbosity
+    was given (orbax logs every step at INFO) and, when `threads` is given,
+    applies it (`limit_cpu_threads`; a bad value is one error line).
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if threads is not None:
+        try:
+            limit_cpu_threads(threads)
+        except ValueError as e:
+            fail(str(e))
 
 
 def limit_cpu_threads(threads: int) -> None:

@@ -31,10 +31,10 @@ from __future__ import annotations
 import functools
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from flexjax.cli import define_threads, fail, limit_cpu_threads, note_if_finished, parse_flags
+from flexjax.cli import define_threads, fail, note_if_finished, parse_flags, start_job
 from flexjax.config import catalog_defaults
 
 flags.DEFINE_string("workdir", None, "Directory for models, bundles and catalog.json.")
@@ -45,14 +45,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        limit_cpu_threads(FLAGS.threads)
-    except ValueError as e:
-        fail(str(e))
+    start_job(argv, FLAGS.threads)
     # lazy: flag errors are reported, and --threads applied, before JAX loads
     from export.bundle import ExportError
     from flexjax.approx import ApproxError

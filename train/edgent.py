@@ -17,10 +17,10 @@ import functools
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from flexjax.cli import fail, parse_flags
+from flexjax.cli import fail, parse_flags, start_job
 from flexjax.config import edgent_defaults
 
 flags.DEFINE_string("workdir", None, "Directory for every stage's output and the report.")
@@ -30,10 +30,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    start_job(argv)
     # lazy: flag errors are reported before JAX, TensorFlow and the job load
     import jax
 

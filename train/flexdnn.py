@@ -15,10 +15,10 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from flexjax.cli import define_threads, fail, limit_cpu_threads, note_if_finished, parse_flags
+from flexjax.cli import define_threads, fail, note_if_finished, parse_flags, start_job
 from flexjax.config import flexdnn_defaults
 
 flags.DEFINE_string("workdir", None, "Directory for every stage's output and the report.")
@@ -29,14 +29,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        limit_cpu_threads(FLAGS.threads)
-    except ValueError as e:
-        fail(str(e))
+    start_job(argv, FLAGS.threads)
     # lazy: flag errors are reported, and --threads applied, before JAX loads
     from flexjax.checkpoint import CheckpointMismatchError
     from pipelines import flexdnn, flexdnn_bench

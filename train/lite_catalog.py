@@ -16,10 +16,10 @@ from __future__ import annotations
 import functools
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from flexjax.cli import define_threads, fail, limit_cpu_threads, parse_flags
+from flexjax.cli import define_threads, fail, parse_flags, start_job
 from flexjax.config import lite_catalog_defaults
 
 flags.DEFINE_string("workdir", None, "Directory for the variants and catalog.json.")
@@ -32,14 +32,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        limit_cpu_threads(FLAGS.threads)
-    except ValueError as e:
-        fail(str(e))
+    start_job(argv, FLAGS.threads)
     # lazy: flag errors are reported, and --threads applied, before JAX loads
     from pipelines import lite_catalog
 

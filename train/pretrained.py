@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from flexjax.cli import fail, parse_flags
+from flexjax.cli import fail, parse_flags, start_job
 
 flags.DEFINE_string("model", None, "efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2.")
 flags.DEFINE_string("workdir", None, "Directory to write the workdir to.")
@@ -34,10 +34,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    start_job(argv)
     # lazy: flag errors are reported before JAX and orbax load
     from flexjax import costs
     from flexjax.models import pretrained

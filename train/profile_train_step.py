@@ -23,9 +23,9 @@ import os
 import re
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from flexjax.cli import fail, limit_cpu_threads, parse_flags
+from flexjax.cli import fail, limit_cpu_threads, parse_flags, start_job
 from runtime.args import MAX_THREADS
 from train.benchmarking import load_config
 
@@ -176,9 +176,7 @@ def profile(config, steps: int, steps_per_call: int, out: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    start_job(argv)
     try:
         config = load_config(FLAGS.config, FLAGS.set)
         limit_cpu_threads(FLAGS.threads)

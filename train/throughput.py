@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from flexjax.cli import fail, parse_flags
+from flexjax.cli import fail, parse_flags, start_job
 from runtime.args import MAX_COUNT
 from train.benchmarking import load_config, machine
 
@@ -39,9 +39,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    start_job(argv)
     try:  # every config and override is checked before JAX loads
         configs = [(spec, load_config(spec, FLAGS.set)) for spec in FLAGS.config]
     except (ValueError, TypeError, OSError) as e:

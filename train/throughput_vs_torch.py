@@ -25,7 +25,7 @@ import time
 
 from absl import app, flags, logging
 
-from flexjax.cli import fail, limit_cpu_threads, parse_flags
+from flexjax.cli import fail, limit_cpu_threads, parse_flags, start_job
 from runtime.args import MAX_COUNT, MAX_THREADS
 from train.benchmarking import load_config, machine
 
@@ -162,9 +162,7 @@ def compare(config, threads: int, rounds: int, steps: int, warmup: int, steps_pe
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    start_job(argv)
     try:
         configs = [(spec, load_config(spec, FLAGS.set)) for spec in FLAGS.config]
         limit_cpu_threads(FLAGS.threads if FLAGS.xla_threads < 0 else FLAGS.xla_threads)

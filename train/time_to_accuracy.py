@@ -23,9 +23,9 @@ import shutil
 import statistics
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from flexjax.cli import fail, limit_cpu_threads, parse_flags
+from flexjax.cli import fail, limit_cpu_threads, parse_flags, start_job
 from runtime.args import MAX_THREADS
 from train.benchmarking import load_config
 
@@ -112,9 +112,7 @@ def _first_at(curve, target: float, total_seconds: float, total_steps: int):
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    start_job(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's best on a shared machine
     try:
         base = load_config(FLAGS.config, FLAGS.set)
