@@ -494,7 +494,11 @@ def test_edge_server_deadlines_end_calls_cleanly_and_it_keeps_serving(bundle, se
             codes.append("OK")
         except grpc.RpcError as e:
             codes.append(e.code().name)
-    assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"} and "DEADLINE_EXCEEDED" in codes
+    # A call whose deadline passes before its body is read is cut by the server's watchdog,
+    # which grpc's threaded server can only cancel (runtime.edge_server: CANCELLED); any
+    # other code (UNKNOWN, INTERNAL, UNAVAILABLE) would be an unclean end.
+    assert set(codes) <= {"OK", "DEADLINE_EXCEEDED", "CANCELLED"}, codes
+    assert "DEADLINE_EXCEEDED" in codes
     assert _infer(stub, "edge_final_p00", x, 5, bundle.digest, timeout=10).shape == (1, 10)
     ch.close()
 
