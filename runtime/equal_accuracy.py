@@ -118,11 +118,12 @@ def time_at(curve: Sequence[tuple[float, float]], target: float) -> dict:
         raise ValueError(f"target accuracy must be finite, got {target}")
     if not len(curve):
         raise ValueError("a curve needs at least one point")
+    for i, (ms, acc) in enumerate(curve):
+        _check_point(ms, acc)
+        if i and not (ms >= curve[i - 1][0] and acc > curve[i - 1][1]):
+            raise ValueError("time_at needs a Pareto front (time and accuracy increasing)")
     prev = None
     for ms, acc in curve:
-        _check_point(ms, acc)
-        if prev is not None and not (ms >= prev[0] and acc > prev[1]):
-            raise ValueError("time_at needs a Pareto front (time and accuracy increasing)")
         if acc >= target:
             if prev is None:
                 how = "point" if acc == target else "at fastest"
@@ -314,6 +315,8 @@ def compare(
             raise ValueError(f"no frames for {n}")
         if not np.array_equal(per[n].y, y):
             raise ValueError(f"{n} runs on other frames (labels differ from {names[0]}'s)")
+        if not np.isfinite(per[n].x).all():
+            raise ValueError(f"the frames of {n} hold non-finite values (NaN or inf)")
 
     fns: dict[str, Callable] = {}
     inputs: dict[str, list] = {}
@@ -474,11 +477,40 @@ def format_report(rep: Mapping, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def plot(rep: Mapping, path: str, title: str = "", ax=None) -> None:
-    """Accuracy vs measured time per frame: every point, each Pareto front, the targets.
+def plot_axes(rep: Mapping, ax, reference: str = LABELS, title: str = "") -> None:
+    """Draws one reference's comparison on a matplotlib Axes: every measured point, each
+    early-exit system's Pareto front, the single-point systems as stars, the targets."""
+    colors = {"flexdnn": "tab:red", "branchynet": "tab:blue", "backbone": "black"}
+    palette = ["tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:olive", "tab:cyan"]
+    r = reference
+    for i, (n, s) in enumerate(rep["systems"].items()):
+        c = colors.get(n, palette[i % len(palette)])
+        pts = s["points"]
+        xs = [p["ms"] for p in pts]
+        ys = [p["accuracy"][r] for p in pts]
+        front = rep["curves"][r][n]
+        if s["kind"] == "full":
+            ax.plot(xs, ys, "*", color=c, ms=13, label=f"{n} (input-agnostic)")
+            continue
+        ax.plot(xs, ys, ".", color=c, ms=5, alpha=0.45)
+        ax.plot([f["ms"] for f in front], [f["accuracy"] for f in front], "-", color=c,
+                lw=1.4, label=f"{n} (Pareto front of {len(pts)} measured points)")  # fmt: skip
+    h = rep["headline"][r]
+    for t in h["targets"]:
+        ax.axhline(t["accuracy"], color="gray", lw=0.7, ls=":")
+        ax.annotate(f"-{t['drop'] * 100:g} pt", (1.0, t["accuracy"]), xycoords=("axes fraction",
+                    "data"), fontsize=6, va="center", ha="right", color="gray")  # fmt: skip
+    ax.set_xlabel("time per frame (ms, LiteRT, measured: per frame min of rounds, mean)")
+    ax.set_ylabel("accuracy" if r == LABELS else f"agreement with {r}'s top-1")
+    ax.set_title(f"{title}{' - ' if title else ''}{'labels' if r == LABELS else r}", fontsize=9)
+    lo = min(t["accuracy"] for t in h["targets"]) - 0.08
+    ax.set_ylim(max(0.0, lo), min(1.0, h["baseline_accuracy"]) + 0.01)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
 
-    With `ax` (a matplotlib Axes) draws the first reference there and saves nothing.
-    """
+
+def plot(rep: Mapping, path: str, title: str = "") -> None:
+    """`plot_axes` for every reference, side by side, saved to `path` (needs matplotlib)."""
     # lazy: plots only; matplotlib is optional for the runtime (pyplot after choosing Agg)
     import matplotlib
 
@@ -486,46 +518,15 @@ def plot(rep: Mapping, path: str, title: str = "", ax=None) -> None:
     # lazy: plots only (see above)
     import matplotlib.pyplot as plt
 
-    refs = list(rep["headline"])[:1] if ax is not None else list(rep["headline"])
-    fig = None
-    if ax is None:
-        fig, axes = plt.subplots(1, len(refs), figsize=(6.5 * len(refs), 4.8), squeeze=False)
-        axes = list(axes[0])
-    else:
-        axes = [ax]
-    colors = {"flexdnn": "tab:red", "branchynet": "tab:blue", "backbone": "black"}
-    palette = ["tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:olive", "tab:cyan"]
-    for a, r in zip(axes, refs):
-        for i, (n, s) in enumerate(rep["systems"].items()):
-            c = colors.get(n, palette[i % len(palette)])
-            pts = s["points"]
-            xs = [p["ms"] for p in pts]
-            ys = [p["accuracy"][r] for p in pts]
-            front = rep["curves"][r][n]
-            if s["kind"] == "full":
-                a.plot(xs, ys, "*", color=c, ms=13, label=f"{n} (input-agnostic)")
-                continue
-            a.plot(xs, ys, ".", color=c, ms=5, alpha=0.45)
-            a.plot([f["ms"] for f in front], [f["accuracy"] for f in front], "-", color=c,
-                   lw=1.4, label=f"{n} (Pareto front of {len(pts)} measured points)")  # fmt: skip
-        h = rep["headline"][r]
-        for t in h["targets"]:
-            a.axhline(t["accuracy"], color="gray", lw=0.7, ls=":")
-            a.text(a.get_xlim()[1], t["accuracy"], f" -{t['drop'] * 100:g} pt", fontsize=6,
-                   va="center", color="gray")  # fmt: skip
-        a.set_xlabel("time per frame (ms, LiteRT, measured: per frame min of rounds, mean)")
-        a.set_ylabel("accuracy" if r == LABELS else f"agreement with {r}")
-        a.set_title(f"{title}{' - ' if title else ''}{'labels' if r == LABELS else r}", fontsize=9)
-        lo = min(t["accuracy"] for t in h["targets"]) - 0.08
-        a.set_ylim(max(0.0, lo), min(1.0, h["baseline_accuracy"]) + 0.01)
-        a.grid(alpha=0.3)
-        a.legend(fontsize=6, loc="lower right")
-    if fig is not None:
-        fig.tight_layout()
-        # lazy: flexjax.io is numpy-only; kept next to its only use here
-        from flexjax.io import save_figure_atomic
+    # lazy: flexjax.io is numpy-only; kept next to its only use here
+    from flexjax.io import save_figure_atomic
 
-        save_figure_atomic(fig, path, dpi=120)
+    refs = list(rep["headline"])
+    fig, axes = plt.subplots(1, len(refs), figsize=(6.5 * len(refs), 4.8), squeeze=False)
+    for ax, r in zip(axes[0], refs):
+        plot_axes(rep, ax, r, title)
+    fig.tight_layout()
+    save_figure_atomic(fig, path, dpi=120)
 
 
 # ------------------------------------------------------------------ command line
