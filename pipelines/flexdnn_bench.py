@@ -241,6 +241,7 @@ def equal_accuracy_targets(eq: dict, reference: str = equal_accuracy.LABELS) -> 
         and (not br["reached"] or vs_br <= EQUAL_ACCURACY_TARGETS["vs_branchynet"]),
         "flexdnn_reached": f["reached"],
         "branchynet_reached": br["reached"],
+        "how": {n: v["how"] for n, v in at.items()},
     }
 
 
@@ -312,7 +313,7 @@ def format_report(report: dict) -> str:
         for name, row in b["systems"].items():
             lines.append(
                 f"  {name:<14} accuracy {row['accuracy']:.4f}  "
-                f"{row['time_per_frame']['mean_ms']:.4f} ms/frame  "
+                f"{row['time_per_frame']['mean_ms']:.4f} ms/frame (mean)  "
                 f"{row['ratio_vs_backbone']:.3f}x backbone  FLOPs {row['flops_ratio']:.3f}x"
             )
         t = report["targets"][src]

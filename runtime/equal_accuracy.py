@@ -20,8 +20,9 @@ Operating points (``--points``, the SAME families for every early-exit system):
   are the settings a user can deploy.
 * ``uniform:N``: one threshold shared by every side exit, at N quantiles of the
   system's own side-exit scores on the benchmark frames (so the points spread
-  over the range of exit rates), plus the never-exit point. BranchyNet's own
-  sweep; it places points, it does not pick one: every point is then measured.
+  over the range of exit rates), plus the two ends: never exit, and every frame
+  leaves at the first side exit. BranchyNet's own sweep; it places points, it
+  does not pick one: every point is then measured.
 
 Every point of every system is timed in ONE `runtime.timing.interleaved` run
 (order rotating every round) on the same frames: a point's time is what the
@@ -231,6 +232,10 @@ def operating_points(system: System, families, frames_kind: str, logits=None) ->
                             "thresholds": dict.fromkeys(side, t)})  # fmt: skip
             pts.append({"family": "uniform", "label": "never", "quantile": None,
                         "thresholds": dict.fromkeys(side)})  # fmt: skip
+            # Every frame leaves at the first side exit: the fastest the system can go.
+            first = 0.0 if crit == "max_softmax" else math.log(system.bundle.num_classes) + 1e-6
+            pts.append({"family": "uniform", "label": "first", "quantile": 0.0,
+                        "thresholds": dict.fromkeys(side, first)})  # fmt: skip
     out: list[dict] = []
     for p in pts:
         same = next((q for q in out if q["thresholds"] == p["thresholds"]), None)
