@@ -248,7 +248,8 @@ def equal_accuracy_targets(eq: dict, reference: str = equal_accuracy.LABELS) -> 
 def plot(report: dict, path: str) -> None:
     """Per data source: accuracy (top) and agreement with the backbone (bottom) vs measured
     time per frame, every operating point of the one interleaved run and each Pareto
-    front (`runtime.equal_accuracy.plot_axes`); the single operating points as rings."""
+    front (`runtime.equal_accuracy.plot_axes`). The single operating points (another run,
+    mean time) are in the second table only: their times are another statistic."""
     # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib
 
@@ -267,13 +268,6 @@ def plot(report: dict, path: str) -> None:
             title = f"{report['net']} on {report['dataset']}: {src}"
             if "equal_accuracy" in b:
                 equal_accuracy.plot_axes(b["equal_accuracy"], ax, ref, title)
-            if ref != equal_accuracy.LABELS:
-                continue
-            for name, row in b["systems"].items():
-                if "sweep" in row:  # the single operating point (config epsilon), its own run
-                    t = row["time_per_frame"]["p50_ms"]
-                    ax.plot([t], [row["accuracy"]], "o", mfc="none", ms=9, color="gray")
-                    ax.annotate(f"{name} (single point, p50)", (t, row["accuracy"]), fontsize=5)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=120)
 

@@ -508,8 +508,11 @@ def plot_axes(rep: Mapping, ax, reference: str = LABELS, title: str = "") -> Non
     ax.set_xlabel("time per frame (ms, LiteRT, measured: per frame min of rounds, mean)")
     ax.set_ylabel("accuracy" if r == LABELS else f"agreement with {r}'s top-1")
     ax.set_title(f"{title}{' - ' if title else ''}{'labels' if r == LABELS else r}", fontsize=9)
-    lo = min(t["accuracy"] for t in h["targets"]) - 0.08
-    ax.set_ylim(max(0.0, lo), min(1.0, h["baseline_accuracy"]) + 0.01)
+    singles = [p["accuracy"][r] for s in rep["systems"].values() if s["kind"] == "full"
+               for p in s["points"]]  # fmt: skip
+    best = max(p["accuracy"][r] for s in rep["systems"].values() for p in s["points"])
+    lo = min(min(t["accuracy"] for t in h["targets"]) - 0.05, min(singles) - 0.02)
+    ax.set_ylim(max(0.0, lo), min(1.005, best + 0.01))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="lower right")
 
