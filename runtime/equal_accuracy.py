@@ -457,6 +457,19 @@ def _cell(read: dict) -> str:
     return f"{mark}{read['ms']:.4f} ({read['vs_baseline']:.2f}x)"
 
 
+def _ratio(a: dict, b: dict, na: str = "first", nb: str = "second") -> str:
+    """a's time / b's time at one target; ``<=`` / ``>=`` where a reading is a bound."""
+    if not (a["reached"] and b["reached"]):
+        if not (a["reached"] or b["reached"]):
+            return "n/a (neither reached)"
+        return f"n/a (only {na if a['reached'] else nb} reached)"
+    up_a, up_b = a["how"] == "at fastest", b["how"] == "at fastest"
+    if up_a and up_b:
+        return "n/a (both at their fastest point)"
+    mark = "<=" if up_a else ">=" if up_b else ""
+    return f"{mark}{a['ms'] / b['ms']:.2f}x"
+
+
 def format_report(rep: Mapping, title: str = "") -> str:
     """The headline tables (one per reference) as text."""
     names = list(rep["systems"])
@@ -477,6 +490,12 @@ def format_report(rep: Mapping, title: str = "") -> str:
             lines.append(f"  {head:<16}" + "".join(f"{_cell(t['systems'][n]):>{w}}" for n in names))
         best = "".join(f"{max(c['accuracy'] for c in rep['curves'][r][n]):>{w}.4f}" for n in names)
         lines.append(f"  {'best accuracy':<16}{best}")
+        curves = [n for n in names if rep["systems"][n]["kind"] != "full"]
+        for i, a in enumerate(curves):
+            for b in curves[i + 1 :]:
+                cells = [f"-{t['drop'] * 100:g} pt {_ratio(t['systems'][a], t['systems'][b], a, b)}"
+                         for t in h["targets"]]  # fmt: skip
+                lines.append(f"  time {a} / {b}: " + ", ".join(cells))
     for n in rep.get("notes", []):
         lines.append(f"  note: {n}")
     return "\n".join(lines)

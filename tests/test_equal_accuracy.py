@@ -80,6 +80,18 @@ def test_time_at_needs_a_front_and_a_finite_target():
         ea.time_at(FRONT, float("nan"))
 
 
+def test_ratio_text_marks_bounds_and_misses():
+    def r(ms, how="interpolated"):
+        return {"ms": ms, "reached": ms is not None, "how": "not reached" if ms is None else how}
+
+    assert ea._ratio(r(2.0), r(4.0)) == "0.50x"
+    assert ea._ratio(r(2.0), r(4.0, "at fastest")) == ">=0.50x"  # 4.0 is an upper bound
+    assert ea._ratio(r(2.0, "at fastest"), r(4.0)) == "<=0.50x"
+    assert ea._ratio(r(2.0, "at fastest"), r(4.0, "at fastest")).startswith("n/a")
+    assert ea._ratio(r(None), r(4.0), "a", "b") == "n/a (only b reached)"
+    assert ea._ratio(r(None), r(None)) == "n/a (neither reached)"
+
+
 def test_parse_points():
     assert ea.parse_points("calibrated,uniform:6") == [("calibrated", 0), ("uniform", 6)]
     assert ea.parse_points("uniform:1") == [("uniform", 1)]
