@@ -614,6 +614,13 @@ def build_parser() -> args_lib.ArgumentParser:
     return p
 
 
+def _have_matplotlib() -> bool:
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except ImportError:  # a finder that refuses it, or a broken install
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return args_lib.run(build_parser(), _main, argv, errors=(KeyError,))
 
@@ -621,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args) -> int:
     load0 = list(os.getloadavg())
     parse_points(args.points)  # a bad spec fails before any bundle is read
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
+    if args.plot and not _have_matplotlib():
         raise ValueError("--plot needs matplotlib, which is not installed")
     specs = [(n, d, False) for n, d in args.bundle] + [(n, d, True) for n, d in args.full]
     if not specs:

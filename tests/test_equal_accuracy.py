@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from runtime import equal_accuracy as ea
 from runtime.bundle import Bundle
 from runtime.executor import EarlyExitExecutor
 
-from conftest import run_job
+from conftest import ROOT, run_job
 
 # ---------------------------------------------------------------------------
 # Curves (every number worked out by hand).
@@ -179,6 +181,36 @@ def test_headline_is_read_off_the_fronts(run):
                 if got["reached"]:
                     assert got["vs_baseline"] == pytest.approx(got["ms"] / h["baseline_ms"])
         assert rep["headline"]["backbone"]["baseline_accuracy"] == 1.0
+
+
+_BLOCK = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('jax', 'jaxlib', 'tensorflow', 'flax', 'optax', 'matplotlib'):
+            raise ImportError(f'{name} is blocked')
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_runs_without_jax_tensorflow_or_matplotlib(smoke_bundle, tmp_path):
+    """The runtime side: numpy + LiteRT; --plot is refused in one line without matplotlib."""
+    out, png = tmp_path / "r.json", tmp_path / "p.png"
+    code = _BLOCK + (
+        "import runtime.equal_accuracy as e\n"
+        f"args = ['--bundle=ee={smoke_bundle}', '--full=b={smoke_bundle}', "
+        f"'--data=mnist5k:test', '--limit=12', '--rounds=1', '--points=uniform:2']\n"
+        f"assert e.main(args + ['--json={out}']) == 0\n"
+        f"assert e.main(args + ['--plot={png}']) == 1\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.load(open(out))["frames"] == 12 and not png.exists()
+    assert "error: --plot needs matplotlib" in proc.stderr
 
 
 # ---------------------------------------------------------------------------
