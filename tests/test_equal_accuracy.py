@@ -94,6 +94,22 @@ def test_ratio_text_marks_bounds_and_misses():
     assert ea._ratio(r(None), r(None)) == "n/a (neither reached)"
 
 
+def test_flexdnn_targets_verdicts_respect_bounds():
+    from pipelines.flexdnn_bench import _meets
+
+    def r(ms, how="interpolated"):
+        return {"ms": ms, "reached": ms is not None, "how": "not reached" if ms is None else how}
+
+    assert _meets(r(1.0), r(2.0), 0.6) == (0.5, True)
+    assert _meets(r(1.5), r(2.0), 0.6) == (0.75, False)
+    assert _meets(r(1.0), r(2.0, "at fastest"), 0.6) == (0.5, None)  # 2.0 may be less
+    assert _meets(r(1.5), r(2.0, "at fastest"), 0.6) == (0.75, False)  # a lower bound > 0.6
+    assert _meets(r(1.0, "at fastest"), r(2.0), 0.6) == (0.5, True)  # an upper bound <= 0.6
+    assert _meets(r(1.5, "at fastest"), r(2.0), 0.6) == (0.75, None)
+    assert _meets(r(None), r(2.0), 0.6) == (None, False)
+    assert _meets(r(1.0), r(None), 0.6) == (None, True)
+
+
 def test_parse_points():
     assert ea.parse_points("calibrated,uniform:6") == [("calibrated", 0), ("uniform", 6)]
     assert ea.parse_points("uniform:1") == [("uniform", 1)]
