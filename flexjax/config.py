@@ -333,6 +333,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("calibration_frames", _int(1, 100_000)),
     # MCDNN on the lite catalog (train.lite_mcdnn).
     ("resolution", _int(32, 1024)),
+    ("heads.distill_weight", _real(0.0, 1.0)),
     ("specialize.fps", _real(0.0, 120.0)),
     ("specialize.max_frames", _int(0, 100_000)),
     ("specialize.resolution", _int(32, 1024)),
@@ -464,7 +465,9 @@ def lite_mcdnn_defaults() -> ml_collections.ConfigDict:
          "fps": 5.0, "max_frames": 0, "reference": "efficientnet_lite2",
          "reference_resolution": 0}
     )  # fmt: skip
-    c.heads = ml_collections.ConfigDict({"steps": 300, "learning_rate": 1e-2, "seed": 0})
+    c.heads = ml_collections.ConfigDict(
+        {"steps": 300, "learning_rate": 1e-2, "distill_weight": 0.5, "seed": 0}
+    )
     c.bench = ml_collections.ConfigDict({"rounds": 3, "frames": 20, "warmup": 3, "threads": 1})
     c.specialize = ml_collections.ConfigDict(
         {"clip": "megamind", "fps": 0.0, "max_frames": 0, "window": 60, "n": 2, "p": 0.8,

@@ -339,8 +339,9 @@ def sharing_stage(c, cat, tasks, workdir: str, log=print) -> dict[str, Any]:
             onehot = np.eye(k, dtype=np.float32)[lut[splits.train.labels]]
             teacher = _grouped_probs(logits_train, lut, k)
             t1 = time.perf_counter()
+            dw = float(c.heads.distill_weight)
             heads[t] = fit_head(
-                f_train, 0.5 * onehot + 0.5 * teacher, int(c.heads.steps),
+                f_train, (1.0 - dw) * onehot + dw * teacher, int(c.heads.steps),
                 float(c.heads.learning_rate),
             )  # fmt: skip
             fit_s[t] = time.perf_counter() - t1
@@ -444,6 +445,29 @@ def _stem_model(resolution: int, weights: str, calibration: np.ndarray) -> tuple
     return buf, net, variables
 
 
+def training_rows(
+    clip_y: np.ndarray, pool_y: np.ndarray, other: int, other_fraction: float, seed: int
+) -> np.ndarray:
+    """Rows of ``concat(clip, pool)`` the specialized head is fitted on.
+
+    Every frame of the clip seen so far (in-class or "other", as the general
+    model labelled it: the "other" frames of the clip itself are what the head
+    must learn to send back) and every in-class pool frame; pool "other"
+    frames are added until "other" is `other_fraction` of the rows.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(clip_y)
+    pool_other = n + np.flatnonzero(pool_y == other)
+    keep = [np.arange(n), n + np.flatnonzero(pool_y != other)]
+    inside = int((clip_y != other).sum() + (pool_y != other).sum())
+    want = int(round(inside * other_fraction / (1.0 - other_fraction))) - int(
+        (clip_y == other).sum()
+    )
+    if want > 0 and len(pool_other):
+        keep.append(rng.choice(pool_other, size=min(want, len(pool_other)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
 def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, workdir: str,
                          log=print) -> dict[str, Any]:  # fmt: skip
     """Item 3: skew on a real clip, retargeting on pre-forwarded features, the cascade."""
@@ -508,11 +532,7 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
     clip_y = specialize.specialized_labels(gen_top1[seen], classes)
     xs = np.concatenate([clip_feats, pool_feats])
     ys = np.concatenate([clip_y, pool_y])
-    keep = (
-        specialize.balance_other(ys, float(s.other_fraction), int(s.seed))
-        if (ys == len(classes)).any() and (ys != len(classes)).any()
-        else np.arange(len(ys))
-    )
+    keep = training_rows(clip_y, pool_y, len(classes), float(s.other_fraction), int(s.seed))
     spec_net, spec_vars = specialize.retarget_head(cnet, cvars, classes)
     fit_kw = dict(steps=int(s.steps), batch_size=int(s.batch_size),
                   learning_rate=float(s.learning_rate), seed=int(s.seed))  # fmt: skip
@@ -716,8 +736,12 @@ def summarize_ams(runs: Sequence[Mapping[str, Any]], headline: str) -> dict[str,
         out["budgets"][energy] = {
             "seeds": rows, "pace_beats_mcdnn": int(wins), "of": len(rows), "targets": targets,
         }  # fmt: skip
-    h = out["budgets"][headline]
-    out["default_policy"] = "pace" if h["pace_beats_mcdnn"] >= min(AMS_WINS, h["of"]) else "mcdnn"
+    # Ours is the default only if it beats Algorithm 1 in >= 4 of 5 seeds at every budget.
+    out["default_policy"] = (
+        "pace"
+        if all(b["pace_beats_mcdnn"] >= AMS_WINS * b["of"] / 5 for b in out["budgets"].values())
+        else "mcdnn"
+    )
     return out
 
 

@@ -209,3 +209,13 @@ def test_our_policy_is_the_default_only_if_it_beats_algorithm_1_in_4_of_5_seeds(
     t = b["targets"]["mcdnn"]  # 8 / 4 = 2x Best-Model, regret 20%: missed
     assert t["served_x_best_model_min"] == pytest.approx(2.0) and not t["met"]
     assert t["regret_fraction_max"] == pytest.approx(0.2)
+
+
+def test_specialized_head_rows_keep_the_whole_clip_and_fill_other_from_the_pool():
+    clip_y = np.array([0, 0, 1, 2, 0, 2])  # classes 0, 1; "other" = 2
+    pool_y = np.array([2, 2, 2, 2, 2, 2, 2, 2, 1, 2])
+    rows = lite_mcdnn.training_rows(clip_y, pool_y, 2, 0.5, seed=0)
+    assert set(range(6)) <= set(rows.tolist()) and 6 + 8 in rows  # the clip, pool in-class
+    y = np.concatenate([clip_y, pool_y])[rows]
+    assert (y == 2).sum() == (y != 2).sum() == 5  # "other" is half the rows
+    assert len(set(rows.tolist())) == len(rows)
