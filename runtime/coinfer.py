@@ -4,6 +4,7 @@
       --deadline-ms=T --bandwidth=MBPS|TRACE.csv --frames=N --json=OUT \\
       [--policy=edgent|device-only|edge-only|neurosurgeon|right-sizing] [--margin=0.1] \\
       [--device=local:threads=1:slowdown=S] [--data=mnist5k:test] [--token=...] [--tls-ca=PEM]
+      [--exit=NAME]
 
 Per frame: the planner (`runtime.planner`) picks the exit and partition for
 the current bandwidth estimate; the device runs ``dev_pNN`` on its (slowed,
@@ -369,10 +370,17 @@ class CoInference:
 
     def __init__(self, bundle: Bundle, pool: EdgePool, link: Link, *, deadline_ms: float,
                  policy: str = "edgent", margin: float = 0.1, device: Target | None = None,
-                 probe_every: int = 10, probe_bytes: int = 1024):  # fmt: skip
+                 probe_every: int = 10, probe_bytes: int = 1024,
+                 exit_name: str | None = None):  # fmt: skip
         m = bundle.manifest
         self.part = m.get("partitions")
-        self.opts = planner.allowed(planner.options(m), policy)
+        every = planner.options(m)
+        if exit_name:  # the policy restricted to one exit (its baselines "at the same exit")
+            every = [o for o in every if o.exit == exit_name]
+            if not every:
+                names_ = sorted({e["name"] for e in self.part["exits"]})
+                raise ValueError(f"--exit {exit_name!r} is not an exit; valid: {names_}")
+        self.opts = planner.allowed(every, policy)
         self.opts = _exact_sizes(self.opts, self.part, bundle.digest)
         spec = m["latency_models"]["device"]["target"]
         self.device = device or Target(
@@ -574,6 +582,7 @@ class Options:
     cooldown_s: float = 2.0
     probe_every: int = 10
     probe_bytes: int = 1024
+    exit: str | None = None  # restrict every policy to this exit (None: all exits)
 
 
 def run(opts: Options) -> dict:
@@ -622,7 +631,7 @@ def run(opts: Options) -> dict:
             print(f"warning: {p}", file=sys.stderr)
         client = CoInference(bundle, pool, link, deadline_ms=opts.deadline_ms, policy=opts.policy,
                              margin=opts.margin, device=device, probe_every=opts.probe_every,
-                             probe_bytes=opts.probe_bytes)  # fmt: skip
+                             probe_bytes=opts.probe_bytes, exit_name=opts.exit)  # fmt: skip
         client.start(rtt_s)
         rows, changed = [], False
         for i in range(opts.frames):
@@ -693,6 +702,8 @@ def build_parser() -> args_lib.ArgumentParser:
     p.add_argument("--cooldown-s", type=args_lib.real(0.0, 3600.0), default=2.0)
     p.add_argument("--probe-every", type=args_lib.count(1), default=10)
     p.add_argument("--probe-bytes", type=args_lib.count(1, DEFAULT_MAX_MESSAGE // 2), default=1024)
+    p.add_argument("--exit", default=None,
+                   help="restrict the policy to this exit (e.g. edge-only at exit_11)")  # fmt: skip
     return p
 
 
@@ -706,7 +717,7 @@ def _main(args) -> int:
         bandwidth=str(args.bandwidth), frames=args.frames, data=args.data, policy=args.policy,
         margin=args.margin, device=args.device, token=args.token, tls_ca=args.tls_ca,
         tls_server_name=args.tls_server_name, cooldown_s=args.cooldown_s,
-        probe_every=args.probe_every, probe_bytes=args.probe_bytes,
+        probe_every=args.probe_every, probe_bytes=args.probe_bytes, exit=args.exit,
     )  # fmt: skip
     rep = run(opts)
     if args.json:
