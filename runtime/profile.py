@@ -251,33 +251,6 @@ def time_signature(target: Target, sig, runs: int, warmup: int = 3) -> dict:
     return {"median_ms": s["p50_ms"], "mean_ms": s["mean_ms"], "p95_ms": s["p95_ms"], "runs": runs}
 
 
-def time_signatures(target: Target, sigs: Mapping[str, Any], runs: int, warmup: int = 3) -> dict:
-    """`time_signature` of every signature in `sigs`, interleaved: ``{name: stats}``.
-
-    Each of `runs` rounds calls every signature once, the order rotated by one
-    each round, so a change of machine load (this machine is shared) lands on
-    every signature alike instead of on whichever was being timed then; the
-    whole-path profiles the fit is checked against and the single layers it is
-    fitted on are then measured under the same conditions.
-    """
-    names = list(sigs)
-    xs = {n: np.zeros(sigs[n].input_shape, sigs[n].input_dtype) for n in names}
-    for n in names:
-        for _ in range(warmup):
-            target.call(sigs[n], xs[n])
-    ts: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(runs):
-        k = r % len(names) if names else 0
-        for n in names[k:] + names[:k]:
-            ts[n].append(target.run(sigs[n], xs[n])[1] * 1e9)
-    out = {}
-    for n in names:
-        st = time_stats(ts[n])
-        out[n] = {"median_ms": st["p50_ms"], "mean_ms": st["mean_ms"], "p95_ms": st["p95_ms"],
-                  "runs": runs}  # fmt: skip
-    return out
-
-
 def time_loading(target: Target, data: bytes, signature: str, runs: int) -> dict:
     """Model loading: interpreter creation + allocation + first invocation (ms, median).
 
@@ -325,7 +298,8 @@ def profile_sweep(
                             "median_ms": t[m["signature"]].init_us / 1e3})  # fmt: skip
     else:
         model = Model.from_bytes(files[manifest["model"]], num_threads=target.threads)
-        layers = time_signatures(target, {n: model.signature(n) for n in names}, runs)
+        for r in manifest["layers"]:
+            layers[r["signature"]] = time_signature(target, model.signature(r["signature"]), runs)
         for m in manifest["loading"]:
             t = time_loading(target, files[m["file"]], m["signature"], max(3, runs // 4))
             loading.append({"file": m["file"], **t})
@@ -357,7 +331,7 @@ def profile_partitions(
         loading = []
     else:
         model = bundle.load_partitions(target.threads)
-        sigs = time_signatures(target, {n: model.signature(n) for n in names}, runs)
+        sigs = {n: time_signature(target, model.signature(n), runs) for n in names}
         data = bundle.files[part["model"]]
         loading = [{"file": part["model"], **time_loading(target, data, names[0], 3)}]
     return {"kind": "partitions", "signatures": sigs, "loading": loading}
