@@ -237,7 +237,8 @@ def baseline_encodings(opts: Sequence[Option]) -> list[Option]:
     tensor the network reads: at partition 0 a baseline takes, per exit, the smallest
     encoding whose measured effect there is nil (agreement with float32 1.0 and no accuracy
     lost; for an input in [0, 1] calibrated on frames that reach both ends, int8 with scale
-    1/255 *is* the uint8 frame, bit for bit). Without measured encodings: float32.
+    1/255 *is* the uint8 frame: the same pixels, to float32 rounding). Without measured
+    encodings: float32.
     Interior cuts stay float32 (compressing them is Edgent's extension, not the baselines').
     """
     out = [o for o in opts if o.encoding.name == "float32" and o.partition != 0]
