@@ -37,8 +37,10 @@ reported compute time exceeds the call's wall time is used, but its timing
 is not). A transfer that would outlast its call's timeout (a tiny bandwidth)
 waits out the timeout and falls back; every RPC timeout is clamped to
 [1 ms, `MAX_CALL_S`], so no deadline or bandwidth can hang the client. When frames run on
-the device only, a small probe (``--probe-bytes``) is sent every
-``--probe-every`` frames, between frames, so a rising bandwidth is noticed.
+the device only, a probe is sent every ``--probe-every`` frames, between
+frames, so a rising bandwidth is noticed; a probe is sized to last ~20 ms at
+the current estimate (at least ``--probe-bytes``, at most 64 kB:
+`probe_size`), and six of them measure the link at start-up.
 
 **Fallback.** A dead or unreachable server, an RPC exceeding its timeout
 (the deadline's remaining budget, at least twice the predicted edge time), a
@@ -365,6 +367,25 @@ def _exact_sizes(
     return out
 
 
+PROBE_S = 0.02  # a probe lasts about this long at the current bandwidth estimate
+MAX_PROBE_BYTES = 64 * 1024
+START_PROBES = 6  # at start-up, before the first frame
+
+
+def probe_size(estimate_bps: float | None, floor: int, target_s: float = PROBE_S,
+               cap: int = MAX_PROBE_BYTES) -> int:  # fmt: skip
+    """Bytes of the next probe: ``target_s`` of transfer at the estimate, in [floor, cap].
+
+    A probe must outlast the RTT's jitter to measure a fast link (1 kB at 20 Mbps is
+    0.4 ms, less than the jitter of a loaded machine's RPC), but must stay short on a
+    slow one; sizing it by the current estimate does both, and a rise is followed up
+    probe by probe (the estimator confirms it before the next one grows).
+    """
+    if not estimate_bps or not math.isfinite(estimate_bps) or estimate_bps <= 0:
+        return int(floor)
+    return int(min(max(floor, estimate_bps * target_s / 8.0), max(cap, floor)))
+
+
 class CoInference:
     """The device client: planner state, device interpreter, edge pool and link."""
 
@@ -418,19 +439,26 @@ class CoInference:
         self._since_sample = 0
 
     def start(self, rtt_s: float) -> None:
-        """Builds the configuration map for base RTT `rtt_s` and probes the link once."""
+        """Builds the configuration map for base RTT `rtt_s` and probes the link.
+
+        `START_PROBES` probes, each sized by the estimate so far (`probe_size`), so a
+        fast link is seen as fast before the first frame (a 1 kB probe alone reads
+        mostly RTT jitter: at 20 Mbps its transfer is 0.4 ms).
+        """
         self.rtt_s = rtt_s
         self.cmap = planner.config_map(self.opts, self.deadline_ms, rtt_ms=self.rtt_s * 1e3,
                                        margin=self.margin)  # fmt: skip
         self.link.restart()
-        self.probe()
+        for _ in range(START_PROBES):
+            self.probe()
 
     def probe(self) -> None:
-        """Sends `probe_bytes` through the link to measure its throughput."""
+        """Sends a probe (`probe_size` at the current estimate) to measure the link's throughput."""
         edge = self.pool.pick()
         if edge is None:
             return
-        request = self.pool.probe_request(self.probe_bytes)
+        nbytes = probe_size(self.estimator.estimate_bps, self.probe_bytes)
+        request = self.pool.probe_request(nbytes)
         t0 = time.perf_counter()
         try:
             self.link.transmit(request.ByteSize(), 2.0)

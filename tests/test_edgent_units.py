@@ -412,3 +412,14 @@ def test_bench_compares_an_interior_cut_with_both_ends_at_its_exit():
     assert w["exit"] == "final" and w["wins"] and w["edge_only_plan"] == "final@edge-only"
     w = edgent_bench.same_exit(cut, run("final@device-only", 39.0), run("final@edge-only", 70.0))
     assert not w["wins"]  # measured, the device alone was faster
+
+
+def test_probe_lasts_about_20_ms_at_the_estimate_within_its_bounds():
+    from runtime.coinfer import MAX_PROBE_BYTES, probe_size
+
+    assert probe_size(None, 1024) == 1024  # nothing known yet: the floor
+    assert probe_size(float("nan"), 1024) == 1024 and probe_size(0.0, 1024) == 1024
+    assert probe_size(0.1e6, 1024) == 1024  # 0.1 Mbps: 250 B would do; the floor holds
+    assert probe_size(20e6, 1024) == 50_000  # 20 ms at 20 Mbps
+    assert probe_size(1e9, 1024) == MAX_PROBE_BYTES
+    assert probe_size(1e9, 10 * MAX_PROBE_BYTES) == 10 * MAX_PROBE_BYTES  # an explicit floor
