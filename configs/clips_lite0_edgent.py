@@ -97,7 +97,7 @@ def get_config(arg: str | None = None):
         d.clips.reference_resolution = 64
         d.head = "mimic"  # the smoke test covers the shared-classifier head too
         # ... and the distillation-data options: a zoomed tile, mirrored copies, balance
-        d.train_tiles = ((1.0, 0.5, 0.5), (0.5, 0.25, 0.75))
+        d.train_tiles = (1.0, 0.5, 0.5, 0.5, 0.25, 0.75)  # two (scale, y, x) tiles
         d.flip = True
         d.balance_clips = True
         config.export.parity_examples = 4

@@ -55,6 +55,8 @@ def clip_config(config: ml_collections.ConfigDict) -> clips_lib.ClipConfig:
 def train_clip_config(config: ml_collections.ConfigDict) -> clips_lib.ClipConfig:
     """The train split's `ClipConfig`: ``distill.train_fps`` / ``train_tiles`` over the clips'.
 
+    ``train_tiles`` is flat: ``(scale, y, x, scale, y, x, ...)`` (every number in [0, 1]).
+
     Only the distillation data changes; val and test (thresholds, scores) stay as
     `clip_config` loads them.
     """
@@ -62,7 +64,8 @@ def train_clip_config(config: ml_collections.ConfigDict) -> clips_lib.ClipConfig
     return dataclasses.replace(
         base, val=(), test=(),
         fps=base.fps if d.train_fps == -1 else float(d.train_fps),
-        tiles=tuple(tuple(float(v) for v in t) for t in d.train_tiles) or base.tiles,
+        tiles=tuple(tuple(float(v) for v in d.train_tiles[i : i + 3])
+                    for i in range(0, len(d.train_tiles), 3)) or base.tiles,
     )  # fmt: skip
 
 
@@ -96,8 +99,13 @@ def check(config: ml_collections.ConfigDict) -> None:
         )
     if not (d.train_fps == -1 or d.train_fps >= 0):
         raise ValueError(f"distill.train_fps must be -1 (= clips.fps) or >= 0; got {d.train_fps}")
+    if len(d.train_tiles) % 3:
+        raise ValueError(
+            f"distill.train_tiles must be (scale, y, x) triples, flat; got {len(d.train_tiles)} "
+            "numbers"
+        )
     if d.train_tiles:
-        train_clip_config(config)  # bad tiles: ClipConfig's one-line error
+        train_clip_config(config)  # a zero scale: ClipConfig's one-line error
     cfg = clip_config(config)
     for split in ("train", "val", "test"):
         if not getattr(cfg, split):

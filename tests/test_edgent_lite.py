@@ -68,7 +68,9 @@ def test_edgent_lite0_smoke_distills_exits_cuts_at_mbconv_and_runs_every_stage(t
         ("--config.distill.clips.val=('tree','nope')", "unknown clip 'nope'"),
         ("--config.distill.image_size=8", "distill.image_size"),
         ("--config.distill.train_fps=-0.5", "distill.train_fps must be -1"),
-        ("--config.distill.train_tiles=((1.5,0.5,0.5),)", "ClipConfig.tiles entry"),
+        ("--config.distill.train_tiles=(1.5,0.5,0.5)", "distill.train_tiles"),
+        ("--config.distill.train_tiles=(0.5,0.5)", "distill.train_tiles must be (scale, y, x)"),
+        ("--config.distill.train_tiles=(0.0,0.5,0.5)", "ClipConfig.tiles entry"),
     ],
 )
 def test_edgent_lite0_bad_distill_value_is_one_line_and_writes_nothing(tmp_path, flag, words):
