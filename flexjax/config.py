@@ -198,6 +198,14 @@ def edgent_defaults() -> ml_collections.ConfigDict:
     c.distill.clips.max_frames = 0
     c.distill.clips.reference = "efficientnet_lite2"
     c.distill.clips.reference_resolution = 0
+    # Distillation data (the train split only; val / test stay as above): frames per second
+    # (-1 = clips.fps, 0 = every frame), ClipConfig tiles as flat (scale, y, x) triples
+    # (() = the centre crop),
+    # horizontally flipped copies, and clip-balanced sampling (each clip drawn equally often).
+    c.distill.train_fps = -1.0
+    c.distill.train_tiles = ()
+    c.distill.flip = False
+    c.distill.balance_clips = False
     return c
 
 
@@ -291,6 +299,8 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("distill.epsilon", _FRACTION),
     ("distill.temperature", _real(0.0, 1000.0, lo_open=True)),
     ("distill.clips.fps", _real(0.0, 120.0)),
+    ("distill.train_fps", _real(-1.0, 120.0)),
+    ("distill.train_tiles", _each(_real(0.0, 1.0))),
     ("distill.clips.max_frames", _int(0, 100_000)),
     ("distill.clips.reference_resolution", _int(0, 1024)),
     # MCDNN catalog.

@@ -78,6 +78,13 @@ class DistillSettings:
     feature_weight: float = 1.0  # mimic heads: weight of the pooled-feature error
 
 
+def group_balanced(groups: np.ndarray) -> np.ndarray:
+    """Per-frame weights drawing every group (e.g. clip) equally often, whatever its size."""
+    groups = np.asarray(groups)
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse].astype(np.float64)
+
+
 def classifier(net: Net) -> tuple[int, int]:
     """``(pool position, classifier position)`` of a backbone ending in pool [-> dropout] -> dense.
 
@@ -137,6 +144,7 @@ def train_heads(
     *,
     split: str = "train",
     log: Callable[[str], None] = print,
+    weights: np.ndarray | None = None,
 ) -> tuple[dict, dict]:
     """Trains every exit head of `net` on `cache`; returns ``(variables, losses)``.
 
@@ -145,6 +153,8 @@ def train_heads(
       backbone_variables: the frozen backbone's variables (kept as they are).
       cache: the backbone's cached activations and final logits.
       settings: steps, batch size, learning rate (adam, cosine decay), temperature.
+      weights: optional per-frame sampling weights of the split (e.g. `group_balanced`:
+        every clip drawn as often); None draws every frame alike.
 
     Returns:
       The multi-exit variables (backbone + trained heads) and, per exit, the
@@ -165,6 +175,14 @@ def train_heads(
     n = len(teacher)
     if n == 0:
         raise ValueError(f"the {split} split has no frames to distill on")
+    prob = None
+    if weights is not None:
+        weights = np.asarray(weights, np.float64)
+        if weights.shape != (n,) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+            raise ValueError(f"weights must be {n} finite values >= 0; got shape {weights.shape}")
+        if np.count_nonzero(weights) < min(settings.batch_size, n):
+            raise ValueError("weights leave fewer frames than a batch")
+        prob = weights / weights.sum()
     shapes = net.shapes()
     params = dict(backbone_variables["params"])
     losses = {}
@@ -203,7 +221,7 @@ def train_heads(
         first = last = None
         bs = min(settings.batch_size, n)
         for i in range(settings.steps):
-            idx = rng.choice(n, size=bs, replace=False)
+            idx = rng.choice(n, size=bs, replace=False, p=prob)
             p, state, loss = step(p, state, feats[idx], teacher[idx], pooled[idx])
             last = float(loss)
             first = last if first is None else first

@@ -147,6 +147,7 @@ def _stage_settings(config: ml_collections.ConfigDict, root: str) -> edgent_benc
         policies=tuple(b.policies) or defaults.policies, data=data,
         trace_seconds=float(b.trace_seconds), trace_step_s=float(b.trace_step_s),
         trace_seed=b.trace_seed,
+        edge_threads=profile_lib.Target.parse(config.edge.target).threads,
     )  # fmt: skip
 
 

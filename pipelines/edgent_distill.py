@@ -24,6 +24,7 @@ benchmark.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,37 @@ def clip_config(config: ml_collections.ConfigDict) -> clips_lib.ClipConfig:
     )  # fmt: skip
 
 
+def train_clip_config(config: ml_collections.ConfigDict) -> clips_lib.ClipConfig:
+    """The train split's `ClipConfig`: ``distill.train_fps`` / ``train_tiles`` over the clips'.
+
+    ``train_tiles`` is flat: ``(scale, y, x, scale, y, x, ...)`` (every number in [0, 1]).
+
+    Only the distillation data changes; val and test (thresholds, scores) stay as
+    `clip_config` loads them.
+    """
+    d, base = config.distill, clip_config(config)
+    return dataclasses.replace(
+        base, val=(), test=(),
+        fps=base.fps if d.train_fps == -1 else float(d.train_fps),
+        tiles=tuple(tuple(float(v) for v in d.train_tiles[i : i + 3])
+                    for i in range(0, len(d.train_tiles), 3)) or base.tiles,
+    )  # fmt: skip
+
+
+def _augmented(config: ml_collections.ConfigDict, loaded) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(train frames, clip of each, counts)`` the heads distill on (train split only)."""
+    d = config.distill
+    train = loaded.train
+    if d.train_fps != -1 or d.train_tiles:
+        train = clips_lib.load_clips(train_clip_config(config)).train
+    frames, clip = train.frames, np.asarray(train.clip)
+    if d.flip:  # mirrored copies: the backbone's own output on them is the target
+        frames = np.concatenate([frames, frames[:, :, ::-1]])
+        clip = np.concatenate([clip, clip])
+    counts = {train.clips[i]: int(n) for i, n in zip(*np.unique(clip, return_counts=True))}
+    return frames, clip, counts
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError (one line) for a ``distill`` section the stages cannot run."""
     d = config.distill
@@ -65,6 +97,15 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"distill.criterion must be one of {', '.join(exits.CRITERIA)}; got {d.criterion!r}"
         )
+    if not (d.train_fps == -1 or d.train_fps >= 0):
+        raise ValueError(f"distill.train_fps must be -1 (= clips.fps) or >= 0; got {d.train_fps}")
+    if len(d.train_tiles) % 3:
+        raise ValueError(
+            f"distill.train_tiles must be (scale, y, x) triples, flat; got {len(d.train_tiles)} "
+            "numbers"
+        )
+    if d.train_tiles:
+        train_clip_config(config)  # a zero scale: ClipConfig's one-line error
     cfg = clip_config(config)
     for split in ("train", "val", "test"):
         if not getattr(cfg, split):
@@ -132,6 +173,9 @@ def train(
     )
     positions = exit_positions(config, backbone)
     frames = {s: getattr(loaded, s).frames for s in ("train", "val", "test")}
+    frames["train"], train_clip, counts = _augmented(config, loaded)
+    log(f"distillation frames: {len(frames['train'])} ({counts}; flip {d.flip}, "
+        f"clip-balanced {d.balance_clips})")  # fmt: skip
     cached = positions
     features = d.head_features
     if d.head == "mimic":  # the backbone's pooled features are the heads' second target
@@ -144,8 +188,13 @@ def train(
         steps=d.steps, batch_size=d.batch_size, learning_rate=float(d.learning_rate),
         temperature=float(d.temperature), seed=0,
     )  # fmt: skip
-    variables, losses = de.train_heads(net, variables, cache, settings, log=log)
+    weights = de.group_balanced(train_clip) if d.balance_clips else None
+    variables, losses = de.train_heads(net, variables, cache, settings, log=log, weights=weights)
     report = evaluate(net, variables, cache, loaded)
+    report["distillation_frames"] = {
+        "frames": int(len(frames["train"])), "per_clip": counts, "flip": bool(d.flip),
+        "balanced": bool(d.balance_clips),
+    }  # fmt: skip
     report["losses"] = losses
     report["heads"] = "BranchyNet-style, distilled from the backbone's softmax (not searched)"
     report["feature_cache"] = {k: cache.index[k] for k in ("positions", "shapes", "frames")}

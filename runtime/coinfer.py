@@ -4,6 +4,7 @@
       --deadline-ms=T --bandwidth=MBPS|TRACE.csv --frames=N --json=OUT \\
       [--policy=edgent|device-only|edge-only|neurosurgeon|right-sizing] [--margin=0.1] \\
       [--device=local:threads=1:slowdown=S] [--data=mnist5k:test] [--token=...] [--tls-ca=PEM]
+      [--exit=NAME]
 
 Per frame: the planner (`runtime.planner`) picks the exit and partition for
 the current bandwidth estimate; the device runs ``dev_pNN`` on its (slowed,
@@ -36,8 +37,10 @@ reported compute time exceeds the call's wall time is used, but its timing
 is not). A transfer that would outlast its call's timeout (a tiny bandwidth)
 waits out the timeout and falls back; every RPC timeout is clamped to
 [1 ms, `MAX_CALL_S`], so no deadline or bandwidth can hang the client. When frames run on
-the device only, a small probe (``--probe-bytes``) is sent every
-``--probe-every`` frames, between frames, so a rising bandwidth is noticed.
+the device only, a probe is sent every ``--probe-every`` frames, between
+frames, so a rising bandwidth is noticed; a probe is sized to last ~20 ms at
+the current estimate (at least ``--probe-bytes``, at most 64 kB:
+`probe_size`), and six of them measure the link at start-up.
 
 **Fallback.** A dead or unreachable server, an RPC exceeding its timeout
 (the deadline's remaining budget, at least twice the predicted edge time), a
@@ -364,15 +367,41 @@ def _exact_sizes(
     return out
 
 
+PROBE_S = 0.02  # a probe lasts about this long at the current bandwidth estimate
+MAX_PROBE_BYTES = 64 * 1024
+START_PROBES = 6  # at start-up, before the first frame
+
+
+def probe_size(estimate_bps: float | None, floor: int, target_s: float = PROBE_S,
+               cap: int = MAX_PROBE_BYTES) -> int:  # fmt: skip
+    """Bytes of the next probe: ``target_s`` of transfer at the estimate, in [floor, cap].
+
+    A probe must outlast the RTT's jitter to measure a fast link (1 kB at 20 Mbps is
+    0.4 ms, less than the jitter of a loaded machine's RPC), but must stay short on a
+    slow one; sizing it by the current estimate does both, and a rise is followed up
+    probe by probe (the estimator confirms it before the next one grows).
+    """
+    if not estimate_bps or not math.isfinite(estimate_bps) or estimate_bps <= 0:
+        return int(floor)
+    return int(min(max(floor, estimate_bps * target_s / 8.0), max(cap, floor)))
+
+
 class CoInference:
     """The device client: planner state, device interpreter, edge pool and link."""
 
     def __init__(self, bundle: Bundle, pool: EdgePool, link: Link, *, deadline_ms: float,
                  policy: str = "edgent", margin: float = 0.1, device: Target | None = None,
-                 probe_every: int = 10, probe_bytes: int = 1024):  # fmt: skip
+                 probe_every: int = 10, probe_bytes: int = 1024,
+                 exit_name: str | None = None):  # fmt: skip
         m = bundle.manifest
         self.part = m.get("partitions")
-        self.opts = planner.allowed(planner.options(m), policy)
+        every = planner.options(m)
+        if exit_name:  # the policy restricted to one exit (its baselines "at the same exit")
+            every = [o for o in every if o.exit == exit_name]
+            if not every:
+                names_ = sorted({e["name"] for e in self.part["exits"]})
+                raise ValueError(f"--exit {exit_name!r} is not an exit; valid: {names_}")
+        self.opts = planner.allowed(every, policy)
         self.opts = _exact_sizes(self.opts, self.part, bundle.digest)
         spec = m["latency_models"]["device"]["target"]
         self.device = device or Target(
@@ -410,19 +439,26 @@ class CoInference:
         self._since_sample = 0
 
     def start(self, rtt_s: float) -> None:
-        """Builds the configuration map for base RTT `rtt_s` and probes the link once."""
+        """Builds the configuration map for base RTT `rtt_s` and probes the link.
+
+        `START_PROBES` probes, each sized by the estimate so far (`probe_size`), so a
+        fast link is seen as fast before the first frame (a 1 kB probe alone reads
+        mostly RTT jitter: at 20 Mbps its transfer is 0.4 ms).
+        """
         self.rtt_s = rtt_s
         self.cmap = planner.config_map(self.opts, self.deadline_ms, rtt_ms=self.rtt_s * 1e3,
                                        margin=self.margin)  # fmt: skip
         self.link.restart()
-        self.probe()
+        for _ in range(START_PROBES):
+            self.probe()
 
     def probe(self) -> None:
-        """Sends `probe_bytes` through the link to measure its throughput."""
+        """Sends a probe (`probe_size` at the current estimate) to measure the link's throughput."""
         edge = self.pool.pick()
         if edge is None:
             return
-        request = self.pool.probe_request(self.probe_bytes)
+        nbytes = probe_size(self.estimator.estimate_bps, self.probe_bytes)
+        request = self.pool.probe_request(nbytes)
         t0 = time.perf_counter()
         try:
             self.link.transmit(request.ByteSize(), 2.0)
@@ -574,6 +610,7 @@ class Options:
     cooldown_s: float = 2.0
     probe_every: int = 10
     probe_bytes: int = 1024
+    exit: str | None = None  # restrict every policy to this exit (None: all exits)
 
 
 def run(opts: Options) -> dict:
@@ -622,7 +659,7 @@ def run(opts: Options) -> dict:
             print(f"warning: {p}", file=sys.stderr)
         client = CoInference(bundle, pool, link, deadline_ms=opts.deadline_ms, policy=opts.policy,
                              margin=opts.margin, device=device, probe_every=opts.probe_every,
-                             probe_bytes=opts.probe_bytes)  # fmt: skip
+                             probe_bytes=opts.probe_bytes, exit_name=opts.exit)  # fmt: skip
         client.start(rtt_s)
         rows, changed = [], False
         for i in range(opts.frames):
@@ -693,6 +730,8 @@ def build_parser() -> args_lib.ArgumentParser:
     p.add_argument("--cooldown-s", type=args_lib.real(0.0, 3600.0), default=2.0)
     p.add_argument("--probe-every", type=args_lib.count(1), default=10)
     p.add_argument("--probe-bytes", type=args_lib.count(1, DEFAULT_MAX_MESSAGE // 2), default=1024)
+    p.add_argument("--exit", default=None,
+                   help="restrict the policy to this exit (e.g. edge-only at exit_11)")  # fmt: skip
     return p
 
 
@@ -706,7 +745,7 @@ def _main(args) -> int:
         bandwidth=str(args.bandwidth), frames=args.frames, data=args.data, policy=args.policy,
         margin=args.margin, device=args.device, token=args.token, tls_ca=args.tls_ca,
         tls_server_name=args.tls_server_name, cooldown_s=args.cooldown_s,
-        probe_every=args.probe_every, probe_bytes=args.probe_bytes,
+        probe_every=args.probe_every, probe_bytes=args.probe_bytes, exit=args.exit,
     )  # fmt: skip
     rep = run(opts)
     if args.json:

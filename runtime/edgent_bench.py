@@ -8,7 +8,10 @@ Starts ``--servers`` edge servers (`runtime.edge_server`, subprocesses on
 
 1. ``bandwidth``: Edgent at a fixed deadline for bandwidths 50 kbps ... 10 Mbps:
    the chosen exit, partition and cut encoding, measured latency vs
-   prediction, deadline met;
+   prediction, deadline met; where most frames cut inside the network, the
+   same exit is also run device-only and edge-only (``same_exit``: does the
+   interior cut beat both, measured? their latency is measured under a 10x
+   deadline, so no edge call is cut off by the deadline's budget);
 2. ``deadline``: at a fixed bandwidth, for a range of deadlines, Edgent and the
    baselines (device-only, edge-only, partition-only = Neurosurgeon,
    right-sizing-only): accuracy, deadline met, latency; "effective accuracy"
@@ -37,7 +40,7 @@ import numpy as np
 
 from flexjax.io import write_json_atomic, write_text_atomic
 from runtime import args as args_lib
-from runtime import coinfer, planner
+from runtime import coinfer, names, planner
 from runtime.bundle import Bundle
 
 BANDWIDTHS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0, 10.0)
@@ -45,15 +48,17 @@ DEADLINES = (2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
 POLICIES = ("edgent", "device-only", "edge-only", "neurosurgeon", "right-sizing")
 
 
-def start_servers(bundle: str, n: int) -> tuple[list[subprocess.Popen], list[str]]:
-    """Starts `n` edge servers on free ports; returns (processes, addresses)."""
+def start_servers(
+    bundle: str, n: int, threads: int = 1
+) -> tuple[list[subprocess.Popen], list[str]]:
+    """Starts `n` edge servers (LiteRT `threads` each) on free ports; (processes, addresses)."""
     procs, addrs = [], []
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     for _ in range(n):
         p = subprocess.Popen(
             # --insecure: private servers on 127.0.0.1, children of this process.
             [sys.executable, "-m", "runtime.edge_server", f"--bundle={bundle}", "--port=0",
-             "--workers=2", "--insecure"],
+             "--workers=2", f"--threads={threads}", "--insecure"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         line = p.stdout.readline()
@@ -73,10 +78,11 @@ def write_trace(path: str, seconds: float = 8.0, step: float = 0.5, seed: int = 
     write_text_atomic(path, "\n".join(rows) + "\n")
 
 
-def _run(bundle, edges, policy, deadline, bandwidth, frames, margin, data, keep_rows=False) -> dict:
+def _run(bundle, edges, policy, deadline, bandwidth, frames, margin, data, keep_rows=False,
+         exit_name=None) -> dict:  # fmt: skip
     opts = coinfer.Options(
         bundle=bundle, edges=tuple(edges), deadline_ms=deadline, bandwidth=str(bandwidth),
-        frames=frames, data=data, policy=policy, margin=margin,
+        frames=frames, data=data, policy=policy, margin=margin, exit=exit_name,
     )  # fmt: skip
     rep = coinfer.run(opts)
     s = dict(rep["summary"])
@@ -107,6 +113,27 @@ def _top(plans: dict) -> str:
     return max(plans, key=plans.get) if plans else "-"
 
 
+def interior(label: str) -> tuple[str, int] | None:
+    """``(exit, partition)`` of a plan label that cuts inside the network, else None."""
+    if label == "-":
+        return None
+    exit_name, p = names.parse_plan_label(planner.split_label(label)[0])
+    return None if p in (None, 0) else (exit_name, p)
+
+
+def same_exit(edgent: dict, device_only: dict, edge_only: dict) -> dict:
+    """Edgent's interior cut against device-only and edge-only at the same exit, measured."""
+    return {
+        "exit": interior(_top(edgent["plans"]))[0],
+        "edgent_ms": edgent["mean_ms"],
+        "device_only_ms": device_only["mean_ms"],
+        "edge_only_ms": edge_only["mean_ms"],
+        "edge_only_plan": _top(edge_only["plans"]),
+        "fallbacks": [device_only["fallbacks"], edge_only["fallbacks"]],
+        "wins": edgent["mean_ms"] < min(device_only["mean_ms"], edge_only["mean_ms"]),
+    }
+
+
 def markdown(rep: dict) -> str:
     policies = rep.get("policies", POLICIES)
     out = [f"Deadline {rep['deadline_ms']} ms, {rep['frames']} frames per run, "
@@ -115,6 +142,7 @@ def markdown(rep: dict) -> str:
             "| predicted ms | measured mean / p95 ms | met | misses remote / device-only "
             "| within 1 ms + transfer | accuracy |",
             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    wins = [s for s in rep["bandwidth"] if "same_exit" in s]
     for s in rep["bandwidth"]:
         enc = ", ".join(f"{k} {v}" for k, v in s.get("encodings", {}).items()) or "-"
         out.append(
@@ -123,6 +151,17 @@ def markdown(rep: dict) -> str:
             f"{s['deadline_met']:.3f} | {s['missed_remote']} / {s['missed_device_only']} | "
             f"{s['within_1ms_plus_transfer']:.3f} | {s['accuracy']:.3f} |"
         )
+    if wins:
+        out += ["", "Where Edgent cut inside the network, the same exit run device-only and "
+                "edge-only (input as uint8 where lossless), measured mean ms:", "",
+                "| bandwidth (Mbps) | exit | Edgent | device-only | edge-only | interior wins |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
+        for s in wins:
+            w = s["same_exit"]
+            out.append(
+                f"| {s['bandwidth']} | {w['exit']} | {w['edgent_ms']:.2f} | "
+                f"{w['device_only_ms']:.2f} | {w['edge_only_ms']:.2f} | {w['wins']} |"
+            )
     out += ["", f"At {rep['bandwidth_mbps']} Mbps (effective accuracy: a missed deadline counts "
             "as wrong):", "",
             "| deadline ms | " + " | ".join(policies) + " |",
@@ -164,6 +203,7 @@ class Settings:
     trace_seconds: float = 8.0
     trace_step_s: float = 0.5
     trace_seed: int = 0
+    edge_threads: int = 1  # LiteRT threads of each edge server
 
 
 def run(bundle: str, out: str, settings: Settings = Settings(), log=print) -> dict:
@@ -189,7 +229,7 @@ def run(bundle: str, out: str, settings: Settings = Settings(), log=print) -> di
         raise ValueError(f"unknown policies {bad}; valid: {', '.join(POLICIES)}")
     os.makedirs(out, exist_ok=True)
     exits = [e["name"] for e in Bundle.from_dir(bundle).manifest["partitions"]["exits"]]
-    procs, edges = start_servers(bundle, st.servers)
+    procs, edges = start_servers(bundle, st.servers, st.edge_threads)
     t0 = time.perf_counter()
     try:
         rep = {"deadline_ms": st.deadline_ms, "frames": st.frames, "margin": st.margin,
@@ -198,8 +238,16 @@ def run(bundle: str, out: str, settings: Settings = Settings(), log=print) -> di
                "bandwidth": [], "deadline": []}  # fmt: skip
         for bw in st.bandwidths:
             s = _run(bundle, edges, "edgent", st.deadline_ms, bw, st.frames, st.margin, st.data)
+            cut = interior(_top(s["plans"]))
+            if cut:  # the same exit, device-only and edge-only, at this bandwidth; their
+                # latency as it is (a deadline 10x longer: no call is cut off by its budget)
+                base = [_run(bundle, edges, pol, 10 * st.deadline_ms, bw, st.frames, st.margin,
+                             st.data, exit_name=cut[0])
+                        for pol in ("device-only", "edge-only")]  # fmt: skip
+                s["same_exit"] = same_exit(s, *base)
             rep["bandwidth"].append(s)
-            log(f"bandwidth {bw} Mbps: {s['plans']} met {s['deadline_met']:.3f}")
+            log(f"bandwidth {bw} Mbps: {s['plans']} met {s['deadline_met']:.3f}"
+                + (f"; same exit: {s['same_exit']}" if cut else ""))  # fmt: skip
         for d in st.deadlines:
             for pol in st.policies:
                 s = _run(bundle, edges, pol, d, st.bandwidth_mbps, st.frames, st.margin, st.data)

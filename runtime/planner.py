@@ -28,11 +28,13 @@ deepest exit that meets the deadline, at its fastest partition). If nothing
 meets the deadline the plan is the fastest option overall, flagged
 ``feasible=False`` (best effort).
 
-Baselines restrict the candidates (``POLICIES``) and keep float32 cuts:
+Baselines restrict the candidates (``POLICIES``) and keep float32 interior cuts, but
+send the input as a real client would, in its smallest lossless encoding
+(`baseline_encodings`: uint8 pixels, not a float32 tensor 4x the size):
 device-only and edge-only run the final exit on one side; ``neurosurgeon``
 (partition-only) keeps the final exit and picks the partition;
 ``right-sizing`` (exit-only) keeps the whole path on the device and picks
-the exit. Only ``edgent`` chooses encodings.
+the exit. Only ``edgent`` compresses interior cuts.
 
 Dynamic bandwidth (Edgent TWC): `BandwidthEstimator` keeps an EWMA of the
 throughput of real transfers and detects change points (a sample off the
@@ -228,13 +230,39 @@ def with_encodings(opts: Sequence[Option], allowed_names: Sequence[str]) -> list
     return [o for o in opts if not o.remote or o.encoding.name in allowed_names]
 
 
+def baseline_encodings(opts: Sequence[Option]) -> list[Option]:
+    """The options a baseline may send: interior cuts as float32; the input losslessly.
+
+    A real client sends its camera frame as the pixels it has (uint8), not as the float32
+    tensor the network reads: at partition 0 a baseline takes, per exit, the smallest
+    encoding whose measured effect there is nil (agreement with float32 1.0 and no accuracy
+    lost; for an input in [0, 1] calibrated on frames that reach both ends, int8 with scale
+    1/255 *is* the uint8 frame: the same pixels, to float32 rounding). Without measured
+    encodings: float32.
+    Interior cuts stay float32 (compressing them is Edgent's extension, not the baselines').
+    """
+    out = [o for o in opts if o.encoding.name == "float32" and o.partition != 0]
+    by_exit: dict[str, list[Option]] = {}
+    for o in opts:
+        if o.partition == 0:
+            by_exit.setdefault(o.exit, []).append(o)
+    for group in by_exit.values():
+        ref = next((o for o in group if o.encoding.name == "float32"), None)
+        lossless = [o for o in group if o.agreement >= 1.0
+                    and (ref is None or o.accuracy == ref.accuracy)]  # fmt: skip
+        if lossless:
+            out.append(min(lossless, key=lambda o: (o.up_bytes, o.encoding.name != "float32")))
+    order = {id(o): i for i, o in enumerate(opts)}
+    return sorted(out, key=lambda o: order[id(o)])
+
+
 def allowed(opts: Sequence[Option], policy: str) -> list[Option]:
     """The candidates a policy may choose from."""
     if policy not in POLICIES:
         raise PlannerError(f"unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
     last = max(o.exit_index for o in opts)
-    if policy != "edgent":  # the baselines send float32 cut tensors
-        opts = [o for o in opts if o.encoding.name == "float32"]
+    if policy != "edgent":  # the baselines send float32 cut tensors, the input as a client would
+        opts = baseline_encodings(opts)
     keep = {
         "edgent": lambda o: True,
         "device-only": lambda o: o.exit_index == last and o.partition is None,

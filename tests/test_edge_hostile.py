@@ -291,7 +291,8 @@ def _client(bundle_, address, *, link="1000", deadline_ms=1000.0, cooldown_s=0.0
 
 
 def _x(k: int) -> np.ndarray:
-    return np.random.default_rng(k).random((28, 28, 1), np.float32)
+    # A frame's pixels (k / 255): edge-only sends them as uint8 (lossless), as a camera would.
+    return np.round(np.random.default_rng(k).random((28, 28, 1)) * 255).astype(np.float32) / 255
 
 
 def _local(bundle_, k: int) -> int:

@@ -32,7 +32,14 @@ def test_edgent_lite0_smoke_distills_exits_cuts_at_mbconv_and_runs_every_stage(t
     index = json.loads((workdir / "features/index.json").read_text())
     # The exits' positions, and the pooled features the smoke's "mimic" heads also learn.
     assert index["positions"] == [8, 14, 23]
-    assert index["frames"] == {"train": 4, "val": 4, "test": 4}
+    # Distillation data: 4 frames x 2 tiles x (as is, mirrored); val and test untouched.
+    assert index["frames"] == {"train": 16, "val": 4, "test": 4}
+    assert train["distillation_frames"] == {
+        "frames": 16,
+        "per_clip": {"carphone": 16},
+        "flip": True,
+        "balanced": True,
+    }
     # Partition points: only block boundaries (after a block), each smaller than the input.
     manifest = json.loads((workdir / "bundle/manifest.json").read_text())
     kinds = [layer["kind"] for layer in manifest["net"]["layers"]]
@@ -46,7 +53,7 @@ def test_edgent_lite0_smoke_distills_exits_cuts_at_mbconv_and_runs_every_stage(t
         assert {"conv", "dwconv", "mbconv", "dense"} <= set(report["fit"]["kinds"][target])
     assert report["fit"]["mbconv"]["kept"] in ("unit", "parts")
     assert report["fit"]["paths"]["count"] > 0
-    assert report["emulation"]["slowdown"] == 3.0
+    assert report["emulation"]["slowdown"] == 8.0
     assert len(report["bench"]["bandwidth"]) == 2 and report["bench"]["trace"]["frames"] == 8
     assert (workdir / "frames_test.npz").exists()
 
@@ -60,6 +67,10 @@ def test_edgent_lite0_smoke_distills_exits_cuts_at_mbconv_and_runs_every_stage(t
         ("--config.distill.clips.test=()", "distill.clips.test names no clip"),
         ("--config.distill.clips.val=('tree','nope')", "unknown clip 'nope'"),
         ("--config.distill.image_size=8", "distill.image_size"),
+        ("--config.distill.train_fps=-0.5", "distill.train_fps must be -1"),
+        ("--config.distill.train_tiles=(1.5,0.5,0.5)", "distill.train_tiles"),
+        ("--config.distill.train_tiles=(0.5,0.5)", "distill.train_tiles must be (scale, y, x)"),
+        ("--config.distill.train_tiles=(0.0,0.5,0.5)", "ClipConfig.tiles entry"),
     ],
 )
 def test_edgent_lite0_bad_distill_value_is_one_line_and_writes_nothing(tmp_path, flag, words):

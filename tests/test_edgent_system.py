@@ -521,11 +521,13 @@ def test_coinfer_runs_frames_through_a_real_server_and_logs_each(bundle, server,
     rep = json.loads(out.read_text())
     rows = rep["frames"]
     assert len(rows) == 30 and all(r["fallback"] is None for r in rows)
-    assert all(r["plan"] == "final@edge-only" and r["edge"] == address for r in rows)
+    # Edge-only sends the frame as a client would: its pixels (int8 at scale 1/255, lossless
+    # on validation), not the float32 tensor (runtime.planner.baseline_encodings).
+    assert all(r["plan"] == "final@edge-only+int8" and r["edge"] == address for r in rows)
     for key in ("predicted_ms", "measured_ms", "exit", "correct", "network_ms", "edge_ms"):
         assert key in rows[0]
-    # The emulated 5 Mbps link: each frame carries >= 3136 bytes up, so >= 5 ms of transfer.
-    assert min(r["network_ms"] for r in rows) >= 3136 * 8 / 5e6 * 1e3
+    # The emulated 5 Mbps link: each frame carries >= 784 bytes up, so >= 1.25 ms of transfer.
+    assert min(r["network_ms"] for r in rows) >= 784 * 8 / 5e6 * 1e3
     # The client's bandwidth estimate comes from real transfers and lands near 5 Mbps
     # (at most 2x over: it subtracts a measured RTT, which moves with machine load).
     assert 1.5 < rows[-1]["est_mbps"] <= 10
@@ -604,6 +606,20 @@ def test_coinfer_falls_back_on_garbage_responses(bundle, tmp_path):
     for r in rows:
         want = int(ex.signature("edge_final_p00")(frames.x[r["frame"]][None]).argmax())
         assert r["prediction"] == want
+
+
+def test_coinfer_restricted_to_one_exit_runs_only_that_exit(bundle, server, tmp_path):
+    _, address = server
+    side = bundle.manifest["partitions"]["exits"][0]["name"]
+    out = tmp_path / "c.json"
+    proc = _coinfer(bundle.path, address, "--token=s3cret", f"--json={out}",
+                    "--policy=device-only", f"--exit={side}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["frames"]
+    assert {r["plan"] for r in rows} == {f"{side}@device-only"}
+    proc = _coinfer(bundle.path, address, "--token=s3cret", "--exit=exit_99")
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error:"), proc.stderr
+    assert "exit_99" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_coinfer_bad_input_is_one_error_line(bundle, tmp_path):

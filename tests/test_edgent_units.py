@@ -285,6 +285,40 @@ def test_plan_picks_int8_when_only_int8_meets_the_deadline_at_low_bandwidth():
     assert planner.plan(ns, 1e6, 40.0).feasible is False
 
 
+def test_baselines_send_the_input_losslessly_and_interior_cuts_as_float32():
+    # Edge-only input (p=0, 30 kB as float32): int8 = the uint8 frame (no effect), float16
+    # lossy on one exit; an interior int8 cut stays Edgent's.
+    u8 = Encoding("int8", 1 / 255, -128)
+
+    def inp(exit_name, i, enc, acc, agree):
+        return Option(exit_name, i, 0, None, "e", 0.0, 5.0, enc.nbytes((7500,)), 40, 0.0, enc,
+                      acc, agree)  # fmt: skip
+
+    opts = [
+        inp("exit_1", 0, F32, 0.5, 1.0), inp("exit_1", 0, F16, 0.49, 0.99),
+        inp("exit_1", 0, u8, 0.5, 1.0),
+        inp("final", 1, F32, 0.9, 1.0), inp("final", 1, F16, 0.9, 1.0),
+        inp("final", 1, u8, 0.88, 1.0),  # agrees on top-1 yet loses accuracy: not lossless
+        *[dataclasses.replace(o, exit_index=1) for o in _enc_opts()],
+    ]  # fmt: skip
+    edge_only = planner.allowed(opts, "edge-only")
+    assert [(o.exit, o.encoding.name, o.up_bytes) for o in edge_only] == [
+        ("final", "float16", 15000)
+    ]
+    ns = planner.allowed(opts, "neurosurgeon")
+    assert {(o.partition, o.encoding.name) for o in ns} == {
+        (0, "float16"),
+        (4, "float32"),
+        (None, "float32"),
+    }
+    base = planner.baseline_encodings(opts)
+    assert ("exit_1", 0, "int8") in {(o.exit, o.partition, o.encoding.name) for o in base}
+    # Edgent itself sees every encoding.
+    assert len(planner.allowed(opts, "edgent")) == len(opts)
+    # No measured encodings: float32 everywhere.
+    assert planner.baseline_encodings([opts[0], opts[3]]) == [opts[0], opts[3]]
+
+
 def test_plan_picks_float32_when_bandwidth_is_ample_and_no_encoding_is_more_accurate():
     p = planner.plan(_enc_opts(), 1000e6, 40.0)
     # float16 is as accurate and agrees as well: equal merit, so the lower latency wins.
@@ -360,3 +394,32 @@ def test_figures_plot_plans_that_name_their_cut_encoding(tmp_path):
     }  # fmt: skip
     paths = edgent_figures.plot(rep, str(tmp_path))
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["edgent_bandwidth.png", "edgent_deadline.png"]
+
+
+def test_bench_compares_an_interior_cut_with_both_ends_at_its_exit():
+    from runtime import edgent_bench
+
+    assert edgent_bench.interior("final@p=12+float16") == ("final", 12)
+    assert edgent_bench.interior("exit_7@p=8") == ("exit_7", 8)
+    for label in ("final@device-only", "final@edge-only+int8", "-"):
+        assert edgent_bench.interior(label) is None
+
+    def run(plan, ms):
+        return {"plans": {plan: 40}, "mean_ms": ms, "fallbacks": 0}
+
+    cut = run("final@p=12+float16", 40.0)
+    w = edgent_bench.same_exit(cut, run("final@device-only", 52.0), run("final@edge-only", 70.0))
+    assert w["exit"] == "final" and w["wins"] and w["edge_only_plan"] == "final@edge-only"
+    w = edgent_bench.same_exit(cut, run("final@device-only", 39.0), run("final@edge-only", 70.0))
+    assert not w["wins"]  # measured, the device alone was faster
+
+
+def test_probe_lasts_about_20_ms_at_the_estimate_within_its_bounds():
+    from runtime.coinfer import MAX_PROBE_BYTES, probe_size
+
+    assert probe_size(None, 1024) == 1024  # nothing known yet: the floor
+    assert probe_size(float("nan"), 1024) == 1024 and probe_size(0.0, 1024) == 1024
+    assert probe_size(0.1e6, 1024) == 1024  # 0.1 Mbps: 250 B would do; the floor holds
+    assert probe_size(20e6, 1024) == 50_000  # 20 ms at 20 Mbps
+    assert probe_size(1e9, 1024) == MAX_PROBE_BYTES
+    assert probe_size(1e9, 10 * MAX_PROBE_BYTES) == 10 * MAX_PROBE_BYTES  # an explicit floor

@@ -136,11 +136,13 @@ def test_coinfer_across_namespaces_uses_only_the_real_link(edgent_dir):  # noqa:
     assert all(math.isfinite(r["est_mbps"]) and r["est_mbps"] > 0 for r in client["frames"][1:])
     # Every request crossed the shaped uplink qdisc, every reply the downlink one.
     q = client["link"]["qdisc"]
-    assert q["device"]["bytes"] >= 20 * 3136 and q["edge"]["packets"] >= 20
-    # Each request carries the 3136-byte input; tbf lets at most one bucket (1600 bytes)
-    # through at once, so the rest crossed at 5 Mbit/s: a floor no load can lower.
-    floor_ms = (3136 - netlink.MIN_BURST_BYTES) * 8 / 5e6 * 1e3
-    assert min(r["network_ms"] for r in client["frames"]) >= floor_ms
+    # Each request carries the frame as a client sends it: 784 uint8 pixels (edge-only's
+    # input encoding, runtime.planner.baseline_encodings), under tbf's one 1600-byte bucket.
+    assert q["device"]["bytes"] >= 20 * 784 and q["edge"]["packets"] >= 20
+    # The start-up probes (~20 ms of transfer at the estimate, up to 64 kB) are larger than
+    # the bucket and crossed at 5 Mbit/s: the first frame's estimate is the shaped rate's
+    # order, not the veth pair's line rate (gigabits).
+    assert client["frames"][0]["est_mbps"] < 25, client["frames"][0]["est_mbps"]
     assert not any(n.startswith(f"{netlink.PREFIX}-{os.getpid()}-") for n in netlink.namespaces())
 
 
