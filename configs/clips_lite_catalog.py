@@ -31,7 +31,6 @@ item 1's remaining axes; `flexjax.approx` steps), each distilled from the
 original for the same fixed budget (``finetune``: soft targets of fp32 Lite0 at
 224 px on training-clip frames, at 128 px, BatchNorm in inference mode):
 
-* ``ft``: no approximation -- the distillation alone (the control);
 * ``lr90``: low-rank factorization of every expansion / projection / head 1x1
   conv and the classifier, rank per layer = the smallest keeping 90% of the
   spectral energy, only where the two factors are smaller than the kernel;
@@ -68,7 +67,6 @@ INT4_CONV = [
 
 
 APPROXIMATIONS = [
-    {"name": "ft", "steps": []},
     {"name": "lr90", "steps": [{"technique": "low_rank_1x1", "energy": 0.9}]},
     {"name": "ep50", "steps": [{"technique": "prune_expansion", "keep": 0.5}]},
     {"name": "mp60", "steps": [{"technique": "magnitude_prune_parts", "sparsity": 0.6}]},
@@ -81,10 +79,7 @@ APPROXIMATIONS = [
     },
 ]
 APPROX_VARIANTS = [  # (approximation, resolution, weights)
-    ("ft", 224, "int8"),
-    ("lr90", 224, "fp32"),
     ("lr90", 224, "int8"),
-    ("ep50", 224, "fp32"),
     ("ep50", 224, "int8"),
     ("ep50", 160, "int8"),
     ("mp60", 224, "fp32"),
