@@ -773,6 +773,10 @@ TECHNIQUES: dict[str, Callable[..., tuple[Net, dict]]] = {
     "width_multiplier": width_multiplier,
     "shrink_dense": shrink_dense,
     "drop_layers": drop_layers,
+}
+# MBConv-only steps (EfficientNet-Lite; concrete weights: numpy SVD and channel scores),
+# kept apart from the generic, jax-traceable TECHNIQUES; `technique` finds both.
+LITE_TECHNIQUES: dict[str, Callable[..., tuple[Net, dict]]] = {
     "low_rank_1x1": low_rank_1x1,
     "prune_expansion": prune_expansion,
     "magnitude_prune_parts": magnitude_prune_parts,
@@ -781,9 +785,10 @@ TECHNIQUES: dict[str, Callable[..., tuple[Net, dict]]] = {
 
 def technique(name: str) -> Callable[..., tuple[Net, dict]]:
     """The transform registered under `name` (raises listing the valid names)."""
-    if name not in TECHNIQUES:
-        raise ApproxError(f"unknown technique {name!r}; valid: {', '.join(sorted(TECHNIQUES))}")
-    return TECHNIQUES[name]
+    table = {**TECHNIQUES, **LITE_TECHNIQUES}
+    if name not in table:
+        raise ApproxError(f"unknown technique {name!r}; valid: {', '.join(sorted(table))}")
+    return table[name]
 
 
 def apply_recipe(
