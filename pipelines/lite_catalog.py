@@ -368,6 +368,19 @@ def _is_sparse(steps: Sequence[Mapping[str, Any]]) -> bool:
     return any(st["technique"] in SPARSE_TECHNIQUES for st in steps)
 
 
+# Float weights only: LiteRT 2.3.0's XNNPACK delegate refuses the converter's sparse int8
+# FULLY_CONNECTED ("failed to delegate FULLY_CONNECTED node"), so integer variants of a
+# magnitude-pruned net are stored dense (their zeros still compress: ``bytes_gzip``).
+SPARSE_WEIGHTS = ("fp32", "fp16")
+
+
+def _sparse_export(v: Mapping[str, Any], approximations) -> bool:
+    """Whether a variant is exported with the converter's sparse tensor encoding."""
+    return (
+        "approx" in v and v["weights"] in SPARSE_WEIGHTS and _is_sparse(approximations[v["approx"]])
+    )
+
+
 class _Models:
     """Pretrained nets and their fp32 flatbuffers, built once per (model, resolution)."""
 
@@ -451,7 +464,7 @@ class _Models:
             return convert.to_tflite(
                 net, variables, plans, precision=w, representative=rep,
                 num_calibration=len(calibration.get(r, ())),
-                sparsity=_is_sparse(self._approximations[v["approx"]]),
+                sparsity=_sparse_export(v, self._approximations),
             )  # fmt: skip
         if w == "fp32":
             return self.fp32(m, r)
@@ -537,9 +550,7 @@ def build_variant(
         row["approx"] = v["approx"]
         row["ranks"] = approx.lite_ranks(net)
         row["kernel_zero_fraction"] = approx.zero_fraction(variables)
-        row["sparse_export"] = _is_sparse(approximations[v["approx"]]) and v["weights"] in (
-            CONVERTER_MODES
-        )
+        row["sparse_export"] = _sparse_export(v, approximations)
         row["finetune"] = info
     write_json_atomic(row_path, row)
     log(f"{v['name']}: {row['bytes']:,} bytes, exported in {export_s:.1f} s")
