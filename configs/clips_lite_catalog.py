@@ -38,7 +38,8 @@ original for the same fixed budget (``finetune``: soft targets of fp32 Lite0 at
   of 8; expand conv outputs, depthwise channels and projection inputs together);
 * ``mp60``: magnitude pruning of 60% of every 1x1 conv / classifier kernel
   (per layer), exported with the converter's sparse tensor encoding;
-* ``ep50lr``: ``ep50`` then low-rank (80% energy) head conv and classifier:
+* ``ep50lr``: ``ep50`` then low-rank (80% energy, ranks rounded up to a
+  multiple of 32 for mixed4's blockwise weights) head conv and classifier:
   the combination aimed at the memory target with int8 / mixed4 weights.
 The original every ratio is against is Lite0, fp32, 224 px.
 
@@ -74,7 +75,12 @@ APPROXIMATIONS = [
         "name": "ep50lr",
         "steps": [
             {"technique": "prune_expansion", "keep": 0.5},
-            {"technique": "low_rank_1x1", "energy": 0.8, "parts": ["head", "classifier"]},
+            {
+                "technique": "low_rank_1x1",
+                "energy": 0.8,
+                "parts": ["head", "classifier"],
+                "rank_multiple": 32,
+            },  # blockwise-32 4-bit weights need it (mixed4)
         ],
     },
 ]

@@ -522,6 +522,7 @@ def low_rank_1x1(
     ranks: Mapping[str, int] | None = None,
     parts: Sequence[str] = LITE_PARTS,
     only_if_smaller: bool = True,
+    rank_multiple: int = 1,
 ) -> tuple[Net, dict]:
     """Low-rank factorization of an MBConv net's 1x1 convolutions and classifier.
 
@@ -533,7 +534,9 @@ def low_rank_1x1(
 
     With `only_if_smaller` (energy / fraction only), a layer whose factors
     would not have fewer parameters than ``W`` (``r (m + n) >= m n``) is left
-    as it is -- the rule that decides where factorization pays.
+    as it is -- the rule that decides where factorization pays. `rank_multiple`
+    rounds a chosen rank up (capped at full rank) so a factor's input dimension
+    fits blockwise weight quantization (blocks of 32 need a multiple of 32).
 
     Raises:
       ApproxError: not exactly one of energy / fraction / ranks, an energy or
@@ -550,6 +553,8 @@ def low_rank_1x1(
         raise ApproxError(f"rank fraction must be in (0, 1], got {fraction}")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise ApproxError(f"energy fraction must be in (0, 1], got {energy}")
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ApproxError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
     for site in lite_sites(net, parts):
         kernel = get_path(variables["params"], _path(site))["kernel"]
         m, n = math.prod(kernel.shape[:-1]), kernel.shape[-1]
@@ -558,6 +563,7 @@ def low_rank_1x1(
             r = rank_for_energy(s, energy)
         else:
             r = max(1, round(fraction * min(m, n)))
+        r = min(-(-r // rank_multiple) * rank_multiple, min(m, n))
         if only_if_smaller and r * (m + n) >= m * n:
             continue
         net, variables = _factorize_1x1(net, variables, site, r)

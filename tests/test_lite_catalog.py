@@ -371,6 +371,9 @@ def test_low_rank_1x1_full_rank_is_exact_and_the_energy_rule_is_minimal(lite0):
             assert ranks[site] == r and r * (m + n) < m * n
         else:
             assert r * (m + n) >= m * n
+    # Ranks rounded up to a multiple of 32 (blockwise-32 weight quantization of the factors).
+    r32 = approx.lite_ranks(approx.low_rank_1x1(net, v, energy=0.8, rank_multiple=32)[0])
+    assert r32 and all(r % 32 == 0 for r in r32.values())
 
 
 def test_approx_lite_bad_sites_ranks_and_fractions_are_one_line_errors(lite0):
@@ -394,6 +397,8 @@ def test_approx_lite_bad_sites_ranks_and_fractions_are_one_line_errors(lite0):
         cases.append(({"energy": e}, "energy fraction must be in (0, 1]"))
     cases.append(({"energy": 0.9, "parts": ["stem"]}, "unknown parts"))
     cases.append(({"energy": 0.9, "fraction": 0.5}, "exactly one of"))
+    for bad in (0, -32, 2.5, True):
+        cases.append(({"energy": 0.9, "rank_multiple": bad}, "rank_multiple must be an int"))
     for kw, message in cases:
         with pytest.raises(approx.TransformError) as e:  # ApproxError's base class
             approx.low_rank_1x1(net, v, **kw)
