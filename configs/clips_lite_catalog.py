@@ -24,7 +24,23 @@ Variants (issue 15, item 1: the "input resolution" and "low-bit weights" axes):
   post-training weights on the BN-folded convolutions need quantization-aware
   fine-tuning; it stays in the catalog as a measured negative result;
 
-plus ``efficientnet_lite1`` / ``lite2`` in fp32 at their native 240 / 260 px.
+plus ``efficientnet_lite1`` / ``lite2`` in fp32 at their native 240 / 260 px;
+
+plus approximated Lite0 variants (``extras`` with an ``approx`` key; issue 15,
+item 1's remaining axes; `flexjax.approx` steps), each distilled from the
+original for the same fixed budget (``finetune``: soft targets of fp32 Lite0 at
+224 px on training-clip frames, at 128 px, BatchNorm in inference mode):
+
+* ``lr90``: low-rank factorization of every expansion / projection / head 1x1
+  conv and the classifier, rank per layer = the smallest keeping 90% of the
+  spectral energy, only where the two factors are smaller than the kernel;
+* ``ep50``: structured pruning of MBConv expansion channels to 50% (multiples
+  of 8; expand conv outputs, depthwise channels and projection inputs together);
+* ``mp60``: magnitude pruning of 60% of every 1x1 conv / classifier kernel
+  (per layer), exported with the converter's sparse tensor encoding;
+* ``ep50lr``: ``ep50`` then low-rank (80% energy, ranks rounded up to a
+  multiple of 32 for mixed4's blockwise weights) head conv and classifier:
+  the combination aimed at the memory target with int8 / mixed4 weights.
 The original every ratio is against is Lite0, fp32, 224 px.
 
 Data: the test clips (box, megamind at 5 fps: 133 frames) labelled by
@@ -51,6 +67,35 @@ INT4_CONV = [
 ]
 
 
+APPROXIMATIONS = [
+    {"name": "lr90", "steps": [{"technique": "low_rank_1x1", "energy": 0.9}]},
+    {"name": "ep50", "steps": [{"technique": "prune_expansion", "keep": 0.5}]},
+    {"name": "mp60", "steps": [{"technique": "magnitude_prune_parts", "sparsity": 0.6}]},
+    {
+        "name": "ep50lr",
+        "steps": [
+            {"technique": "prune_expansion", "keep": 0.5},
+            {
+                "technique": "low_rank_1x1",
+                "energy": 0.8,
+                "parts": ["head", "classifier"],
+                "rank_multiple": 32,
+            },  # blockwise-32 4-bit weights need it (mixed4)
+        ],
+    },
+]
+APPROX_VARIANTS = [  # (approximation, resolution, weights)
+    ("lr90", 224, "int8"),
+    ("ep50", 224, "int8"),
+    ("ep50", 160, "int8"),
+    ("mp60", 224, "fp32"),
+    ("mp60", 224, "int8"),
+    ("ep50lr", 224, "int8"),
+    ("ep50lr", 224, "mixed4"),
+    ("ep50lr", 160, "int8"),
+]
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = lite_catalog_defaults()
     c.models = ("efficientnet_lite0",)
@@ -59,6 +104,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.originals = ("efficientnet_lite1", "efficientnet_lite2")
     c.recipes = [{"name": "mixed4", "rules": MIXED4}, {"name": "int4_conv", "rules": INT4_CONV}]
     c.extras = [{"model": "efficientnet_lite0", "resolution": 224, "weights": "int4_conv"}]
+    c.approximations = APPROXIMATIONS
+    c.extras += [
+        {"model": "efficientnet_lite0", "resolution": r, "weights": w, "approx": a}
+        for a, r, w in APPROX_VARIANTS
+    ]
+    c.finetune.steps = 30
+    c.finetune.batch_size = 8
+    c.finetune.learning_rate = 2e-4
+    c.finetune.temperature = 2.0
+    c.finetune.resolution = 128
+    c.finetune.train_frames = 256
     c.clips.decode_resolutions = (224, 240, 260)
     c.calibration_frames = 64
     c.bench.rounds = 3
@@ -68,7 +124,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.resolutions = (64,)
         c.weights = ("fp32", "int8", "mixed4")
         c.originals = ()
-        c.extras = []
+        # One approximation (all three structural kinds), distilled for 2 tiny steps.
+        c.approximations = [
+            {
+                "name": "epmp",
+                "steps": [
+                    {"technique": "prune_expansion", "keep": 0.5},
+                    {"technique": "low_rank_1x1", "energy": 0.9, "parts": ["classifier"]},
+                    {"technique": "magnitude_prune_parts", "sparsity": 0.5,
+                     "parts": ["expand", "project"]},
+                ],
+            }
+        ]  # fmt: skip
+        c.extras = [
+            {"model": "efficientnet_lite0", "resolution": 64, "weights": w, "approx": "epmp"}
+            for w in ("fp32", "int8")
+        ]
+        c.finetune.steps = 2
+        c.finetune.batch_size = 2
+        c.finetune.resolution = 64
+        c.finetune.train_frames = 4
         c.original.resolution = 64
         c.clips.train = "bikes"
         c.clips.test = "carphone"

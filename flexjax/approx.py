@@ -30,6 +30,7 @@ singular values and says so.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -63,14 +64,65 @@ class ApproxError(TransformError):
 # ---------------------------------------------------------------------------
 
 
+def _block_site(net: Net, site: str) -> tuple[int, int, int] | None:
+    """``(position, branch, index)`` for a site inside a composite block, else None.
+
+    A block-internal site is ``"layer_NN/branch_B/layer_MM"``: layer MM of
+    branch B of the composite block (mbconv, residual, inception) at backbone
+    position NN -- exactly its parameter path.
+
+    Raises:
+      ApproxError: the site has that shape but names no layer of `net`.
+    """
+    parts = site.split("/")
+    if len(parts) != 3 or not parts[1].startswith("branch_"):
+        return None
+    nums = []
+    for part, prefix in zip(parts, ("layer_", "branch_", "layer_")):
+        if not part.startswith(prefix) or not part[len(prefix) :].isdigit():
+            raise ApproxError(f"site {site!r}: expected 'layer_NN/branch_B/layer_MM'")
+        nums.append(int(part[len(prefix) :]))
+    pos, branch, index = nums
+    if pos >= len(net.layers):
+        raise ApproxError(
+            f"site {site!r}: no layer {parts[0]}; the backbone has {len(net.layers)} positions"
+        )
+    block = net.layers[pos]
+    if branch >= len(block.branches):
+        raise ApproxError(
+            f"site {site!r}: {parts[0]} is a '{block.kind}' layer with "
+            f"{len(block.branches)} branches, not a block with {parts[1]}"
+        )
+    if index >= len(block.branches[branch]):
+        raise ApproxError(
+            f"site {site!r}: {parts[0]}/{parts[1]} has only {len(block.branches[branch])} layers"
+        )
+    return pos, branch, index
+
+
 def site_layer(net: Net, site: str) -> Layer:
-    """The `Layer` at a site."""
+    """The `Layer` at a site (backbone, exit head, or inside a block: `_block_site`)."""
+    nested = _block_site(net, site)
+    if nested is not None:
+        pos, branch, index = nested
+        return net.layers[pos].branches[branch][index]
     s = parse_site(net, site)
     return site_layers(net, s.exit, site)[s.index]
 
 
 def _with_layer(net: Net, site: str, layer: Layer) -> Net:
-    return replace_layer(net, parse_site(net, site), layer)
+    nested = _block_site(net, site)
+    if nested is None:
+        return replace_layer(net, parse_site(net, site), layer)
+    pos, branch, index = nested
+    block = net.layers[pos]
+    body = list(block.branches[branch])
+    body[index] = layer
+    branches = list(block.branches)
+    branches[branch] = tuple(body)
+    layers = list(net.layers)
+    layers[pos] = dataclasses.replace(block, branches=tuple(branches))
+    return net.replace(layers=tuple(layers))
 
 
 def _path(site: str) -> tuple[str, ...]:
@@ -407,6 +459,297 @@ def drop_layers(
 
 
 # ---------------------------------------------------------------------------
+# MBConv networks (EfficientNet-Lite): the 1x1 convolutions and the expansion.
+# ---------------------------------------------------------------------------
+
+LITE_PARTS = ("expand", "project", "head", "classifier")
+
+
+def _is_1x1(layer: Layer) -> bool:
+    return layer.kind == "conv" and layer["groups"] == 1 and tuple(layer["kernel"]) == (1, 1)
+
+
+def _expand_layout(block: Layer) -> bool:
+    """An MBConv body ``conv 1x1, BN, relu6, depthwise conv, BN, relu6, conv 1x1, BN``."""
+    if block.kind != "mbconv" or len(block.branches) != 1:
+        return False
+    body = block.branches[0]
+    kinds = [x.kind for x in body]
+    if kinds != ["conv", "batch_norm", "relu6", "conv", "batch_norm", "relu6", "conv",
+                 "batch_norm"]:  # fmt: skip
+        return False
+    dw = body[3]
+    return _is_1x1(body[0]) and dw["groups"] == dw["features"] == body[0]["features"]
+
+
+def lite_sites(net: Net, parts: Sequence[str] = LITE_PARTS) -> list[str]:
+    """The sites of an MBConv net's 1x1 convolutions and classifier, by part.
+
+    ``expand``: each block's first 1x1 conv (its output is the expanded
+    channels); ``project``: each block's last 1x1 conv; ``head``: 1x1 convs of
+    the backbone outside blocks (Lite's 1280-wide head conv); ``classifier``:
+    the backbone's last dense layer.
+
+    Raises:
+      ApproxError: an unknown part.
+    """
+    bad = [p for p in parts if p not in LITE_PARTS]
+    if bad:
+        raise ApproxError(f"unknown parts {bad}; valid: {', '.join(LITE_PARTS)}")
+    out = []
+    for i, lay in enumerate(net.layers):
+        if lay.kind == "mbconv":
+            body = lay.branches[0]
+            convs = [j for j, x in enumerate(body) if _is_1x1(x)]
+            for j in convs:
+                part = "project" if j == convs[-1] else "expand"
+                if part in parts:
+                    out.append(f"{layer_name(i)}/branch_0/{layer_name(j)}")
+        elif "head" in parts and _is_1x1(lay):
+            out.append(layer_name(i))
+    dense = [i for i, lay in enumerate(net.layers) if lay.kind == "dense"]
+    if "classifier" in parts and dense:
+        out.append(layer_name(dense[-1]))
+    return out
+
+
+def low_rank_1x1(
+    net: Net,
+    variables: dict,
+    *,
+    energy: float | None = None,
+    fraction: float | None = None,
+    ranks: Mapping[str, int] | None = None,
+    parts: Sequence[str] = LITE_PARTS,
+    only_if_smaller: bool = True,
+    rank_multiple: int = 1,
+) -> tuple[Net, dict]:
+    """Low-rank factorization of an MBConv net's 1x1 convolutions and classifier.
+
+    Each chosen layer ``W [m, n]`` becomes ``U [m, r] V [r, n]`` (`factorize_conv`
+    / `factorize_dense`: two 1x1 convs, or two dense layers). The rank is chosen
+    per layer: the smallest keeping `energy` of ``sum(s_i^2)``
+    (`rank_for_energy`), or ``round(fraction * min(m, n))``, or given per site
+    in `ranks` (any site, checked against the layer's full rank).
+
+    With `only_if_smaller` (energy / fraction only), a layer whose factors
+    would not have fewer parameters than ``W`` (``r (m + n) >= m n``) is left
+    as it is -- the rule that decides where factorization pays. `rank_multiple`
+    rounds a chosen rank up (capped at full rank) so a factor's input dimension
+    fits blockwise weight quantization (blocks of 32 need a multiple of 32).
+
+    Raises:
+      ApproxError: not exactly one of energy / fraction / ranks, an energy or
+        fraction outside (0, 1], an unknown part, a site that names no layer,
+        a rank above the layer's full rank.
+    """
+    if sum(x is not None for x in (energy, fraction, ranks)) != 1:
+        raise ApproxError("low_rank_1x1: give exactly one of energy, fraction or ranks")
+    if ranks is not None:
+        for site, r in ranks.items():
+            net, variables = _factorize_1x1(net, variables, site, r)
+        return net, variables
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ApproxError(f"rank fraction must be in (0, 1], got {fraction}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ApproxError(f"energy fraction must be in (0, 1], got {energy}")
+    if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ApproxError(f"rank_multiple must be an int >= 1, got {rank_multiple!r}")
+    for site in lite_sites(net, parts):
+        kernel = get_path(variables["params"], _path(site))["kernel"]
+        m, n = math.prod(kernel.shape[:-1]), kernel.shape[-1]
+        if energy is not None:
+            s = np.linalg.svd(np.asarray(kernel, np.float64).reshape(m, n), compute_uv=False)
+            r = rank_for_energy(s, energy)
+        else:
+            r = max(1, round(fraction * min(m, n)))
+        r = min(-(-r // rank_multiple) * rank_multiple, min(m, n))
+        if only_if_smaller and r * (m + n) >= m * n:
+            continue
+        net, variables = _factorize_1x1(net, variables, site, r)
+    return net, variables
+
+
+def _factorize_1x1(net: Net, variables: dict, site: str, rank: Any) -> tuple[Net, dict]:
+    """`factorize_dense` / `factorize_conv` of a dense or 1x1 conv, SVD in numpy.
+
+    Concrete weights only (the catalog's case): numpy's SVD avoids compiling
+    one XLA program per kernel shape, which `jnp.linalg.svd` does.
+    """
+    layer = site_layer(net, site)
+    if layer.kind not in ("dense", "conv") or (layer.kind == "conv" and not _is_1x1(layer)):
+        raise ApproxError(
+            f"{site} is a '{layer.kind}' layer"
+            + (
+                f" ({tuple(layer['kernel'])} kernel, groups={layer['groups']})"
+                if layer.kind == "conv"
+                else ""
+            )  # fmt: skip
+            + "; low_rank_1x1 factorizes dense layers and ungrouped 1x1 convs"
+        )
+    p = get_path(variables["params"], _path(site))
+    k = np.asarray(p["kernel"])
+    m, n = math.prod(k.shape[:-1]), k.shape[-1]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+        raise ApproxError(
+            f"{site}: rank {rank!r} is larger than the layer allows; "
+            f"a {m}x{n} kernel has rank at most {min(m, n)}"
+        )
+    u, s, vt = np.linalg.svd(k.reshape(m, n).astype(np.float64), full_matrices=False)
+    root = np.sqrt(s[:rank])
+    u = (u[:, :rank] * root[None, :]).astype(k.dtype)
+    v = (root[:, None] * vt[:rank]).astype(k.dtype)
+    if layer.kind == "conv":
+        u, v = u.reshape(1, 1, m, rank), v.reshape(1, 1, rank, n)
+        lr = Layer.make("low_rank_conv", features=layer["features"], rank=rank, kernel=(1, 1),
+                        stride=layer["stride"], padding=layer["padding"],
+                        use_bias=layer["use_bias"])  # fmt: skip
+    else:
+        lr = Layer.make(
+            "low_rank_dense", features=layer["features"], rank=rank, use_bias=layer["use_bias"]
+        )
+    new = {"u": {"kernel": jnp.asarray(u)}, "v": {"kernel": jnp.asarray(v)}}
+    if layer["use_bias"]:
+        new["v"]["bias"] = p["bias"]
+    variables = {**variables, "params": set_path(variables["params"], _path(site), new)}
+    return _with_layer(net, site, lr), variables
+
+
+def lite_ranks(net: Net) -> dict[str, int]:
+    """site -> rank of every factorized layer (backbone and inside blocks)."""
+    out = {}
+    for i, lay in enumerate(net.layers):
+        if lay.kind.startswith("low_rank_"):
+            out[layer_name(i)] = int(lay["rank"])
+        for b, branch in enumerate(lay.branches):
+            for j, sub in enumerate(branch):
+                if sub.kind.startswith("low_rank_"):
+                    out[f"{layer_name(i)}/branch_{b}/{layer_name(j)}"] = int(sub["rank"])
+    return out
+
+
+_HERMITE = np.polynomial.hermite_e.hermegauss(48)
+
+
+def _mean_relu6(beta: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """``E[relu6(z)]`` for ``z ~ N(beta, gamma^2)`` (Gauss-Hermite quadrature)."""
+    nodes, weights = _HERMITE
+    z = beta[:, None] + np.abs(gamma)[:, None] * nodes[None, :]
+    return (np.clip(z, 0.0, 6.0) * weights[None, :]).sum(1) / weights.sum()
+
+
+def expansion_scores(net: Net, variables: dict, position: int) -> np.ndarray:
+    """How much each expanded channel of the MBConv block at `position` feeds its output.
+
+    ``E[relu6(BN_dw(x))_c] * ||P[c, :]||_2``: the mean activation of channel c
+    after the depthwise conv's BatchNorm and ReLU6 (BN output taken as
+    ``N(beta, gamma^2)``), times the L2 norm of the projection 1x1's input
+    row for c. Data-free; a channel whose activation is always ~0 or whose
+    projection weights are ~0 scores ~0.
+    """
+    name = layer_name(position)
+    body = get_path(variables["params"], (name, "branch_0"))
+    bn = body[layer_name(4)]
+    proj = np.asarray(body[layer_name(6)]["kernel"], np.float64)[0, 0]  # [mid, out]
+    act = _mean_relu6(np.asarray(bn["bias"], np.float64), np.asarray(bn["scale"], np.float64))
+    return act * np.linalg.norm(proj, axis=1)
+
+
+def prune_expansion(
+    net: Net,
+    variables: dict,
+    keep: float,
+    *,
+    multiple: int = 8,
+    sites: Sequence[str] | None = None,
+) -> tuple[Net, dict]:
+    """Structured pruning of MBConv expansion channels: shapes really shrink.
+
+    In every chosen block (default: every MBConv with an expansion 1x1 conv)
+    the ``ceil(keep * mid / multiple) * multiple`` best expanded channels by
+    `expansion_scores` are kept: the expansion conv's output channels, its
+    BatchNorm, the depthwise conv (features = groups) and its BatchNorm, and
+    the projection conv's input channels shrink together. The mean
+    contribution of the dropped channels (``E[a_c] P[c, :]``) is folded into
+    the projection BatchNorm's running mean, so their constant part is kept.
+
+    Raises:
+      ApproxError: `keep` not in (0, 1], `multiple` < 1, a site that is not an
+        MBConv block with an expansion conv (e.g. an already factorized one).
+    """
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise ApproxError(f"expansion keep fraction must be in (0, 1], got {keep!r}")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ApproxError(f"channel multiple must be an int >= 1, got {multiple!r}")
+    if sites is None:
+        positions = [i for i, lay in enumerate(net.layers) if _expand_layout(lay)]
+    else:
+        positions = []
+        for site in sites:
+            s = parse_site(net, site)
+            if s.exit is not None or not _expand_layout(net.layers[s.index]):
+                raise ApproxError(
+                    f"site {site!r} is not an MBConv block with an expansion 1x1 conv "
+                    "(prune the expansion before factorizing it)"
+                )
+            positions.append(s.index)
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    layers = list(net.layers)
+    for pos in positions:
+        block = layers[pos]
+        body = list(block.branches[0])
+        mid = body[0]["features"]
+        n = min(mid, max(multiple, math.ceil(keep * mid / multiple) * multiple))
+        if n >= mid:
+            continue
+        scores = expansion_scores(net, {"params": params}, pos)
+        kept = np.sort(np.argsort(-scores, kind="stable")[:n])
+        dropped = np.setdiff1d(np.arange(mid), kept)
+        idx = jnp.asarray(kept)
+        name = layer_name(pos)
+        pre = (name, "branch_0")
+        for j in (0, 3):  # expansion conv and depthwise conv: output channels
+            path = (*pre, layer_name(j), "kernel")
+            params = set_path(params, path, jnp.take(get_path(params, path), idx, axis=-1))
+        for j in (1, 4):  # their BatchNorms
+            for tree_name in ("params", "batch_stats"):
+                tree = params if tree_name == "params" else stats
+                for leaf, x in get_path(tree, (*pre, layer_name(j))).items():
+                    tree = set_path(tree, (*pre, layer_name(j), leaf), jnp.take(x, idx, axis=-1))
+                if tree_name == "params":
+                    params = tree
+                else:
+                    stats = tree
+        bn4 = get_path(variables["params"], (*pre, layer_name(4)))
+        proj_path = (*pre, layer_name(6), "kernel")
+        proj = get_path(params, proj_path)
+        act = _mean_relu6(np.asarray(bn4["bias"], np.float64), np.asarray(bn4["scale"], np.float64))
+        lost = act[dropped] @ np.asarray(proj, np.float64)[0, 0][dropped]  # [out]
+        params = set_path(params, proj_path, jnp.take(proj, idx, axis=2))
+        mean_path = (*pre, layer_name(7), "mean")
+        mean = get_path(stats, mean_path)
+        stats = set_path(stats, mean_path, (mean - lost).astype(mean.dtype))
+        body[0] = body[0].replace(features=n)
+        body[3] = body[3].replace(features=n, groups=n)
+        layers[pos] = dataclasses.replace(block, branches=(tuple(body),))
+        net = net.replace(layers=tuple(layers))
+    out = {**variables, "params": params}
+    if "batch_stats" in variables:
+        out["batch_stats"] = stats
+    return net, out
+
+
+def magnitude_prune_parts(
+    net: Net, variables: dict, sparsity: float, *, parts: Sequence[str] = LITE_PARTS
+) -> tuple[Net, dict]:
+    """`magnitude_prune` (per layer, each kernel loses `sparsity`) of the `lite_sites` parts."""
+    sites = lite_sites(net, parts)
+    if not sites:
+        raise ApproxError(f"no layers of parts {list(parts)} in {net.name or 'the net'}")
+    return magnitude_prune(net, variables, {s: sparsity for s in sites}, scope="layer")
+
+
+# ---------------------------------------------------------------------------
 # Composition and named recipes.
 # ---------------------------------------------------------------------------
 
@@ -437,13 +780,21 @@ TECHNIQUES: dict[str, Callable[..., tuple[Net, dict]]] = {
     "shrink_dense": shrink_dense,
     "drop_layers": drop_layers,
 }
+# MBConv-only steps (EfficientNet-Lite; concrete weights: numpy SVD and channel scores),
+# kept apart from the generic, jax-traceable TECHNIQUES; `technique` finds both.
+LITE_TECHNIQUES: dict[str, Callable[..., tuple[Net, dict]]] = {
+    "low_rank_1x1": low_rank_1x1,
+    "prune_expansion": prune_expansion,
+    "magnitude_prune_parts": magnitude_prune_parts,
+}
 
 
 def technique(name: str) -> Callable[..., tuple[Net, dict]]:
     """The transform registered under `name` (raises listing the valid names)."""
-    if name not in TECHNIQUES:
-        raise ApproxError(f"unknown technique {name!r}; valid: {', '.join(sorted(TECHNIQUES))}")
-    return TECHNIQUES[name]
+    table = {**TECHNIQUES, **LITE_TECHNIQUES}
+    if name not in table:
+        raise ApproxError(f"unknown technique {name!r}; valid: {', '.join(sorted(table))}")
+    return table[name]
 
 
 def apply_recipe(

@@ -351,6 +351,10 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("ams.seeds", _each(_int(0, MAX_SEED))),
     ("ams.memory_mb", _real(0.0, 1e6)),
     ("ams.latency_ms", _MS),
+    ("finetune.batch_size", _int(1, 4096)),
+    ("finetune.learning_rate", _RATE),
+    ("finetune.resolution", _int(32, 1024)),
+    ("finetune.train_frames", _int(1, 100_000)),
     # Exit threshold calibration.
     ("calibration.delta", _real(0.0, 1.0, lo_open=True, hi_open=True)),
     ("calibration.margin", _FRACTION),
@@ -628,6 +632,15 @@ def lite_catalog_defaults() -> ml_collections.ConfigDict:
          "reference_resolution": 0, "test_frames": 0}
     )  # fmt: skip
     c.calibration_frames = 64  # int8: training-clip frames that calibrate activation ranges
+    # Approximations (flexjax.approx steps), used by ``extras`` entries with an "approx" key:
+    # [{"name": ..., "steps": [{"technique": "low_rank_1x1", "energy": 0.9}, ...]}]
+    c.approximations = []
+    # Distillation of every approximated variant from the original (soft targets) on
+    # training-clip frames; steps = 0: none.
+    c.finetune = ml_collections.ConfigDict(
+        {"steps": 0, "batch_size": 8, "learning_rate": 1e-4, "temperature": 2.0,
+         "resolution": 128, "train_frames": 256, "seed": 0}
+    )  # fmt: skip
     c.bench = ml_collections.ConfigDict(
         {"rounds": 3, "frames": 20, "warmup": 3, "load_repeats": 3, "threads": 1}
     )

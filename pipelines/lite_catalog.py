@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import os
@@ -39,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from export import convert, quantize
-from flexjax import costs
+from flexjax import approx, costs
 from flexjax.data import clips as clips_lib
 from flexjax.io import sha256_file, write_json_atomic
 from flexjax.models import pretrained
@@ -62,9 +63,50 @@ def _short(model: str) -> str:
     return model.removeprefix("efficientnet_")
 
 
-def variant_name(model: str, resolution: int, weights: str) -> str:
-    """``lite0_224_int8``: one name per (model, resolution, weights)."""
+def variant_name(model: str, resolution: int, weights: str, approx_name: str | None = None) -> str:
+    """``lite0_224_int8``, ``lite0_224_ep50_int8``: one name per variant."""
+    if approx_name:
+        return f"{_short(model)}_{resolution}_{approx_name}_{weights}"
     return f"{_short(model)}_{resolution}_{weights}"
+
+
+SPARSE_TECHNIQUES = ("magnitude_prune", "magnitude_prune_parts")
+
+
+def _approximations(c) -> dict[str, list[dict]]:
+    """``approximations`` as name -> list of plain step dicts (shape checks only)."""
+    out: dict[str, list[dict]] = {}
+    for i, a in enumerate(c.approximations):
+        if not hasattr(a, "keys") or set(a.keys()) != {"name", "steps"}:
+            raise ValueError(
+                f"approximations[{i}] must be {{'name': ..., 'steps': [...]}}, got {a!r}"
+            )
+        name = str(a["name"])
+        if name in out or not name.isidentifier() or name in CONVERTER_MODES:
+            raise ValueError(
+                f"approximations[{i}] name {name!r} must be a new identifier "
+                "(not a converter mode or an earlier approximation's)"
+            )
+        steps = approx.plain(a["steps"])
+        if not isinstance(steps, list):
+            raise ValueError(f"approximations[{i}] ({name}): steps must be a list, got {steps!r}")
+        for j, step in enumerate(steps):
+            if not isinstance(step, dict) or "technique" not in step:
+                raise ValueError(
+                    f"approximations[{i}] ({name}) step {j} must be a mapping with a "
+                    f"'technique', got {step!r}"
+                )
+            approx.technique(step["technique"])  # unknown: ApproxError listing the valid ones
+        out[name] = steps
+    return out
+
+
+def apply_approximation(net, variables, steps: Sequence[Mapping[str, Any]], name: str):
+    """`flexjax.approx.apply_recipe` with the approximation's name in every error."""
+    try:
+        return approx.apply_recipe(net, variables, steps)
+    except (approx.ApproxError, TypeError) as e:
+        raise approx.ApproxError(f"approximation {name!r}: {e}") from None
 
 
 def _clip_config(c, resolution: int, *, train: bool) -> clips_lib.ClipConfig:
@@ -98,13 +140,16 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
             )
         recipes[name] = quantize.check_recipe(list(r["rules"]), name)
     valid_weights = (*CONVERTER_MODES, *recipes)
+    approximations = _approximations(c)
     decode = sorted(int(d) for d in c.clips.decode_resolutions)
     if not decode:
         raise ValueError("clips.decode_resolutions is empty; e.g. (224,)")
     for d in decode:  # clip names, fps, reference: refused before any decoding
         _clip_config(c, d, train=True)
 
-    def check(model: str, resolution: int, weights: str, where: str) -> dict[str, Any]:
+    def check(
+        model: str, resolution: int, weights: str, where: str, approx_name: str | None = None
+    ) -> dict[str, Any]:
         if model not in models:
             raise ValueError(f"{where}: unknown model {model!r}; valid: {', '.join(models)}")
         if weights not in valid_weights:
@@ -119,8 +164,16 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
                 f"{where}: resolution {resolution} px is out of range [32, {decode[-1]}] "
                 "(the largest clips.decode_resolutions); add a decode resolution to go higher"
             )
-        return {"name": variant_name(model, resolution, weights), "model": model,
-                "resolution": resolution, "weights": weights}  # fmt: skip
+        v = {"name": variant_name(model, resolution, weights, approx_name), "model": model,
+             "resolution": resolution, "weights": weights}  # fmt: skip
+        if approx_name is not None:
+            if approx_name not in approximations:
+                raise ValueError(
+                    f"{where}: unknown approximation {approx_name!r}; valid: "
+                    f"{', '.join(approximations) or '(none defined)'}"
+                )
+            v["approx"] = approx_name
+        return v
 
     o = c.original
     out = [check(str(o.model), o.resolution, str(o.weights), "original")]
@@ -128,15 +181,44 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
     out += [check(str(m), r, str(w), "models x resolutions x weights") for m, r, w in grid]
     out += [check(str(m), models.get(str(m), 0), "fp32", "originals") for m in c.originals]
     for i, e in enumerate(c.extras):
-        if not hasattr(e, "keys") or set(e.keys()) != {"model", "resolution", "weights"}:
-            raise ValueError(f"extras[{i}] must be {{'model', 'resolution', 'weights'}}, got {e!r}")
-        out.append(check(str(e["model"]), e["resolution"], str(e["weights"]), f"extras[{i}]"))
+        keys = set(e.keys()) if hasattr(e, "keys") else set()
+        if keys not in ({"model", "resolution", "weights"},
+                        {"model", "resolution", "weights", "approx"}):  # fmt: skip
+            raise ValueError(
+                f"extras[{i}] must be {{'model', 'resolution', 'weights'[, 'approx']}}, got {e!r}"
+            )
+        a = str(e["approx"]) if "approx" in keys else None
+        out.append(check(str(e["model"]), e["resolution"], str(e["weights"]), f"extras[{i}]", a))
     seen: dict[str, dict] = {}
     for v in out:
         seen.setdefault(v["name"], v)
     if "int8" in c.weights and not c.clips.train:
         raise ValueError("int8 weights need clips.train (calibration frames); none given")
-    return list(seen.values()), recipes
+    variants = list(seen.values())
+    used = {(v["model"], v["approx"]) for v in variants if "approx" in v}
+    if used and int(c.finetune.steps) > 0:
+        if not c.clips.train:
+            raise ValueError("finetune.steps > 0 needs clips.train (distillation frames)")
+        if str(o.weights) != "fp32":
+            raise ValueError("finetune: the teacher is the original, which must be fp32")
+    # Every approximation applied for real (to each model using it, else the original's):
+    # sites that name no layer, ranks above full rank, bad fractions -- before any work.
+    used |= {(str(o.model), a) for a in approximations if a not in {n for _, n in used}}
+    for model, name in sorted(used):
+        _approximated(model, name, approximations[name], int(c.finetune.resolution))
+    return variants, recipes
+
+
+_APPROXIMATED: dict[tuple[str, str, str, int], tuple] = {}
+
+
+def _approximated(model: str, name: str, steps: list[dict], resolution: int):
+    """The pretrained `model` at `resolution` with approximation `steps` applied (cached)."""
+    key = (model, name, json.dumps(steps, sort_keys=True), resolution)
+    if key not in _APPROXIMATED:
+        net, variables = pretrained.load(model, resolution)
+        _APPROXIMATED[key] = apply_approximation(net, variables, steps, name)
+    return _APPROXIMATED[key]
 
 
 # ---------------------------------------------------------------------------
@@ -160,15 +242,22 @@ def _pick(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
-def load_frames(c, resolutions: Sequence[int], need_calibration: bool) -> dict[str, Any]:
-    """Test (and calibration) frames at every resolution, with the reference labels."""
+def load_frames(
+    c, resolutions: Sequence[int], need_calibration: bool, need_distill: bool = False
+) -> dict[str, Any]:
+    """Test (and calibration / distillation) frames at every resolution, with the reference labels.
+
+    Distillation frames (``finetune.train_frames`` spread over the training
+    clips) stay uint8 at the first decode resolution.
+    """
+    need_train = need_calibration or need_distill
     decode = sorted(int(d) for d in c.clips.decode_resolutions)
     test: dict[int, np.ndarray] = {}
     labels = conf = None
-    calib_src = None
+    calib_src = distill = distill_res = None
     info: dict[str, Any] = {}
     for i, d in enumerate(decode):
-        splits = clips_lib.load_clips(_clip_config(c, d, train=need_calibration and i == 0))
+        splits = clips_lib.load_clips(_clip_config(c, d, train=need_train and i == 0))
         keep = _pick(len(splits.test), int(c.clips.test_frames))
         test[d] = splits.test.frames[keep]
         if labels is None:
@@ -177,9 +266,15 @@ def load_frames(c, resolutions: Sequence[int], need_calibration: bool) -> dict[s
                     "clip_info": splits.info}  # fmt: skip
         elif not np.array_equal(labels, splits.test.labels[keep]):
             raise ValueError(f"the test clips' labels differ between decodes at {decode}")
-        if need_calibration and i == 0:
+        if need_train and i == 0:
+            if len(splits.train) == 0:
+                raise ValueError(f"the training clips {c.clips.train!r} have no frames")
             pick = _pick(len(splits.train), int(c.calibration_frames))
-            calib_src = splits.train.frames[pick]
+            calib_src = splits.train.frames[pick] if need_calibration else None
+            if need_distill:
+                info["distill_frames"] = int(min(len(splits.train), int(c.finetune.train_frames)))
+                distill = splits.train.frames[_pick(len(splits.train), info["distill_frames"])]
+                distill_res = d
     frames, calib = {}, {}
     for r in sorted(set(resolutions)):
         src = min(d for d in decode if d >= r)
@@ -187,7 +282,8 @@ def load_frames(c, resolutions: Sequence[int], need_calibration: bool) -> dict[s
         if calib_src is not None:
             calib[r] = clips_lib.to_float(_resize(calib_src, r))
     info["decode_resolutions"] = decode
-    return {"test": frames, "labels": labels, "conf": conf, "calibration": calib, "info": info}
+    return {"test": frames, "labels": labels, "conf": conf, "calibration": calib, "info": info,
+            "distill": distill, "distill_resolution": distill_res}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -195,12 +291,146 @@ def load_frames(c, resolutions: Sequence[int], need_calibration: bool) -> dict[s
 # ---------------------------------------------------------------------------
 
 
+def finetune(
+    net, variables: dict, frames: np.ndarray, teacher: np.ndarray, s, log=print
+) -> tuple[dict, dict[str, Any]]:
+    """Distills an approximated net from the original's soft targets: ``(variables, info)``.
+
+    ``s.steps`` Adam steps (cosine-decayed ``s.learning_rate``) on random
+    batches of `frames` (float, at the net's fine-tuning resolution) against
+    `teacher` logits, loss = ``T^2 KL(softmax(t/T) || softmax(s/T))``
+    (`flexjax.distill_exits.distill_loss`). BatchNorm runs in inference mode:
+    its running statistics stay as they are (its scale and bias train, like
+    every other parameter); dropout is off. Kernels that an approximation set
+    to exact zeros (magnitude pruning: more than 1% zeros) stay zero: the
+    mask is re-applied after every step.
+
+    Raises:
+      FloatingPointError: a non-finite loss.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from flexjax.distill_exits import distill_loss
+    from flexjax.models.build import build
+    from runtime.names import FINAL
+
+    steps = int(s.steps)
+    if steps == 0:
+        return variables, {"steps": 0}
+    t0 = time.perf_counter()
+    model = build(net)
+    params = variables["params"]
+    rest = {k: v for k, v in variables.items() if k != "params"}
+
+    def mask_of(path, leaf):
+        zeros = float(np.mean(np.asarray(leaf) == 0))
+        named = getattr(path[-1], "key", None) == "kernel"
+        return jnp.asarray(np.asarray(leaf) != 0, leaf.dtype) if named and zeros > 0.01 else 1.0
+
+    masks = jax.tree_util.tree_map_with_path(mask_of, params)
+    opt = optax.adam(optax.cosine_decay_schedule(float(s.learning_rate), steps))
+    state = opt.init(params)
+    temperature = float(s.temperature)
+
+    def loss_fn(p, x, t):
+        student = model.apply({**rest, "params": p}, x, train=False)[FINAL]
+        return distill_loss(student, t, temperature)
+
+    @jax.jit
+    def step(p, state, x, t):
+        loss, g = jax.value_and_grad(loss_fn)(p, x, t)
+        updates, state = opt.update(g, state, p)
+        p = jax.tree.map(lambda a, m: a * m, optax.apply_updates(p, updates), masks)
+        return p, state, loss
+
+    rng = np.random.default_rng(int(s.seed))
+    n = len(frames)
+    bs = min(int(s.batch_size), n)
+    losses = []
+    for i in range(steps):
+        idx = np.sort(rng.choice(n, size=bs, replace=False))
+        params, state, loss = step(params, state, frames[idx], teacher[idx])
+        losses.append(float(loss))
+        if not np.isfinite(losses[-1]):
+            raise FloatingPointError(f"distillation loss is {losses[-1]} at step {i}")
+    info = {"steps": steps, "batch_size": bs, "loss_first": losses[0], "loss_last": losses[-1],
+            "loss_last5": float(np.mean(losses[-5:])),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "bn": "inference mode (running statistics frozen; scale and bias trained)"}  # fmt: skip
+    log(f"  distilled {steps} steps x {bs}: loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+        f"({info['seconds']:.0f} s)")  # fmt: skip
+    return {**variables, "params": jax.device_get(params)}, info
+
+
+def _is_sparse(steps: Sequence[Mapping[str, Any]]) -> bool:
+    return any(st["technique"] in SPARSE_TECHNIQUES for st in steps)
+
+
+# Float weights only: LiteRT 2.3.0's XNNPACK delegate refuses the converter's sparse int8
+# FULLY_CONNECTED ("failed to delegate FULLY_CONNECTED node"), so integer variants of a
+# magnitude-pruned net are stored dense (their zeros still compress: ``bytes_gzip``).
+SPARSE_WEIGHTS = ("fp32", "fp16")
+
+
+def _sparse_export(v: Mapping[str, Any], approximations) -> bool:
+    """Whether a variant is exported with the converter's sparse tensor encoding."""
+    return (
+        "approx" in v and v["weights"] in SPARSE_WEIGHTS and _is_sparse(approximations[v["approx"]])
+    )
+
+
 class _Models:
     """Pretrained nets and their fp32 flatbuffers, built once per (model, resolution)."""
 
-    def __init__(self):
+    def __init__(self, c=None, data=None, approximations=None, log=print):
         self._nets: dict[tuple[str, int], tuple] = {}
         self._fp32: dict[tuple[str, int], bytes] = {}
+        self._c, self._data, self._log = c, data, log
+        self._approximations = approximations or {}
+        self._tuned: dict[tuple[str, str], tuple] = {}
+        self._teacher: np.ndarray | None = None
+
+    def teacher(self) -> np.ndarray:
+        """The original's logits (JAX, fp32) on the distillation frames, computed once."""
+        if self._teacher is None:
+            import jax
+
+            from flexjax.models.build import build
+            from runtime.names import FINAL
+
+            o = self._c.original
+            net, variables = self.net(str(o.model), int(o.resolution))
+            x = clips_lib.to_float(_resize(self._data["distill"], int(o.resolution)))
+            model = build(net)
+            apply = jax.jit(lambda v, x: model.apply(v, x)[FINAL])
+            self._teacher = np.concatenate(
+                [np.asarray(apply(variables, x[i : i + 16])) for i in range(0, len(x), 16)]
+            )
+        return self._teacher
+
+    def approximated(self, model: str, name: str) -> tuple:
+        """``(net, variables, finetune info)``: approximation `name` of `model`, distilled."""
+        key = (model, name)
+        if key not in self._tuned:
+            ft = self._c.finetune
+            steps = self._approximations[name]
+            net, variables = _approximated(model, name, steps, int(ft.resolution))
+            if int(ft.steps) > 0:
+                frames = clips_lib.to_float(_resize(self._data["distill"], int(ft.resolution)))
+                variables, info = finetune(net, variables, frames, self.teacher(), ft, self._log)
+            else:
+                info = {"steps": 0}
+            self._tuned[key] = (net, variables, info)
+        return self._tuned[key]
+
+    def variant_net(self, v: Mapping[str, Any]):
+        """The Net a variant exports (an approximation's at the variant's resolution)."""
+        if "approx" not in v:
+            return self.net(v["model"], v["resolution"])[0]
+        net = self.approximated(v["model"], v["approx"])[0]
+        return net.replace(input_shape=(v["resolution"], v["resolution"], 3))
 
     def net(self, model: str, resolution: int):
 
@@ -224,6 +454,18 @@ class _Models:
     def export(self, v: Mapping[str, Any], recipes, calibration) -> bytes:
 
         m, r, w = v["model"], v["resolution"], v["weights"]
+        if "approx" in v:
+            _, variables, _ = self.approximated(m, v["approx"])
+            net = self.variant_net(v)
+            plans = self.plans(net)
+            if w in recipes:  # the quantizer reads a dense fp32 flatbuffer
+                return quantize.quantize(convert.to_tflite(net, variables, plans), recipes[w], w)
+            rep = {convert.FULL: calibration[r]} if w == "int8" else None
+            return convert.to_tflite(
+                net, variables, plans, precision=w, representative=rep,
+                num_calibration=len(calibration.get(r, ())),
+                sparsity=_sparse_export(v, self._approximations),
+            )  # fmt: skip
         if w == "fp32":
             return self.fp32(m, r)
         if w in recipes:
@@ -236,9 +478,9 @@ class _Models:
         )  # fmt: skip
 
 
-def _spec(c, v: Mapping[str, Any], recipes, frames_info) -> dict[str, Any]:
+def _spec(c, v: Mapping[str, Any], recipes, frames_info, approximations=None) -> dict[str, Any]:
     """What a variant's file and numbers depend on (a resumed row must match it)."""
-    return {
+    out = {
         **{k: v[k] for k in ("model", "resolution", "weights")},
         "rules": recipes.get(v["weights"]),
         "calibration_frames": int(c.calibration_frames) if v["weights"] == "int8" else None,
@@ -247,6 +489,12 @@ def _spec(c, v: Mapping[str, Any], recipes, frames_info) -> dict[str, Any]:
         "decode_resolutions": frames_info["decode_resolutions"],
         "threads": int(c.bench.threads),
     }  # fmt: skip
+    if "approx" in v:  # only approximated variants: the others' specs stay as they were
+        out["approx"] = {"name": v["approx"], "steps": (approximations or {})[v["approx"]],
+                         "finetune": c.finetune.to_dict(),
+                         "distill_frames": frames_info.get("distill_frames"),
+                         "original": c.original.to_dict()}  # fmt: skip
+    return out
 
 
 def _predict(path: str, x: np.ndarray, threads: int) -> np.ndarray:
@@ -255,13 +503,15 @@ def _predict(path: str, x: np.ndarray, threads: int) -> np.ndarray:
     return np.array([int(np.argmax(sig(np.ascontiguousarray(f[None])))) for f in x], np.int64)
 
 
-def build_variant(c, v, recipes, data, models: _Models, workdir: str, log=print) -> dict:
+def build_variant(
+    c, v, recipes, data, models: _Models, workdir: str, log=print, approximations=None
+) -> dict:
     """Exports one variant (or reuses a matching one) and measures its top-1 on the test frames."""
 
     directory = os.path.join(workdir, VARIANTS_DIR)
     rel = os.path.join(VARIANTS_DIR, f"{v['name']}.tflite")
     path, row_path = os.path.join(workdir, rel), os.path.join(directory, f"{v['name']}.json")
-    spec = _spec(c, v, recipes, data["info"])
+    spec = _spec(c, v, recipes, data["info"], approximations)
     if os.path.isfile(path) and os.path.isfile(row_path):
         try:
             with open(row_path) as f:
@@ -283,7 +533,7 @@ def build_variant(c, v, recipes, data, models: _Models, workdir: str, log=print)
         f.write(buf)
     os.replace(tmp, path)
     pred = _predict(path, data["test"][v["resolution"]], int(c.bench.threads))
-    net, _ = models.net(v["model"], v["resolution"])
+    net = models.variant_net(v)
     row = {
         **{k: v[k] for k in ("name", "model", "resolution", "weights")},
         "file": rel,
@@ -295,6 +545,13 @@ def build_variant(c, v, recipes, data, models: _Models, workdir: str, log=print)
         "top1": pred.tolist(),
         "spec": spec,
     }
+    if "approx" in v:
+        _, variables, info = models.approximated(v["model"], v["approx"])
+        row["approx"] = v["approx"]
+        row["ranks"] = approx.lite_ranks(net)
+        row["kernel_zero_fraction"] = approx.zero_fraction(variables)
+        row["sparse_export"] = _sparse_export(v, approximations)
+        row["finetune"] = info
     write_json_atomic(row_path, row)
     log(f"{v['name']}: {row['bytes']:,} bytes, exported in {export_s:.1f} s")
     return row
@@ -342,6 +599,10 @@ def measure(c, rows: list[dict], data, workdir: str) -> dict[str, Any]:
         r["energy_run_j"], r["energy_load_j"] = energy_model(r, c.energy)
         r["energy_source"] = "model"
     for r in rows:
+        with open(os.path.join(workdir, r["file"]), "rb") as f:
+            r["bytes_gzip"] = len(gzip.compress(f.read(), 6))  # the file in a gzip bundle
+    for r in rows:
+        r["memory_ratio_gzip"] = orig["bytes"] / r["bytes_gzip"]
         r["memory_ratio"] = orig["bytes"] / r["bytes"]  # > 1: smaller than the original
         r["latency_ratio"] = orig["latency_ms"] / r["latency_ms"]  # > 1: faster
         r["accuracy_drop_points"] = 100.0 * (orig["accuracy"] - r["accuracy"])
@@ -370,25 +631,33 @@ def targets(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def run(c, workdir: str, log=print) -> dict[str, Any]:
     """Builds, measures and writes the catalog (module docstring); returns what it wrote."""
+    t_start = time.perf_counter()
     variants, recipes = validate(c)
+    approximations = _approximations(c)
     os.makedirs(os.path.join(workdir, VARIANTS_DIR), exist_ok=True)
     need_calibration = any(v["weights"] == "int8" for v in variants)
+    need_distill = int(c.finetune.steps) > 0 and any("approx" in v for v in variants)
     t0 = time.perf_counter()
-    data = load_frames(c, [v["resolution"] for v in variants], need_calibration)
+    data = load_frames(c, [v["resolution"] for v in variants], need_calibration, need_distill)
     log(f"clips: {data['info']['test_frames']} test frames ({time.perf_counter() - t0:.1f} s)")
-    models = _Models()
-    rows = [build_variant(c, v, recipes, data, models, workdir, log) for v in variants]
+    models = _Models(c, data, approximations, log)
+    rows = [
+        build_variant(c, v, recipes, data, models, workdir, log, approximations) for v in variants
+    ]
     bench = measure(c, rows, data, workdir)
     report = {
         "schema": SCHEMA,
         "tasks": {TASK: {"original": rows[0]["name"], "variants": rows}},
         "targets": targets(rows),
         "recipes": recipes,
+        "approximations": approximations,
+        "finetune": c.finetune.to_dict(),
         "data": {k: v for k, v in data["info"].items() if k != "clip_info"},
         "bench": bench,
         "energy": dict(c.energy),
         "load_average": list(os.getloadavg()),
         "cpus": os.cpu_count(),
+        "wall_s": round(time.perf_counter() - t_start, 1),
     }
     write_json_atomic(os.path.join(workdir, CATALOG), report)
     return report
@@ -399,15 +668,16 @@ def format_report(report: Mapping[str, Any]) -> str:
     rows = report["tasks"][TASK]["variants"]
     lines = [
         "| variant | params | bytes | MFLOPs | agreement | vs original top-1 | drop (pts) "
-        "| ms (LiteRT, b=1) | latency x | memory x | load ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ms (LiteRT, b=1) | latency x | memory x | gzip memory x | load ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['bytes'] / 2**20:.2f} MiB "
             f"| {r['flops'] / 1e6:.0f} | {r['accuracy']:.3f} | {r['agreement_original']:.3f} "
             f"| {r['accuracy_drop_points']:+.1f} | {r['latency_ms']:.2f} "
-            f"| {r['latency_ratio']:.2f} | {r['memory_ratio']:.2f} | {r['load_ms']:.1f} |"
+            f"| {r['latency_ratio']:.2f} | {r['memory_ratio']:.2f} "
+            f"| {r['memory_ratio_gzip']:.2f} | {r['load_ms']:.1f} |"
         )
     for key, t in report["targets"].items():
         b = t["best_within_drop"]
