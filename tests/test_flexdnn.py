@@ -272,7 +272,7 @@ def test_search_prunes_filters_until_accuracy_drops():
 def test_job_report_plan_bundle_and_resume(tmp_path):
     """The smoke job end to end (one test: the run is the expensive part), then a resume."""
     workdir = str(tmp_path / "run")
-    proc = run_job("train.flexdnn", f"--config={SMOKE}", f"--workdir={workdir}", timeout=600)
+    proc = run_job("train.flexdnn", f"--config={SMOKE}", f"--workdir={workdir}", timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "report.json")) as f:
         rep = json.load(f)
