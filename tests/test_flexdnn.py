@@ -361,7 +361,7 @@ def test_job_report_plan_bundle_and_resume(tmp_path):
     proc = run_job("train.flexdnn", f"--config={SMOKE}", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "] training" not in proc.stderr and "searching" not in proc.stderr
-    assert "fine-tuning" not in proc.stderr  # BranchyNet and FlexDNN-joint are reused too
+    assert "] fine-tuning " not in proc.stderr  # BranchyNet and FlexDNN-joint are reused too
     with open(os.path.join(workdir, "report.json")) as f:
         after = json.load(f)
     assert after["plan"] == before["plan"]
