@@ -121,6 +121,13 @@ def flexdnn_defaults() -> ml_collections.ConfigDict:
     c.flexdnn.branchy_positions = ()  # BranchyNet baseline exits; () = the paper's places
     c.flexdnn.bench_rounds = 3  # final benchmark: interleaved rounds over the frames
     c.flexdnn.bench_frames = 0  # final benchmark: frames per data source (0 = all)
+    # Issue 13 items 2-3 (pipelines/flexdnn.py): BranchyNet "finetune" = from the same
+    # trained backbone, joint weighted fine-tuning with FlexDNN's extra budget (steps x
+    # batch); "scratch" = the old joint training from scratch (backbone + exit epochs).
+    c.flexdnn.branchy_protocol = "finetune"
+    c.flexdnn.joint_variant = True  # also FlexDNN-joint: backbone + kept exits fine-tuned
+    c.flexdnn.joint_lr = 1e-4  # Adam rate of both joint fine-tunings
+    c.flexdnn.search_examples = 0  # training examples the search fine-tunes on (0 = all)
     return c
 
 
@@ -274,6 +281,8 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("flexdnn.lossy_widths", _each(_real(0.0, 1.0, lo_open=True, hi_open=True))),
     ("flexdnn.bench_rounds", _int(1, 1000)),
     ("flexdnn.bench_frames", _int(0, MAX_COUNT)),  # 0 = all
+    ("flexdnn.joint_lr", _RATE),
+    ("flexdnn.search_examples", _int(0, MAX_COUNT)),  # 0 = all
     # Edgent.
     ("export.parity_examples", _int(0, MAX_COUNT)),
     ("export.epsilons", _each(_FRACTION)),

@@ -11,13 +11,29 @@ after the last finished stage; a workdir made with another config is refused):
   search/<exit>/ each exit's searched head (filter + layer pruning, fine-tuned)
   costs.json     measured latency of every exported segment and exit signature
   final/         the FlexDNN model (kept exits only), a normal training workdir
-  branchy/       BranchyNet baseline (conv+dense heads, joint weighted training)
+  final_joint/   FlexDNN-joint: final/ with backbone and kept exits fine-tuned jointly
+                 (BranchyNet's weighted loss) for BranchyNet's budget (flexdnn.joint_variant)
+  branchy/       BranchyNet baseline (the zoo's conv+dense heads at ~1/3 and 2/3 depth)
   lossy_w<w>/    width-reduced backbones (input-agnostic lossy baselines)
   bundles/       every model exported (export.bundle), runtime-verifiable
   report.json, tradeoff.png
 
 The benchmark times every system in one interleaved run with the LiteRT
 runtime on the test split and on a test-split video stream.
+
+BranchyNet's protocol (``flexdnn.branchy_protocol``, issue 13 item 3):
+
+  finetune (default)  BranchyNet starts from the SAME trained backbone FlexDNN
+                      uses (fresh heads) and is fine-tuned jointly with its
+                      weighted sum of exit losses for exactly the extra budget
+                      FlexDNN's exits got: candidate-exit training steps plus
+                      every search fine-tuning step, counted as examples
+                      (steps x batch; `extra_budget`).
+  scratch             the old protocol: joint training from scratch for the
+                      backbone's epochs + flexdnn.exit_epochs (what the issue-4
+                      tables in BENCHMARKS.md were made with).
+
+The report's ``protocols`` and ``budgets`` say which one every system used.
 """
 
 from __future__ import annotations
@@ -39,6 +55,7 @@ from flexjax import checkpoint, costs, evaluation, flexdnn, training
 from flexjax import config as config_lib
 from flexjax import data as data_lib
 from flexjax.data import Dataset
+from flexjax.finetune import finetune
 from flexjax.io import write_json_atomic
 from flexjax.models import init
 from pipelines.flexdnn_bench import EarlyExitSystem, benchmark, plot, targets
@@ -86,6 +103,7 @@ def prepare(config, workdir: str) -> dict:
         training.check_same_backbone(
             backbone, other, f"flexdnn.backbone_workdir={f.backbone_workdir}"
         )
+    check_protocol(config)
     positions = flexdnn.check_positions(backbone, list(f.positions))
     for p in f.branchy_positions:
         if p not in range(len(backbone.layers) - 1):
@@ -113,6 +131,193 @@ def _with_defaults(saved: dict) -> dict | None:
         return json.loads(config_lib.validate(ml_collections.ConfigDict(saved)).to_json())
     except (ValueError, TypeError, KeyError):
         return None
+
+
+BRANCHY_PROTOCOLS = ("finetune", "scratch")
+
+
+def check_protocol(config) -> None:
+    """Raises FlexDNNError (one line) for an unknown ``flexdnn.branchy_protocol``."""
+    p = config.flexdnn.branchy_protocol
+    if p not in BRANCHY_PROTOCOLS:
+        raise flexdnn.FlexDNNError(
+            f"flexdnn.branchy_protocol must be one of {', '.join(BRANCHY_PROTOCOLS)}, got '{p}'"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Budgets and the joint fine-tuning (BranchyNet's protocol, FlexDNN-joint).
+# ---------------------------------------------------------------------------
+
+
+def search_subset(ds: Dataset, n: int, seed: int) -> Dataset:
+    """`n` training examples (seeded, in split order) the search fine-tunes on; 0 = all."""
+    if not n or n >= len(ds):
+        return ds
+    idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n])
+    return Dataset(ds.x[idx], ds.y[idx])
+
+
+def extra_budget(config, n_train: int, n_search: int, search: Mapping[str, dict]) -> dict:
+    """The training FlexDNN's exits got beyond the backbone, as optimizer steps x batch.
+
+    Candidate-exit training: ``exit_epochs`` epochs of ``n_train // batch_size``
+    steps. Search: `flexdnn.finetune_steps` steps of ``min(batch_size, n_search)``
+    examples after every tried architecture that was built (``search[exit]["history"]``
+    entries with an accuracy; the starting point and transforms that failed to
+    apply are not fine-tuned).
+    """
+    t, f = config.train, config.flexdnn
+    exit_steps = (n_train // t.batch_size) * int(f.exit_epochs)
+    trials = sum(
+        1
+        for r in search.values()
+        for h in r["history"]
+        if h["action"] != "start" and "accuracy" in h
+    )
+    sbs = min(t.batch_size, n_search)
+    ft_steps = trials * int(f.finetune_steps)
+    return {
+        "exit_training": {"steps": exit_steps, "batch_size": t.batch_size,
+                          "examples": exit_steps * t.batch_size,
+                          "note": "all candidate heads at once, backbone frozen"},
+        "search_finetune": {"trials": trials, "steps": ft_steps, "batch_size": sbs,
+                            "examples": ft_steps * sbs,
+                            "note": "one head at a time, on cached backbone activations"},
+        "examples": exit_steps * t.batch_size + ft_steps * sbs,
+    }  # fmt: skip
+
+
+def joint_steps(budget: Mapping, batch_size: int) -> int:
+    """Joint fine-tuning steps at `batch_size` that see `budget`'s examples (rounded up)."""
+    return -(-int(budget["examples"]) // int(batch_size))
+
+
+def joint_protocol(config, steps: int, protocol: str, start: str) -> dict:
+    """What a joint fine-tuning run is (its workdir's protocol.json; reused only if equal)."""
+    t, f = config.train, config.flexdnn
+    return {
+        "protocol": protocol, "start": start, "steps": int(steps), "batch_size": t.batch_size,
+        "examples": int(steps) * t.batch_size, "optimizer": "adam, constant rate",
+        "learning_rate": float(f.joint_lr), "augment_shift": t.augment_shift,
+        "loss": "BranchyNet's weighted sum of exit losses (1.0 at the first exit .. 0.3 at final)",
+        "seed": config.seed,
+    }  # fmt: skip
+
+
+def start_from(net, trained: Mapping, seed: int) -> dict:
+    """`net`'s variables: the trained backbone's where `trained` has them, fresh (seeded) heads.
+
+    BranchyNet's starting point in the ``finetune`` protocol: the backbone FlexDNN
+    uses, bit for bit, with the zoo's heads initialised as in training.
+    """
+    fresh = jax.device_get(jax.jit(lambda r: init(net, r))(jax.random.key(seed)))
+    heads = {e.name for e in net.exits}
+    out = {}
+    for col, tree in fresh.items():
+        src = trained.get(col, {})
+        out[col] = {
+            k: v if k in heads else jax.tree.map(np.asarray, src[k]) for k, v in tree.items()
+        }
+    return out
+
+
+def _finetune_workdir(net, make_start, config, splits, proto, out, bundle, log):
+    """Joint weighted fine-tuning of `net` for ``proto["steps"]`` steps, saved in `out`.
+
+    A model already in `out` is reused only if its protocol.json equals `proto`;
+    otherwise it is fine-tuned again and its (now stale) `bundle` removed.
+    """
+    saved = checkpoint.load_saved(out, net)
+    ppath = os.path.join(out, "protocol.json")
+    if saved is not None and os.path.exists(ppath):
+        with open(ppath) as fh:
+            if json.load(fh) == json.loads(json.dumps(proto)):
+                return saved
+    t = config.train
+    log(
+        f"fine-tuning {os.path.basename(out)} jointly ({proto['protocol']}): "
+        f"{proto['steps']} steps x {t.batch_size}"
+    )
+    variables = finetune(
+        net, make_start(), splits.train.x, splits.train.y, steps=proto["steps"],
+        batch_size=t.batch_size, learning_rate=float(config.flexdnn.joint_lr),
+        seed=config.seed + 4, augment_shift=t.augment_shift,
+    )  # fmt: skip
+    for leaf in jax.tree.leaves(variables):
+        if not np.all(np.isfinite(leaf)):
+            raise FloatingPointError(
+                f"joint fine-tuning of {os.path.basename(out)} diverged; lower flexdnn.joint_lr"
+            )
+    if os.path.isdir(bundle):
+        shutil.rmtree(bundle)
+    checkpoint.save_model(
+        out, net, variables, config.to_dict(), json_files={"protocol.json": proto}
+    )
+    return net, variables
+
+
+def budgets(exits: Mapping, branchy: Mapping, joint: Mapping | None) -> dict:
+    """report["budgets"]: each system's training beyond the backbone, steps x batch."""
+
+    def keep(d):
+        return {k: d[k] for k in ("steps", "batch_size", "examples")}
+
+    out = {"flexdnn_exits": dict(exits), "branchynet": keep(branchy)}
+    if joint is not None:
+        out["flexdnn_joint"] = {
+            "joint_finetune": keep(joint),
+            "examples": exits["examples"] + joint["examples"],
+            "note": "FlexDNN's exit budget, then BranchyNet's again for the joint fine-tuning",
+        }
+    out["unit"] = "examples = optimizer steps x batch size, beyond the backbone's training"
+    return out
+
+
+def protocols(config, branchy: Mapping, joint: bool) -> dict:
+    """Which protocol every benchmarked system's numbers come from (report["protocols"])."""
+    f = config.flexdnn
+    out = {
+        "backbone": "trained once without side exits (train.multi_exit); the `full` signature",
+        "flexdnn": "exits on the frozen backbone: candidate training + search fine-tuning "
+        "(budgets.flexdnn_exits), insertion plan",
+    }
+    if joint:
+        out["flexdnn_joint"] = (
+            "flexdnn, then backbone + kept exits fine-tuned jointly (BranchyNet's weighted "
+            "loss) for BranchyNet's budget (budgets.flexdnn_joint)"
+        )
+    if branchy["protocol"] == "scratch":
+        out["branchynet"] = (
+            f"scratch (old): joint training from scratch, {branchy['epochs']} epochs, heads at "
+            f"{branchy['positions']}; not the backbone FlexDNN uses"
+        )
+    else:
+        out["branchynet"] = (
+            f"finetune: from the same trained backbone, heads at {branchy['positions']}, joint "
+            f"weighted fine-tuning for FlexDNN's extra budget ({branchy['steps']} steps x "
+            f"{branchy['batch_size']})"
+        )
+    for w in f.lossy_widths:
+        out[f"lossy_w{w:g}"] = f"backbone at width x{w:g}, trained like the backbone"
+    return out
+
+
+def format_protocols(report: Mapping) -> str:
+    """The protocol and training budget of every system (printed after the benchmark)."""
+    b = report["budgets"]
+    e = b["flexdnn_exits"]
+    lines = ["protocols (budgets in examples = steps x batch, beyond the backbone):"]
+    for name, text in report["protocols"].items():
+        lines.append(f"  {name:<14} {text}")
+    lines.append(
+        f"  budgets: flexdnn exits {e['examples']:,} (exit training {e['exit_training']['steps']}"
+        f" x {e['exit_training']['batch_size']} + search {e['search_finetune']['steps']} x "
+        f"{e['search_finetune']['batch_size']}), branchynet {b['branchynet']['examples']:,} "
+        f"({b['branchynet']['steps']} x {b['branchynet']['batch_size']})"
+        + (f", flexdnn_joint {b['flexdnn_joint']['examples']:,}" if "flexdnn_joint" in b else "")
+    )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -183,6 +388,7 @@ def search_all(s, cnet, cvars, workdir, log):
     config, splits = s["config"], s["splits"]
     f = config.flexdnn
     net, variables = cnet, cvars
+    train = search_subset(splits.train, f.search_examples, config.seed)
     results = {}
     for e in cnet.exits:
         d = os.path.join(workdir, "search", e.name)
@@ -195,11 +401,11 @@ def search_all(s, cnet, cvars, workdir, log):
         else:
             hnet0 = flexdnn.head_net(cnet, e.name)
             hvars0 = flexdnn.head_variables(cvars, e.name)
-            xt = flexdnn.features(cnet, cvars, e.after, splits.train.x)
+            xt = flexdnn.features(cnet, cvars, e.after, train.x)
             xv = flexdnn.features(cnet, cvars, e.after, splits.val.x)
             log(f"searching {e.name} (position {e.after}, input {tuple(xt.shape[1:])})")
             res = flexdnn.search_exit(
-                hnet0, hvars0, (xt, splits.train.y), (xv, splits.val.y),
+                hnet0, hvars0, (xt, train.y), (xv, splits.val.y),
                 delta=f.delta, prune_fraction=f.prune_fraction, min_filters=f.min_filters,
                 finetune_steps=f.finetune_steps, learning_rate=f.finetune_lr,
                 max_trials=f.max_trials, batch_size=config.train.batch_size,
@@ -328,11 +534,40 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     if checkpoint.load_saved(final_dir, fnet) is None:
         checkpoint.save_model(final_dir, fnet, fvars, config.to_dict())
 
-    # 5. Baselines: BranchyNet (same budget, joint) and width-reduced backbones.
-    budget = config.train.num_epochs + f.exit_epochs
+    # 5. Baselines: BranchyNet (its protocol: flexdnn.branchy_protocol) and FlexDNN-joint,
+    # both with the extra budget FlexDNN's exits got; width-reduced backbones.
+    n_search = min(f.search_examples or len(splits.train), len(splits.train))
+    budget = extra_budget(config, len(splits.train), n_search, search)
+    steps = joint_steps(budget, config.train.batch_size)
     bpos = list(f.branchy_positions) or branchy_positions(config, backbone, splits)
     branchy_dir = os.path.join(workdir, "branchy")
-    _train_workdir(_sub_config(config, exits=bpos, epochs=budget), branchy_dir, log)
+    bdir = os.path.join(workdir, "bundles")
+    if f.branchy_protocol == "scratch":
+        epochs = config.train.num_epochs + f.exit_epochs
+        _train_workdir(_sub_config(config, exits=bpos, epochs=epochs), branchy_dir, log)
+        bsteps = epochs * (len(splits.train) // config.train.batch_size)
+        branchy = {
+            "protocol": "scratch", "positions": bpos, "epochs": epochs, "steps": bsteps,
+            "batch_size": config.train.batch_size, "examples": bsteps * config.train.batch_size,
+            "note": "old protocol: joint training from scratch for backbone + candidate-exit "
+            "epochs (not the backbone FlexDNN uses; a larger budget)",
+        }  # fmt: skip
+    else:
+        bnet = training.make_net(_sub_config(config, exits=bpos), splits)
+        branchy = joint_protocol(config, steps, "finetune", os.path.abspath(backbone_dir))
+        branchy["positions"] = bpos
+        _finetune_workdir(
+            bnet, lambda: start_from(bnet, bvars, config.seed + 3), config, splits, branchy,
+            branchy_dir, os.path.join(bdir, "branchynet"), log,
+        )  # fmt: skip
+    joint_dir, joint = os.path.join(workdir, "final_joint"), None
+    if f.joint_variant:
+        joint = joint_protocol(config, steps, "flexdnn_joint", os.path.abspath(final_dir))
+        joint["exits"] = list(plan.kept)
+        _finetune_workdir(
+            fnet, lambda: fvars, config, splits, joint, joint_dir,
+            os.path.join(bdir, "flexdnn_joint"), log,
+        )  # fmt: skip
     lossy_dirs = {}
     for w in f.lossy_widths:
         d = os.path.join(workdir, f"lossy_w{w:g}")
@@ -340,8 +575,9 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         lossy_dirs[float(w)] = d
 
     # 6. Export everything; pick the lossy baseline at the backbone's accuracy (val).
-    bdir = os.path.join(workdir, "bundles")
     _export_workdir(final_dir, os.path.join(bdir, "flexdnn"), log)
+    if f.joint_variant:
+        _export_workdir(joint_dir, os.path.join(bdir, "flexdnn_joint"), log)
     _export_workdir(branchy_dir, os.path.join(bdir, "branchynet"), log)
     lossy_val = {}
     for w, d in lossy_dirs.items():
@@ -362,13 +598,15 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         "flexdnn": EarlyExitSystem(os.path.join(bdir, "flexdnn")),
         "branchynet": EarlyExitSystem(os.path.join(bdir, "branchynet")),
     }
+    if f.joint_variant:
+        systems["flexdnn_joint"] = EarlyExitSystem(os.path.join(bdir, "flexdnn_joint"))
     for w in lossy_dirs:
         systems[f"lossy_w{w:g}"] = EarlyExitSystem(os.path.join(bdir, f"lossy_w{w:g}"), True)
     for sy in systems.values():
         sy.measure(splits.val.x[0], f.timing_rounds, f.timing_calls)
     # The early-exit bundles' thresholds minimise their measured time per frame: calibrated
     # once, written into the bundles, and what this benchmark and runtime.bench both run.
-    for name in ("flexdnn", "branchynet"):
+    for name in [n for n in ("flexdnn", "flexdnn_joint", "branchynet") if n in systems]:
         calibrate_bundle(systems[name].bundle.path, config, systems[name].exit_ms(), log=log)
     for sy in systems.values():
         sy.reload()
@@ -386,14 +624,15 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
 
     # 8. R re-measured on the test data with the thresholds the final model runs with.
     remeasured = {}
-    fsys = systems["flexdnn"]
-    for src, (_val, test) in sources.items():
-        thr = bench[src]["systems"]["flexdnn"]["thresholds"]
-        side = fsys.names[:-1]
-        logits = fsys.ex.all_logits(test.x)
-        passes = flexdnn.passes_matrix(logits, side, thr, crit)
-        r = flexdnn.r_values(passes, range(len(side)), fsys.head_ms, fsys.seg_ms)
-        remeasured[src] = {side[j]: v for j, v in r.items()}
+    for name in [n for n in ("flexdnn", "flexdnn_joint") if n in systems]:
+        fsys = systems[name]
+        for src, (_val, test) in sources.items():
+            thr = bench[src]["systems"][name]["thresholds"]
+            side = fsys.names[:-1]
+            logits = fsys.ex.all_logits(test.x)
+            passes = flexdnn.passes_matrix(logits, side, thr, crit)
+            r = flexdnn.r_values(passes, range(len(side)), fsys.head_ms, fsys.seg_ms)
+            remeasured.setdefault(name, {})[src] = {side[j]: v for j, v in r.items()}
 
     nc = costs.of(snet)
     candidates = []
@@ -436,13 +675,12 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
             "thresholds": plan.thresholds,
             "data": "val split",
         },
-        "R_remeasured_on_test": remeasured,
+        "R_remeasured_on_test": remeasured["flexdnn"],
+        "R_remeasured_on_test_joint": remeasured.get("flexdnn_joint"),
+        "protocols": protocols(config, branchy, bool(f.joint_variant)),
+        "budgets": budgets(budget, branchy, joint if f.joint_variant else None),
         "baselines": {
-            "branchynet": {
-                "positions": bpos,
-                "epochs": budget,
-                "note": "backbone epochs + candidate-exit epochs, joint training",
-            },
+            "branchynet": branchy,
             "lossy": {
                 "widths": {f"{w:g}": a for w, a in lossy_val.items()},
                 "chosen": None if lossy_w is None else f"lossy_w{lossy_w:g}",
@@ -456,6 +694,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     report["targets"] = targets(report)
     write_json_atomic(os.path.join(workdir, "report.json"), report)
     plot(report, os.path.join(workdir, "tradeoff.png"))
+    for line in format_protocols(report).splitlines():
+        log(line)
     return report
 
 

@@ -192,7 +192,16 @@ def test_validate_rejects_out_of_range(key, value, match):
         flexdnn.validate(c)
 
 
-@pytest.mark.parametrize("name", ["mnist_flexdnn", "vgg16_flexdnn", "inception_flexdnn"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mnist_flexdnn",
+        "vgg16_flexdnn",
+        "inception_flexdnn",
+        "fashion_vgg16_flexdnn",
+        "fashion_inception_flexdnn",
+    ],
+)
 @pytest.mark.parametrize("arg", [None, "smoke"])
 def test_configs_validate_and_their_positions_exist(name, arg):
     import importlib
@@ -263,7 +272,7 @@ def test_search_prunes_filters_until_accuracy_drops():
 def test_job_report_plan_bundle_and_resume(tmp_path):
     """The smoke job end to end (one test: the run is the expensive part), then a resume."""
     workdir = str(tmp_path / "run")
-    proc = run_job("train.flexdnn", f"--config={SMOKE}", f"--workdir={workdir}", timeout=600)
+    proc = run_job("train.flexdnn", f"--config={SMOKE}", f"--workdir={workdir}", timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "report.json")) as f:
         rep = json.load(f)
@@ -280,7 +289,7 @@ def test_job_report_plan_bundle_and_resume(tmp_path):
     assert all(last[n] > 1 for n in rep["plan"]["kept"])
     for src in ("test", "video"):
         systems = rep["benchmark"][src]["systems"]
-        assert {"backbone", "flexdnn", "branchynet", "lossy_w0.5"} <= set(systems)
+        assert {"backbone", "flexdnn", "flexdnn_joint", "branchynet", "lossy_w0.5"} <= set(systems)
         for row in systems.values():
             assert 0 <= row["accuracy"] <= 1 and row["time_per_frame"]["mean_ms"] > 0
         assert len(systems["flexdnn"]["sweep"]) > 3
@@ -295,6 +304,36 @@ def test_job_report_plan_bundle_and_resume(tmp_path):
     assert "equal accuracy on test" in proc.stdout
     assert os.path.exists(os.path.join(workdir, "tradeoff.png"))
     assert "targets:" in proc.stdout
+    # Issue 13 items 2-3: BranchyNet (default protocol "finetune") and FlexDNN-joint get the
+    # extra budget FlexDNN's exits got, counted from the search that ran, and it is recorded.
+    b = rep["budgets"]
+    e = b["flexdnn_exits"]
+    trials = sum(
+        1
+        for c in cands
+        for h in c["search"]["history"]
+        if h["action"] != "start" and "accuracy" in h
+    )
+    assert e["search_finetune"]["trials"] == trials > 0
+    assert e["examples"] == e["exit_training"]["examples"] + e["search_finetune"]["examples"] > 0
+    assert (
+        e["examples"] <= b["branchynet"]["examples"] < e["examples"] + b["branchynet"]["batch_size"]
+    )
+    assert b["flexdnn_joint"]["joint_finetune"] == b["branchynet"]
+    assert set(rep["protocols"]) == set(rep["benchmark"]["test"]["systems"])
+    assert rep["protocols"]["branchynet"].startswith("finetune: from the same trained backbone")
+    assert "protocols (budgets" in proc.stderr
+    # BranchyNet started from FlexDNN's backbone: after its fine-tuning every backbone kernel is
+    # within a few % of the backbone's (a fresh init of the same net is ~140% away).
+    from flexjax import checkpoint
+
+    _, backbone = checkpoint.load(os.path.join(workdir, "backbone"))
+    for model in ("branchy", "final_joint"):
+        _, tuned = checkpoint.load(os.path.join(workdir, model))
+        for k, v in backbone["params"].items():
+            if "kernel" in v:
+                d = np.linalg.norm(tuned["params"][k]["kernel"] - v["kernel"])
+                assert d < 0.25 * np.linalg.norm(v["kernel"]), (model, k)
     # The final model is a normal bundle the runtime verifies and benchmarks.
     bundle = os.path.join(workdir, "bundles", "flexdnn")
     with open(os.path.join(bundle, "manifest.json")) as f:
@@ -330,6 +369,7 @@ def test_job_report_plan_bundle_and_resume(tmp_path):
     proc = run_job("train.flexdnn", f"--config={SMOKE}", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "] training" not in proc.stderr and "searching" not in proc.stderr
+    assert "] fine-tuning " not in proc.stderr  # BranchyNet and FlexDNN-joint are reused too
     with open(os.path.join(workdir, "report.json")) as f:
         after = json.load(f)
     assert after["plan"] == before["plan"]
