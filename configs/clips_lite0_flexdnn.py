@@ -19,8 +19,9 @@ frame of the test clips. BranchyNet (frozen protocol): conv 1x1 (128) -> pool
 -> dense heads after blocks 8 and 14 (~1/3, 2/3 of the 16 blocks), distilled
 on the same cached features for as many steps as each FlexDNN exit got.
 
-`:demo` (the `make demo` candidate): 5 fps, centre crops mirrored, three
-candidates (every 4th block), a 4-trial search. `:smoke`: the tests' 64 px run.
+The search tries at most 4 architectures per exit (40 fine-tuning steps each)
+after 300 distillation steps. `:demo` (the `make demo` candidate): the same
+search over less: 5 fps, centre crops mirrored, three candidates (every 4th block). `:smoke`: the tests' 64 px run.
 """
 
 from flexjax.config import flexdnn_lite_defaults
@@ -35,17 +36,17 @@ def get_config(arg: str | None = None):
     f.head_convs = 2
     f.delta = 0.01
     f.prune_fraction = 0.5
-    f.finetune_steps = 60
+    f.finetune_steps = 40
     f.finetune_lr = 1e-3
-    f.max_trials = 6
+    f.max_trials = 4
     f.timing_rounds = 5
-    f.timing_calls = 20
+    f.timing_calls = 10
     f.bench_rounds = 3
     f.bench_frames = 0
     lite = config.lite
     lite.every = 2
     lite.skip_first = 3
-    lite.distill_steps = 400
+    lite.distill_steps = 300
     lite.flips = True
     lite.clips.fps = 0.0  # every val and test frame
     lite.clips.train_fps = 0.0
@@ -53,13 +54,9 @@ def get_config(arg: str | None = None):
     if arg == "demo":
         lite.every = 4
         lite.skip_first = 2
-        lite.distill_steps = 300
         lite.clips.fps = 5.0
         lite.clips.train_fps = 5.0
         lite.clips.train_tiles = ((1.0, 0.5, 0.5),)
-        f.max_trials = 4
-        f.finetune_steps = 40
-        f.timing_calls = 10
     elif arg == "smoke":  # tests: 64 px, a few frames per clip, two candidates
         config.lite.image_size = 64
         config.calibration.method = "empirical"  # bounds need many more val frames

@@ -738,6 +738,10 @@ _SEP_PASS = ("relu", "relu6", "max_pool", "avg_pool", "global_pool", "dropout")
 def _separable_edits(net: Net, index: int) -> tuple[list[tuple[int, str, int]], list[int]]:
     """``(edits, depthwise layers)``: (layer, param, axis) slices that pruning `index` needs."""
     layers = net.layers
+    if layers[index].kind not in ("conv", "dense") or layers[index].get("groups", 1) != 1:
+        raise TransformError(
+            f"layer_{index:02d}: only conv (groups=1) and dense layers have prunable filters"
+        )
     edits = [(index, "kernel", -1)]
     if layers[index]["use_bias"]:
         edits.append((index, "bias", 0))

@@ -1,4 +1,4 @@
-"""FlexDNN on a frozen, ImageNet-pretrained EfficientNet-Lite over the real clips (issue 13, item 1).
+"""FlexDNN on a frozen ImageNet-pretrained EfficientNet-Lite over the real clips (issue 13.1).
 
 `run(config, workdir)` is what ``python -m train.flexdnn`` calls for a config
 with a ``lite`` section (`flexjax.config.flexdnn_lite_defaults`). Stages, each
@@ -70,8 +70,10 @@ SPLITS = ("train", "val", "test")
 def clip_configs(config) -> tuple[clips_lib.ClipConfig, clips_lib.ClipConfig]:
     """``(train, evaluation)`` clip configs: train clips with tiles, val + test centre crops."""
     c = config.lite.clips
-    common = dict(max_frames=int(c.max_frames), resolution=int(config.lite.image_size),
-                  reference=c.reference, reference_resolution=int(c.reference_resolution))  # fmt: skip
+    common = dict(
+        max_frames=int(c.max_frames), resolution=int(config.lite.image_size),
+        reference=c.reference, reference_resolution=int(c.reference_resolution),
+    )  # fmt: skip
     train = clips_lib.ClipConfig(
         train=tuple(c.train), val=(), test=(), fps=float(c.train_fps),
         tiles=tuple(tuple(t) for t in c.train_tiles), **common,
@@ -142,7 +144,9 @@ def prepare(config, workdir: str) -> dict:
             f"{', '.join(sorted(pretrained.PACKAGES))}"
         )
     if lite.head not in HEADS:
-        raise flexdnn.FlexDNNError(f"lite.head must be one of {', '.join(HEADS)}; got {lite.head!r}")
+        raise flexdnn.FlexDNNError(
+            f"lite.head must be one of {', '.join(HEADS)}; got {lite.head!r}"
+        )
     if config.exits.criterion not in exits_lib.CRITERIA:
         raise flexdnn.FlexDNNError(
             f"exits.criterion must be one of {', '.join(exits_lib.CRITERIA)}; "
@@ -300,8 +304,11 @@ def measure_costs(net, variables, x_probe, workdir, rounds, calls, log) -> dict:
         "net": net.to_dict(),
         "signature_ms": ms,
         "signature_flops": {
-            p.name: (nc.heads[p.exit].flops if p.kind == "head"
-                     else costs.total(nc.layers[p.start : p.stop]).flops)
+            p.name: (
+                nc.heads[p.exit].flops
+                if p.kind == "head"
+                else costs.total(nc.layers[p.start : p.stop]).flops
+            )
             for p in plans
         },  # fmt: skip
         "rounds": rounds,
@@ -331,8 +338,8 @@ def export_bundle(config, net, variables, splits, out, log) -> None:
     """A flexjax bundle, thresholds calibrated on the val clips against measured ms."""
     # lazy: TensorFlow (through the converter) is slow to import
     from export.bundle import MEASURED_MS, calibrate, export_model
-    from pipelines.flexdnn_bench import EarlyExitSystem
     from export.staging import rewrite_manifest
+    from pipelines.flexdnn_bench import EarlyExitSystem
 
     ecfg = export_config(config)
     e = config.lite.export
@@ -354,7 +361,8 @@ def export_bundle(config, net, variables, splits, out, log) -> None:
         test_logits=sy.ex.all_logits(splits.test.x[:n]),
     )  # fmt: skip
     rewrite_manifest(out, manifest)
-    log(f"calibrated {os.path.basename(out)} on measured ms: {manifest['calibration']['thresholds']}")
+    thr = manifest["calibration"]["thresholds"]
+    log(f"calibrated {os.path.basename(out)} on measured ms: {thr}")
 
 
 def _save_npz(path: str, x: np.ndarray, y: np.ndarray) -> None:
@@ -562,7 +570,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
             "train_frames": data["train_frames"],
             "train_tiles": data["train_tiles"],
             "train_mirrored": bool(lite.flips),
-            "val_frames": int(len(val)), "test_frames": int(len(test)),
+            "val_frames": int(len(val)),
+            "test_frames": int(len(test)),
             "clips": {sp: list(getattr(lite.clips, sp)) for sp in SPLITS},
             "fps": {"train": float(lite.clips.train_fps), "val_test": float(lite.clips.fps)},
             "reference": lite.clips.reference,
@@ -572,9 +581,13 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         },
         "candidates": candidates,
         "final_segment_latency_ms": seg_ms[-1],
-        "plan": {"kept": list(plan.kept), "removal_order": list(plan.removed),
-                 "rounds": list(plan.rounds), "thresholds": plan.thresholds,
-                 "data": "val clips (reference labels)"},  # fmt: skip
+        "plan": {
+            "kept": list(plan.kept),
+            "removal_order": list(plan.removed),
+            "rounds": list(plan.rounds),
+            "thresholds": plan.thresholds,
+            "data": "val clips (reference labels)",
+        },  # fmt: skip
         "R_remeasured_on_test": {"test": r_test},
         "branchynet": {
             "protocol": "frozen pretrained backbone; conv1x1-pool-dense heads distilled on the "
@@ -606,9 +619,10 @@ def _bundle_current(out: str, net: Net) -> bool:
         b = Bundle.from_dir(out)
     except (BundleError, FileNotFoundError, ValueError):
         return False
-    return b.manifest.get("net") == net.to_dict() and b.manifest.get("calibration", {}).get(
-        "cost"
-    ) == "measured_ms"
+    return (
+        b.manifest.get("net") == net.to_dict()
+        and b.manifest.get("calibration", {}).get("cost") == "measured_ms"
+    )
 
 
 def targets(report: dict) -> dict:
@@ -675,6 +689,7 @@ def format_report(report: dict) -> str:
         )
     lines.append("equal accuracy (expected ms from the val-calibrated sweeps on test):")
     for k, row in report["equal_accuracy_expected_ms"].items():
+
         def fmt(v):
             return "none reaches it" if v is None else f"{v:.3f}"
 

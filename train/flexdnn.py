@@ -36,8 +36,7 @@ def main(argv: list[str]) -> None:
     start_job(argv, FLAGS.threads)
     # lazy: flag errors are reported, and --threads applied, before JAX loads
     from flexjax.checkpoint import CheckpointMismatchError
-    from pipelines import flexdnn, flexdnn_bench
-    from pipelines import flexdnn_lite
+    from pipelines import flexdnn, flexdnn_bench, flexdnn_lite
 
     t0 = time.monotonic()
 
