@@ -21,7 +21,8 @@ on the same cached features for as many steps as each FlexDNN exit got.
 
 The search tries at most 4 architectures per exit (40 fine-tuning steps each)
 after 300 distillation steps. `:demo` (the `make demo` candidate): the same
-search over less: 5 fps, centre crops mirrored, three candidates (every 4th block). `:smoke`: the tests' 64 px run.
+search over less: 5 fps, centre crops mirrored, three candidates (every 4th
+block). `:smoke`: the tests' 64 px run.
 """
 
 from flexjax.config import flexdnn_lite_defaults

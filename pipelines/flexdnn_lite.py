@@ -384,13 +384,18 @@ def _agreements(net, variables, cache, labels: dict) -> dict:
     return out
 
 
-def equal_accuracy(bench_rows: dict, backbone_accuracy: float, backbone_ms: float) -> dict:
+def equal_accuracy(
+    bench_rows: dict, backbone_accuracy: float, backbone_ms: float, own_backbone_ms: dict
+) -> dict:
     """Expected ms per frame read off each system's threshold sweep at backbone - 0.5/1/2 points.
 
     Sweep points are the bundle's calibrations (val) simulated on the test
     frames, costed with the measured signature times; a system whose best
     point stays below the target accuracy gets None. The backbone's is its
-    measured ``full`` signature time.
+    measured ``full`` signature time. Each system's signatures are timed in a
+    run of their own, so ``<name>_vs_backbone`` divides by the sum of that
+    system's own segments (its backbone, timed in the same run): the ratio
+    to trust under a noisy load.
     """
     out = {}
     for points in (0.5, 1.0, 2.0):
@@ -401,6 +406,7 @@ def equal_accuracy(bench_rows: dict, backbone_accuracy: float, backbone_ms: floa
                 continue
             ok = [p["expected_ms"] for p in r["sweep"] if p["accuracy"] >= target - 1e-12]
             row[name] = min(ok) if ok else None
+            row[f"{name}_vs_backbone"] = min(ok) / own_backbone_ms[name] if ok else None
         out[f"-{points:g}"] = row
     return out
 
@@ -536,7 +542,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     r_test = {side[j]: v for j, v in r_test.items()}
 
     backbone_ms = systems["backbone"].sig_ms.get("full", float(sum(fsys.seg_ms)))
-    eq = equal_accuracy(rows, rows["backbone"]["accuracy"], backbone_ms)
+    own = {n: float(sum(sy.seg_ms)) for n, sy in systems.items() if not sy.full}
+    eq = equal_accuracy(rows, rows["backbone"]["accuracy"], backbone_ms, own)
     candidates = []
     nc = costs.of(snet)
     for j, e in enumerate(snet.exits):
@@ -598,6 +605,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         },
         "benchmark": bench,
         "equal_accuracy_expected_ms": eq,
+        "signature_ms": {n: sy.sig_ms for n, sy in systems.items()},
         "timing": {"feature_cache_s": feature_s, "export_s": export_s},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
@@ -693,10 +701,14 @@ def format_report(report: dict) -> str:
         def fmt(v):
             return "none reaches it" if v is None else f"{v:.3f}"
 
+        def ratio(v):
+            return "-" if v is None else f"{v:.3f}x"
+
         lines.append(
             f"  backbone {k} pt (>= {row['target_accuracy']:.4f}): backbone "
-            f"{row['backbone']:.3f}, flexdnn {fmt(row.get('flexdnn'))}, "
-            f"branchynet {fmt(row.get('branchynet'))} ms"
+            f"{row['backbone']:.3f}, flexdnn {fmt(row.get('flexdnn'))} "
+            f"({ratio(row.get('flexdnn_vs_backbone'))}), branchynet "
+            f"{fmt(row.get('branchynet'))} ({ratio(row.get('branchynet_vs_backbone'))}) ms"
         )
     t = report["targets"]
 
