@@ -49,6 +49,11 @@ def get_config(arg: str | None = None):
     lite.skip_first = 3
     lite.distill_steps = 300
     lite.flips = True
+    # lite0 agrees with the reference on ~8% of the val frames (35% of the test frames): on
+    # reference labels a 1-point epsilon lets exits that are always wrong fire on the other
+    # ~92% of val for free. Thresholds, delta and the plan therefore read the backbone's own
+    # top-1 on val (agreement with `full`); test accuracy is reported on both.
+    lite.calibrate_on = "backbone"
     lite.clips.fps = 0.0  # every val and test frame
     lite.clips.train_fps = 0.0
     lite.clips.train_tiles = ((1.0, 0.5, 0.5), (0.75, 0.0, 0.0), (0.75, 1.0, 1.0))

@@ -642,6 +642,9 @@ def flexdnn_lite_defaults() -> ml_collections.ConfigDict:
     c.lite.branchy_features = 128  # BranchyNet heads: conv 1x1 (features) -> pool -> dense
     c.lite.flips = True  # train frames also mirrored (features of both cached)
     c.lite.feature_batch = 32
+    # Labels of the val clips for the search's delta, the thresholds and the R plan:
+    # "reference" (the reference model's top-1) or "backbone" (the backbone's own top-1).
+    c.lite.calibrate_on = "reference"
     c.lite.clips = ml_collections.ConfigDict()
     c.lite.clips.train = ("vtest", "bigbuckbunny", "bikes")
     c.lite.clips.val = ("tree", "carphone", "cup")
