@@ -331,6 +331,16 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("clips.reference_resolution", _int(0, 1024)),  # 0 = the reference's native size
     ("clips.test_frames", _int(0, MAX_COUNT)),  # 0 = all
     ("calibration_frames", _int(1, 100_000)),
+    # MCDNN on the lite catalog (train.lite_mcdnn).
+    ("resolution", _int(32, 1024)),
+    ("heads.distill_weight", _real(0.0, 1.0)),
+    ("specialize.fps", _real(0.0, 120.0)),
+    ("specialize.max_frames", _int(0, 100_000)),
+    ("specialize.resolution", _int(32, 1024)),
+    ("specialize.calibration_frames", _int(1, 100_000)),
+    ("ams.seeds", _each(_int(0, MAX_SEED))),
+    ("ams.memory_mb", _real(0.0, 1e6)),
+    ("ams.latency_ms", _MS),
     # Exit threshold calibration.
     ("calibration.delta", _real(0.0, 1.0, lo_open=True, hi_open=True)),
     ("calibration.margin", _FRACTION),
@@ -441,6 +451,37 @@ def catalog_defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def lite_mcdnn_defaults() -> ml_collections.ConfigDict:
+    """MCDNN on the EfficientNet-Lite catalog (``python -m train.lite_mcdnn``): every key.
+
+    Semantic checks (task groups, class ids, budgets) are `pipelines.lite_mcdnn.validate`'s.
+    """
+    c = ml_collections.ConfigDict()
+    c.catalog_config = "configs/clips_lite_catalog.py"  # PATH[:ARG] of the lite catalog
+    c.catalog_dir = ""  # "" = <workdir>/catalog, built (or resumed) from catalog_config
+    c.tasks = []  # [{"name": ..., "groups": {group: [ids or "lo-hi"], ...}}, ...]
+    c.clips = ml_collections.ConfigDict(
+        {"train": "vtest,bigbuckbunny,bikes", "val": "tree,carphone,cup", "test": "box,megamind",
+         "fps": 5.0, "max_frames": 0, "reference": "efficientnet_lite2",
+         "reference_resolution": 0}
+    )  # fmt: skip
+    c.heads = ml_collections.ConfigDict(
+        {"steps": 300, "learning_rate": 1e-2, "distill_weight": 0.5, "seed": 0}
+    )
+    c.bench = ml_collections.ConfigDict({"rounds": 3, "frames": 20, "warmup": 3, "threads": 1})
+    c.specialize = ml_collections.ConfigDict(
+        {"clip": "megamind", "fps": 0.0, "max_frames": 0, "window": 60, "n": 2, "p": 0.8,
+         "resolution": 160, "weights": "int8", "calibration_frames": 32, "steps": 300,
+         "batch_size": 64, "learning_rate": 1e-2, "other_fraction": 0.3, "seed": 0}
+    )  # fmt: skip
+    c.ams = ml_collections.ConfigDict(
+        {"energy": ("0.3x",), "memory_mb": 64.0, "latency_ms": 1000.0, "exclude": "",
+         "seeds": (0, 1, 2, 3, 4),
+         "trace": {"hours": 10.0, "mean_rate": 1.0, "bursts": 12}}
+    )  # fmt: skip
+    return c
+
+
 def schema_of(config: Any) -> Callable[[], ml_collections.ConfigDict]:
     """The schema a config follows.
 
@@ -449,6 +490,8 @@ def schema_of(config: Any) -> Callable[[], ml_collections.ConfigDict]:
     """
     if "base" in config:
         return catalog_defaults
+    if "catalog_config" in config:
+        return lite_mcdnn_defaults
     if "recipes" in config and "resolutions" in config:
         return lite_catalog_defaults
     if "model_config" in config:

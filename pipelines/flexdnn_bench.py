@@ -2,13 +2,24 @@
 
 Systems are bundles run by the runtime's `EarlyExitExecutor` (early exits
 with the thresholds their bundle carries, or the ``full`` signature for the
-input-agnostic baselines); `benchmark` times them together on each data
-source (`runtime.timing.interleaved`); `targets`, `plot` and `format_report`
-turn the job's report into the issue's targets, a figure and text.
+input-agnostic baselines). On each data source `benchmark` makes two runs:
+
+* the equal-accuracy comparison (`runtime.equal_accuracy`, the headline): every
+  operating point of every system's threshold sweep (the bundle's calibrations at
+  every stored epsilon and a shared-threshold sweep, the same families for FlexDNN
+  and BranchyNet) timed in ONE interleaved run on the same frames; the time per
+  frame read off each system's Pareto front at the backbone's accuracy minus 0.5,
+  1 and 2 points, against the labels and against the backbone's own top-1;
+* the single operating points (each early-exit system at its bundle's thresholds
+  for the config's epsilon), the second table.
+
+`targets`, `plot` and `format_report` turn the job's report into the issue's
+targets, a figure and text.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -16,13 +27,16 @@ import numpy as np
 from export.bundle import FLOPS
 from flexjax import exits, flexdnn
 from flexjax.io import save_figure_atomic
-from runtime import timing
+from runtime import data as runtime_data
+from runtime import equal_accuracy, timing
 from runtime.bundle import Bundle
 from runtime.executor import EarlyExitExecutor
 from runtime.names import FULL
 from runtime.timing import time_stats
 
 TARGETS = {"max_accuracy_loss": 0.01, "vs_backbone": 0.6, "vs_branchynet": 0.7}
+# Issue 13: at the backbone's accuracy - 1 point (labels), read off the measured curves.
+EQUAL_ACCURACY_TARGETS = {"drop": 0.01, "vs_backbone": 0.6, "vs_branchynet": 0.72}
 
 
 class EarlyExitSystem:
@@ -149,7 +163,29 @@ def benchmark(systems: dict, sources: dict, criterion, epsilon, rounds, log) -> 
             row["ratio_vs_backbone"] = row["time_per_frame"]["mean_ms"] / base
             row["flops_ratio"] = row["expected_flops"] / base_flops
         out[src] = {"frames": len(xs), "rounds": rounds, "systems": rows}
+        out[src]["equal_accuracy"] = equal_accuracy_run(systems, src, cal_source, test, rounds, log)
     return out
+
+
+def equal_accuracy_run(systems: dict, src: str, cal_source: str, test, rounds: int, log) -> dict:
+    """`runtime.equal_accuracy.compare` over the job's systems on one data source.
+
+    The curves' systems are the early-exit bundles (calibrations on `cal_source`);
+    the backbone and the lossy models are single points; the targets are read from
+    the backbone's accuracy, against the labels and against the backbone's top-1.
+    """
+    kind = "video" if cal_source == "video_val" else "images"
+    frames = runtime_data.Frames(np.asarray(test.x, np.float32), np.asarray(test.y, np.int64),
+                                 src, kind)  # fmt: skip
+    eq = [
+        equal_accuracy.System(n, s.bundle, full=s.full, model=s.ex.model, calibration=cal_source)
+        for n, s in systems.items()
+    ]
+    load0 = list(os.getloadavg())
+    rep = equal_accuracy.compare(eq, frames, baseline="backbone", references=["backbone"],
+                                 rounds=rounds, log=log)  # fmt: skip
+    rep["load_average"] = {"start": load0, "end": list(os.getloadavg())}
+    return rep
 
 
 def targets(report: dict) -> dict:
@@ -175,11 +211,63 @@ def targets(report: dict) -> dict:
             "kept_R": r,
             "kept_R_above_1": all(v > 1 for v in r.values()),
         }
+        if "equal_accuracy" in b:
+            out[src]["equal_accuracy"] = equal_accuracy_targets(b["equal_accuracy"])
     return out
 
 
+def _meets(a: dict, b: dict, limit: float) -> tuple[float | None, bool | None]:
+    """(a's time / b's time, whether it is <= limit) at one target; None where unknown.
+
+    A reading ``at fastest`` is an upper bound on that system's time, so the ratio is
+    an upper bound (a's) or a lower bound (b's): the verdict stands only where the
+    bound decides it. a not reaching the target misses it; b not reaching it (a does)
+    meets it.
+    """
+    if not a["reached"]:
+        return None, False
+    if not b["reached"]:
+        return None, True
+    ratio = a["ms"] / b["ms"]
+    upper, lower = a["how"] == "at fastest", b["how"] == "at fastest"
+    ok = ratio <= limit
+    if (upper and lower) or (upper and not ok) or (lower and ok):
+        return ratio, None
+    return ratio, ok
+
+
+def equal_accuracy_targets(eq: dict, reference: str = equal_accuracy.LABELS) -> dict:
+    """FlexDNN against the backbone and BranchyNet at `EQUAL_ACCURACY_TARGETS`'s drop.
+
+    ``*_ok`` is True (met), False (missed) or None (undetermined: a reading at a
+    curve's fastest point is only a bound, `_meets`).
+    """
+    drop = EQUAL_ACCURACY_TARGETS["drop"]
+    row = next(t for t in eq["headline"][reference]["targets"] if abs(t["drop"] - drop) < 1e-12)
+    at = row["systems"]
+    f, b, br = at["flexdnn"], at["backbone"], at["branchynet"]
+    vs_b, ok_b = _meets(f, b, EQUAL_ACCURACY_TARGETS["vs_backbone"])
+    vs_br, ok_br = _meets(f, br, EQUAL_ACCURACY_TARGETS["vs_branchynet"])
+    return {
+        "drop": drop,
+        "reference": reference,
+        "target_accuracy": row["accuracy"],
+        "ms": {n: v["ms"] for n, v in at.items()},
+        "time_vs_backbone": vs_b,
+        "time_vs_backbone_ok": ok_b,
+        "time_vs_branchynet": vs_br,
+        "time_vs_branchynet_ok": ok_br,
+        "flexdnn_reached": f["reached"],
+        "branchynet_reached": br["reached"],
+        "how": {n: v["how"] for n, v in at.items()},
+    }
+
+
 def plot(report: dict, path: str) -> None:
-    """Accuracy vs time per frame: sweeps (lines), measured operating points (stars)."""
+    """Per data source: accuracy (top) and agreement with the backbone (bottom) vs measured
+    time per frame, every operating point of the one interleaved run and each Pareto
+    front (`runtime.equal_accuracy.plot_axes`). The single operating points (another run,
+    mean time) are in the second table only: their times are another statistic."""
     # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib
 
@@ -188,24 +276,16 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     srcs = list(report["benchmark"])
-    fig, axes = plt.subplots(1, len(srcs), figsize=(6 * len(srcs), 4.5), squeeze=False)
-    colors = {"flexdnn": "tab:red", "branchynet": "tab:blue", "backbone": "black"}
-    for ax, src in zip(axes[0], srcs):
-        systems = report["benchmark"][src]["systems"]
-        for name, row in systems.items():
-            c = colors.get(name, "tab:green")
-            if "sweep" in row:
-                pts = row["sweep"]
-                label = f"{name} (threshold sweep; expected from signature times)"
-                ax.plot([p["expected_ms"] for p in pts], [p["accuracy"] for p in pts], "o-",
-                        color=c, ms=3, lw=1, label=label)  # fmt: skip
-            t = row["time_per_frame"]["mean_ms"]
-            ax.plot([t], [row["accuracy"]], "*", color=c, ms=12, label=f"{name} (measured)")
-        ax.set_xlabel("time per frame (ms, LiteRT, 1 thread)")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"{report['net']} on {report['dataset']}: {src}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+    refs = [equal_accuracy.LABELS, "backbone"]
+    fig, axes = plt.subplots(len(refs), len(srcs), figsize=(6.5 * len(srcs), 4.6 * len(refs)),
+                             squeeze=False)  # fmt: skip
+    for j, src in enumerate(srcs):
+        b = report["benchmark"][src]
+        for i, ref in enumerate(refs):
+            ax = axes[i][j]
+            title = f"{report['net']} on {report['dataset']}: {src}"
+            if "equal_accuracy" in b:
+                equal_accuracy.plot_axes(b["equal_accuracy"], ax, ref, title)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=120)
 
@@ -224,11 +304,31 @@ def format_report(report: dict) -> str:
             f"  {rs:>26}  {kept}"
         )
     for src, b in report["benchmark"].items():
-        lines.append(f"{src} ({b['frames']} frames, {b['rounds']} interleaved rounds):")
+        if "equal_accuracy" in b:
+            lines.append(equal_accuracy.format_report(b["equal_accuracy"], src))
+            e = report["targets"][src].get("equal_accuracy")
+            if e:
+
+                def r(v):
+                    return "n/a (not reached)" if v is None else f"{v:.3f}x"
+
+                def verdict(v):
+                    return "UNDETERMINED: a bound" if v is None else "ok" if v else "MISSED"
+
+                lines.append(
+                    f"  at -{e['drop'] * 100:g} pt: FlexDNN {r(e['time_vs_backbone'])} backbone "
+                    f"({verdict(e['time_vs_backbone_ok'])}), "
+                    f"{r(e['time_vs_branchynet'])} BranchyNet "
+                    f"({verdict(e['time_vs_branchynet_ok'])})"
+                )
+        lines.append(
+            f"{src}, single operating points at epsilon={report['epsilon']} "
+            f"({b['frames']} frames, {b['rounds']} interleaved rounds):"
+        )
         for name, row in b["systems"].items():
             lines.append(
                 f"  {name:<14} accuracy {row['accuracy']:.4f}  "
-                f"{row['time_per_frame']['mean_ms']:.4f} ms/frame  "
+                f"{row['time_per_frame']['mean_ms']:.4f} ms/frame (mean)  "
                 f"{row['ratio_vs_backbone']:.3f}x backbone  FLOPs {row['flops_ratio']:.3f}x"
             )
         t = report["targets"][src]

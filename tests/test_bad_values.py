@@ -246,6 +246,8 @@ ABSL_JOBS = {
     "train.lite_catalog": (["--config=configs/clips_lite_catalog.py:smoke", "--workdir=W"],
                            "lite_catalog_defaults"),
     "export.bundle": (["--workdir=W", "--out=O"], None),
+    "train.lite_mcdnn": (["--config=configs/clips_lite_mcdnn.py:smoke", "--workdir=W"],
+                         "lite_mcdnn_defaults"),
 }  # fmt: skip
 
 DRIVER = r"""
@@ -336,7 +338,7 @@ def test_absl_job_every_numeric_flag_and_config_key_refuses_bad_values_in_one_li
 
 SCHEMAS = (
     "defaults", "flexdnn_defaults", "catalog_defaults", "edgent_defaults", "lite_catalog_defaults",
-    "flexdnn_lite_defaults",
+    "lite_mcdnn_defaults", "flexdnn_lite_defaults",
 )  # fmt: skip
 
 

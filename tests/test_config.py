@@ -52,6 +52,10 @@ def test_validate_fills_defaults_for_partial_config():
 def test_shipped_config_validates_and_builds_its_net(path, arg):
     config = _load(path).get_config(arg)
     config = config.base if "base" in config else config  # jobs wrapping a training config
+    if "catalog_config" in config:  # MCDNN on a lite catalog: its schema, the catalog's
+        config = config_lib.validate(config)
+        assert "recipes" in config_lib.load(config.catalog_config)
+        return
     if "recipes" in config:  # a pretrained-Lite catalog: its own schema, zoo nets by name
         config = config_lib.validate(config)
         for name in (*config.models, *config.originals):

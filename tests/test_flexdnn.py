@@ -285,6 +285,14 @@ def test_job_report_plan_bundle_and_resume(tmp_path):
             assert 0 <= row["accuracy"] <= 1 and row["time_per_frame"]["mean_ms"] > 0
         assert len(systems["flexdnn"]["sweep"]) > 3
         assert set(rep["targets"][src]) >= {"time_vs_backbone_ok", "kept_R_above_1"}
+        # The equal-accuracy headline: every system's points timed in one interleaved run.
+        eq = rep["benchmark"][src]["equal_accuracy"]
+        assert set(eq["systems"]) == set(systems)
+        assert len(eq["systems"]["flexdnn"]["points"]) > 3
+        assert eq["timed_points"] == sum(len(s["points"]) for s in eq["systems"].values())
+        assert set(eq["headline"]) == {"labels", "backbone"}
+        assert rep["targets"][src]["equal_accuracy"]["drop"] == 0.01
+    assert "equal accuracy on test" in proc.stdout
     assert os.path.exists(os.path.join(workdir, "tradeoff.png"))
     assert "targets:" in proc.stdout
     # The final model is a normal bundle the runtime verifies and benchmarks.
