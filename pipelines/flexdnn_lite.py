@@ -662,7 +662,19 @@ def targets(report: dict) -> dict:
         "kept_R_on_test": r,
         "kept_R_above_1": bool(r) and all(v > 1 for v in r.values()),
         "exits_kept": len(r),
+        # The interleaved threshold-sweep comparison (runtime.equal_accuracy), per reference.
+        "equal_accuracy": _equal_accuracy_targets(report["benchmark"]["test"]),
     }
+
+
+def _equal_accuracy_targets(bench: dict) -> dict:
+    """`flexdnn_bench.equal_accuracy_targets` for every reference the benchmark compared on."""
+    from pipelines.flexdnn_bench import equal_accuracy_targets
+
+    eq = bench.get("equal_accuracy")
+    if not eq:
+        return {}
+    return {ref: equal_accuracy_targets(eq, ref) for ref in eq.get("headline", {})}
 
 
 def format_report(report: dict) -> str:
@@ -740,6 +752,21 @@ def format_report(report: dict) -> str:
         + (", ".join(f"{k} {v:.2f}" for k, v in t["kept_R_on_test"].items()) or "-")
         + f" ({ok('kept_R_above_1')})"
     )
+    for ref, e in t.get("equal_accuracy", {}).items():
+
+        def x(v):
+            return "-" if v is None else f"{v:.3f}x"
+
+        def verdict(v):
+            return {True: "ok", False: "MISSED", None: "undetermined"}[v]
+
+        ms = ", ".join(f"{n} {v:.3f}" if v else f"{n} not reached" for n, v in e["ms"].items())
+        lines.append(
+            f"interleaved equal accuracy ({ref}, backbone - {e['drop'] * 100:g} pt): ms {ms}"
+            f"; FlexDNN {x(e['time_vs_backbone'])} backbone "
+            f"({verdict(e['time_vs_backbone_ok'])}), {x(e['time_vs_branchynet'])} BranchyNet "
+            f"({verdict(e['time_vs_branchynet_ok'])})"
+        )
     lines.append(
         f"job {report['job_seconds']:.0f} s, load average "
         + " ".join(f"{x:.1f}" for x in report["load_average"])
