@@ -519,6 +519,8 @@ def schema_of(config: Any) -> Callable[[], ml_collections.ConfigDict]:
         return lite_catalog_defaults
     if "model_config" in config:
         return edgent_defaults
+    if "flexdnn" in config and "lite" in config:
+        return flexdnn_lite_defaults
     return flexdnn_defaults if "flexdnn" in config else defaults
 
 
@@ -685,3 +687,68 @@ def calibration_options(config: Any) -> dict:
         "delta": float(section["delta"]),
         "margin": float(section["margin"]),
     }
+
+
+# --- FlexDNN on a frozen pretrained backbone over the real clips (issue 13, item 1) ---------
+
+
+def flexdnn_lite_defaults() -> ml_collections.ConfigDict:
+    """``python -m train.flexdnn`` on a pretrained EfficientNet-Lite (`pipelines.flexdnn_lite`).
+
+    FlexDNN's schema (``flexdnn``, ``exits``, ``calibration``) plus ``lite``:
+    the backbone, the clips, the distillation of the candidate exits and the
+    export. ``flexdnn.positions`` () = every ``lite.every``-th MBConv block
+    boundary; ``flexdnn.head_convs`` / ``head_features`` size the
+    over-parameterized exits; ``flexdnn.branchy_positions`` () = the blocks at
+    about 1/3 and 2/3 of the depth.
+    """
+    c = flexdnn_defaults()
+    c.lite = ml_collections.ConfigDict()
+    c.lite.backbone = "efficientnet_lite0"  # a pretrained model (flexjax.models.pretrained)
+    c.lite.image_size = 224
+    c.lite.every = 2  # candidates: every k-th block boundary, counted from the last
+    c.lite.skip_first = 3  # ... after the first few blocks (their maps are large)
+    c.lite.head = "separable"  # separable (depthwise 3x3 + pointwise 1x1) | conv (3x3)
+    c.lite.distill_steps = 400  # candidate exits: steps of KL distillation (cached features)
+    c.lite.distill_batch_size = 64
+    c.lite.distill_learning_rate = 3e-3
+    c.lite.temperature = 2.0  # distillation temperature (training and search fine-tuning)
+    c.lite.distill_weight = 0.7  # search fine-tuning: KL weight (rest: CE on the backbone's top-1)
+    c.lite.branchy_features = 128  # BranchyNet heads: conv 1x1 (features) -> pool -> dense
+    c.lite.flips = True  # train frames also mirrored (features of both cached)
+    c.lite.feature_batch = 32
+    # Labels of the val clips for the search's delta, the thresholds and the R plan:
+    # "reference" (the reference model's top-1) or "backbone" (the backbone's own top-1).
+    c.lite.calibrate_on = "reference"
+    c.lite.clips = ml_collections.ConfigDict()
+    c.lite.clips.train = ("vtest", "bigbuckbunny", "bikes")
+    c.lite.clips.val = ("tree", "carphone", "cup")
+    c.lite.clips.test = ("box", "megamind")
+    c.lite.clips.fps = 5.0  # val and test; 0 = every frame
+    c.lite.clips.train_fps = 5.0
+    c.lite.clips.train_tiles = ((1.0, 0.5, 0.5),)  # (scale, y, x) crops of each train frame
+    c.lite.clips.max_frames = 0
+    c.lite.clips.reference = "efficientnet_lite2"
+    c.lite.clips.reference_resolution = 0
+    c.lite.export = ml_collections.ConfigDict()
+    c.lite.export.parity_examples = 32
+    c.lite.export.epsilons = (0.005, 0.01, 0.02, 0.05)
+    return c
+
+
+DOMAINS = DOMAINS + (
+    ("lite.image_size", _int(32, 1024)),
+    ("lite.every", _int(1, 1000)),
+    ("lite.skip_first", _int(0, 1000)),
+    ("lite.distill_steps", _int(1, MAX_COUNT)),
+    ("lite.temperature", _real(0.0, 1000.0, lo_open=True)),
+    ("lite.distill_weight", _real(0.0, 1.0)),
+    ("lite.branchy_features", _int(1, 4096)),
+    ("lite.feature_batch", _int(1, 4096)),
+    ("lite.clips.fps", _real(0.0, 120.0)),
+    ("lite.clips.train_fps", _real(0.0, 120.0)),
+    ("lite.clips.max_frames", _int(0, 100_000)),
+    ("lite.clips.reference_resolution", _int(0, 1024)),
+    ("lite.export.parity_examples", _int(1, MAX_COUNT)),
+    ("lite.export.epsilons", _each(_FRACTION)),
+)

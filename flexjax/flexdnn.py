@@ -47,7 +47,19 @@ from flexjax import costs, evaluation
 from flexjax import exits as exits_lib
 from flexjax.finetune import finetune
 from flexjax.models import build
-from flexjax.spec import FINAL, Exit, Layer, Net, conv, dense, flatten, max_pool, relu
+from flexjax.spec import (
+    FINAL,
+    Exit,
+    Layer,
+    Net,
+    conv,
+    dense,
+    flatten,
+    global_pool,
+    max_pool,
+    relu,
+    relu6,
+)
 from flexjax.transforms import TransformError, drop_layer, filter_norms, prune_filters
 from flexjax.transforms import prunable_sites as sites_of
 from runtime import criteria, timing
@@ -308,6 +320,11 @@ def search_exit(
     batch_size: int = 128,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    prune: Callable[..., tuple[Net, dict]] | None = None,
+    sites: Callable[[Net], list[str]] | None = None,
+    teacher: np.ndarray | None = None,
+    distill_weight: float = 0.5,
+    temperature: float = 2.0,
 ) -> SearchResult:
     """Prunes one exit head (filters, then conv layers) while its accuracy holds.
 
@@ -320,6 +337,11 @@ def search_exit(
         layer whose step fails is not pruned again.
       max_trials: architectures tried (each fine-tuned) at most; up to a third
         is kept for the layer drops.
+      prune, sites: the filter-pruning transform and its sites (default
+        `flexjax.transforms.prune_filters` / `prunable_sites`; separable heads
+        pass `prune_separable` / `separable_sites`).
+      teacher: ``[len(train), classes]`` logits distilled into the head while
+        fine-tuning (``distill_weight``, ``temperature``: `flexjax.finetune`).
 
     Returns:
       The last architecture before the accuracy dropped, with the history of
@@ -354,9 +376,13 @@ def search_exit(
                             "accepted": False})  # fmt: skip
             return False
         if finetune_steps:
+            extra = {}
+            if teacher is not None:
+                extra = {"teacher_logits": teacher, "distill_weight": distill_weight,
+                         "temperature": temperature}  # fmt: skip
             vars2 = finetune(
                 net2, vars2, xt, yt, steps=finetune_steps, batch_size=min(batch_size, len(xt)),
-                learning_rate=learning_rate, seed=seed + trials,
+                learning_rate=learning_rate, seed=seed + trials, **extra,
             )  # fmt: skip
         acc = _accuracy(net2, vars2, xv, yv)
         ok = acc >= floor - 1e-12
@@ -377,16 +403,20 @@ def search_exit(
     done: set[str] = set()
     while trials < filter_budget:
         progressed = False
-        for site in sites_of(cur_net):
+        for site in (sites or sites_of)(cur_net):
             if site in done or trials >= filter_budget:
                 continue
-            n = int(np.asarray(filter_norms(cur_net, cur_vars, site)).shape[0])
+            if prune is None:
+                n = int(np.asarray(filter_norms(cur_net, cur_vars, site)).shape[0])
+            else:
+                n = int(cur_net.layers[_site_index(site)]["features"])
             keep = max(min_filters, int(round(n * (1.0 - prune_fraction))))
             if keep >= n:
                 done.add(site)
                 continue
             tag = f"prune {n}->{keep}"
-            if attempt(tag, site, lambda s=site, k=keep: prune_filters(cur_net, cur_vars, s, k)):
+            pruner = prune or prune_filters
+            if attempt(tag, site, lambda s=site, k=keep, f=pruner: f(cur_net, cur_vars, s, k)):
                 progressed = True
             else:
                 done.add(site)
@@ -643,3 +673,128 @@ def plan_exits(
         cal,
         tuple(rounds),
     )
+
+
+# ---------------------------------------------------------------------------
+# Depthwise-separable exits on a frozen pretrained backbone (issue 13, item 1).
+# ---------------------------------------------------------------------------
+
+
+def separable_head(
+    in_shape: Sequence[int],
+    num_classes: int,
+    features: int = 128,
+    blocks: int = 2,
+    max_side: int = 14,
+) -> tuple[Layer, ...]:
+    """An over-parameterized exit of depthwise-separable blocks, as FlexDNN's exits are described.
+
+    ``blocks`` x (depthwise 3x3 -> pointwise 1x1 (``features``) -> relu6), then
+    global pool -> dense. A map larger than ``max_side`` is max-pooled (stride
+    2, SAME) first, so a head stays cheap next to the backbone stretch it skips.
+    The depthwise conv has no activation of its own (MobileNet-v2 style), so
+    dropping it leaves a valid head; `prune_separable` follows a pruned
+    pointwise conv through the next depthwise conv to its consumer.
+    """
+    if features < 1 or blocks < 1:
+        raise FlexDNNError(f"separable heads need features >= 1 and blocks >= 1; got "
+                           f"{features}, {blocks}")  # fmt: skip
+    h, c = int(in_shape[0]), int(in_shape[-1])
+    layers: list[Layer] = []
+    while h > max_side:
+        layers.append(max_pool(2, padding="SAME"))
+        h = -(-h // 2)
+    for _ in range(blocks):
+        layers += [conv(c, 3, groups=c), conv(features, 1), relu6()]
+        c = features
+    return (*layers, global_pool(), dense(num_classes))
+
+
+def _is_depthwise(layer: Layer) -> bool:
+    return layer.kind == "conv" and layer["groups"] > 1 and layer["groups"] == layer["features"]
+
+
+def separable_sites(net: Net) -> list[str]:
+    """Sites of a standalone head net whose filters `prune_separable` can remove.
+
+    Every groups=1 conv or dense whose output reaches a conv / dense consumer
+    through activations, pools, global pooling and depthwise convs.
+    """
+    out = []
+    for i, layer in enumerate(net.layers):
+        if layer.kind not in ("conv", "dense") or layer.get("groups", 1) != 1:
+            continue
+        try:
+            _separable_edits(net, i)
+        except TransformError:
+            continue
+        out.append(f"layer_{i:02d}")
+    return out
+
+
+_SEP_PASS = ("relu", "relu6", "max_pool", "avg_pool", "global_pool", "dropout")
+
+
+def _separable_edits(net: Net, index: int) -> tuple[list[tuple[int, str, int]], list[int]]:
+    """``(edits, depthwise layers)``: (layer, param, axis) slices that pruning `index` needs."""
+    layers = net.layers
+    if layers[index].kind not in ("conv", "dense") or layers[index].get("groups", 1) != 1:
+        raise TransformError(
+            f"layer_{index:02d}: only conv (groups=1) and dense layers have prunable filters"
+        )
+    edits = [(index, "kernel", -1)]
+    if layers[index]["use_bias"]:
+        edits.append((index, "bias", 0))
+    depthwise = []
+    for j in range(index + 1, len(layers)):
+        layer = layers[j]
+        if layer.kind in _SEP_PASS:
+            continue
+        if _is_depthwise(layer):
+            edits.append((j, "kernel", -1))
+            if layer["use_bias"]:
+                edits.append((j, "bias", 0))
+            depthwise.append(j)
+            continue
+        if layer.kind == "conv" and layer["groups"] == 1:
+            return [*edits, (j, "kernel", 2)], depthwise
+        if layer.kind == "dense":
+            return [*edits, (j, "kernel", 0)], depthwise
+        raise TransformError(f"layer_{index:02d} feeds a '{layer.kind}' it cannot prune through")
+    raise TransformError(f"layer_{index:02d} produces the head's output")
+
+
+def prune_separable(
+    net: Net, variables: Mapping[str, Any], site: str, keep: int
+) -> tuple[Net, dict]:
+    """Keeps the `keep` filters (largest L1 norm) of a head net's conv/dense at `site`.
+
+    Like `flexjax.transforms.prune_filters`, but a depthwise conv between the
+    pruned layer and its consumer loses the same channels (its ``features`` and
+    ``groups`` shrink with them). For a standalone head net (`head_net`).
+
+    Raises:
+      TransformError: a site that is not prunable or a bad `keep`.
+    """
+    index = _site_index(site)
+    if not 0 <= index < len(net.layers):
+        raise TransformError(f"site {site} does not exist in {net.name}")
+    edits, depthwise = _separable_edits(net, index)
+    name = f"layer_{index:02d}"
+    kernel = np.asarray(variables["params"][name]["kernel"])
+    n = kernel.shape[-1]
+    if not 1 <= int(keep) <= n:
+        raise TransformError(f"site {site}: keep must be in [1, {n}], got {keep}")
+    norms = np.abs(kernel).reshape(-1, n).sum(0)
+    idx = np.sort(np.argsort(-norms, kind="stable")[: int(keep)])
+    params = {k: dict(v) for k, v in variables["params"].items()}
+    for j, what, axis in edits:
+        lname = f"layer_{j:02d}"
+        params[lname][what] = np.take(np.asarray(params[lname][what]), idx, axis=axis)
+    layers = list(net.layers)
+    layers[index] = layers[index].replace(features=int(keep))
+    for j in depthwise:
+        layers[j] = layers[j].replace(features=int(keep), groups=int(keep))
+    out = {k: v for k, v in variables.items() if k != "params"}
+    out["params"] = params
+    return net.replace(layers=tuple(layers)), out

@@ -338,7 +338,7 @@ def test_absl_job_every_numeric_flag_and_config_key_refuses_bad_values_in_one_li
 
 SCHEMAS = (
     "defaults", "flexdnn_defaults", "catalog_defaults", "edgent_defaults", "lite_catalog_defaults",
-    "lite_mcdnn_defaults",
+    "lite_mcdnn_defaults", "flexdnn_lite_defaults",
 )  # fmt: skip
 
 
