@@ -96,7 +96,7 @@ class EarlyExitSystem:
         return lambda x: self.ex.run(x).prediction
 
 
-def _sweep(system: EarlyExitSystem, source, test_logits, test_y, criterion) -> list[dict]:
+def sweep(system: EarlyExitSystem, source, test_logits, test_y, criterion) -> list[dict]:
     """Accuracy vs expected time per frame over the bundle's calibrations (val -> test)."""
 
     ms = system.exit_ms()
@@ -137,7 +137,7 @@ def benchmark(systems: dict, sources: dict, criterion, epsilon, rounds, log) -> 
                 row["thresholds"] = cal["thresholds"]
                 row["calibration"] = {"source": cal_source, "epsilon": epsilon,
                                       "cost": cal.get("cost", FLOPS)}  # fmt: skip
-                row["sweep"] = _sweep(sys_, cal_source, test_logits, test.y, criterion)
+                row["sweep"] = sweep(sys_, cal_source, test_logits, test.y, criterion)
                 row["test_logits"] = test_logits
             rows[name] = row
         fns = {n: s.fn() for n, s in systems.items()}

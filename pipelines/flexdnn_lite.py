@@ -54,6 +54,8 @@ from flexjax.data.datasets import Dataset, Splits
 from flexjax.io import write_json_atomic
 from flexjax.models import pretrained
 from flexjax.spec import FINAL, Exit, Net
+from pipelines.flexdnn_bench import EarlyExitSystem, benchmark, equal_accuracy_targets, sweep
+from runtime.bundle import Bundle, BundleError
 from runtime.names import head_name, segment_name
 
 HEADS = ("separable", "conv")
@@ -417,8 +419,6 @@ def equal_accuracy(
 
 def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     """Every stage of the job (module docstring); returns the report."""
-    from pipelines.flexdnn_bench import EarlyExitSystem, _sweep, benchmark
-
     t_start = time.monotonic()
     s = prepare(config, workdir)
     config = s["config"]
@@ -538,7 +538,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
             logits = sy.ex.all_logits(test_ds.x)
             st = exits_lib.simulate(logits, top1, rows[name]["thresholds"], crit, None, sy.names)
             rows[name]["backbone_agreement"] = st.accuracy
-            rows[name]["sweep_backbone"] = _sweep(sy, "val", logits, top1, crit)
+            rows[name]["sweep_backbone"] = sweep(sy, "val", logits, top1, crit)
 
     # 9. R of every kept exit re-measured on the test clips with the shipped thresholds.
     fsys = systems["flexdnn"]
@@ -632,8 +632,6 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
 
 
 def _bundle_current(out: str, net: Net) -> bool:
-    from runtime.bundle import Bundle, BundleError
-
     try:
         b = Bundle.from_dir(out)
     except (BundleError, FileNotFoundError, ValueError):
@@ -669,8 +667,6 @@ def targets(report: dict) -> dict:
 
 def _equal_accuracy_targets(bench: dict) -> dict:
     """`flexdnn_bench.equal_accuracy_targets` for every reference the benchmark compared on."""
-    from pipelines.flexdnn_bench import equal_accuracy_targets
-
     eq = bench.get("equal_accuracy")
     if not eq:
         return {}

@@ -36,19 +36,24 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from PIL import Image
 
 from export import convert, quantize
 from flexjax import approx, costs
 from flexjax.data import clips as clips_lib
+from flexjax.distill_exits import distill_loss
 from flexjax.io import sha256_file, write_json_atomic
 from flexjax.models import pretrained
+from flexjax.models.build import build
 from pipelines.mcdnn import energy_model
 from runtime import timing
 from runtime.lite import Model
 from runtime.mcdnn import time_load
-from runtime.names import FULL
+from runtime.names import FINAL, FULL
 
 CONVERTER_MODES = ("fp32", "fp16", "dynamic", "int8")  # export.convert.PRECISIONS
 TASK = "imagenet"
@@ -308,14 +313,6 @@ def finetune(
     Raises:
       FloatingPointError: a non-finite loss.
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from flexjax.distill_exits import distill_loss
-    from flexjax.models.build import build
-    from runtime.names import FINAL
-
     steps = int(s.steps)
     if steps == 0:
         return variables, {"steps": 0}
@@ -395,11 +392,6 @@ class _Models:
     def teacher(self) -> np.ndarray:
         """The original's logits (JAX, fp32) on the distillation frames, computed once."""
         if self._teacher is None:
-            import jax
-
-            from flexjax.models.build import build
-            from runtime.names import FINAL
-
             o = self._c.original
             net, variables = self.net(str(o.model), int(o.resolution))
             x = clips_lib.to_float(_resize(self._data["distill"], int(o.resolution)))
