@@ -97,7 +97,8 @@ def test_every_config_model_exports_gpu_compatible(config_name):
     # The net of the real config (not smoke), at its data's shape, random weights.
     full_cfg = importlib.import_module(f"configs.{config_name}").get_config()
     full_cfg = full_cfg.base if "base" in full_cfg else full_cfg  # e.g. the MCDNN catalog
-    if ("distill" in full_cfg and full_cfg.distill.backbone) or "models" in full_cfg:
+    pretrained = "models" in full_cfg or "catalog_config" in full_cfg  # lite catalog / MCDNN
+    if ("distill" in full_cfg and full_cfg.distill.backbone) or pretrained:
         # The pretrained EfficientNet-Lite family (distilled-exit Edgent job, lite catalog):
         # its export's GPU op set is tested on the real weights in test_pretrained.
         pytest.skip(f"{config_name}: pretrained lite nets, covered by test_pretrained")
