@@ -54,6 +54,7 @@ from flexjax.data.datasets import Dataset, Splits
 from flexjax.io import write_json_atomic
 from flexjax.models import pretrained
 from flexjax.spec import FINAL, Exit, Net
+from pipelines.flexdnn import measure_costs
 from pipelines.flexdnn_bench import EarlyExitSystem, benchmark, equal_accuracy_targets, sweep
 from runtime.bundle import Bundle, BundleError
 from runtime.names import head_name, segment_name
@@ -279,50 +280,6 @@ def search_all(config, cnet, cvars, cache, val_labels, workdir, log):
             write_json_atomic(rpath, results[e.name])  # written last: marks the exit done
         net, variables = flexdnn.with_head(net, variables, e.name, hnet, hvars)
     return net, variables, results
-
-
-def measure_costs(net, variables, x_probe, workdir, rounds, calls, log) -> dict:
-    """Exports `net` (every exit) to TFLite and times each signature with the runtime."""
-    # lazy: TensorFlow (through the converter) is slow to import
-    from export import convert
-    from runtime.lite import Model
-
-    path = os.path.join(workdir, "costs.json")
-    if os.path.exists(path):
-        with open(path) as fh:
-            saved = json.load(fh)
-        if saved.get("net") == net.to_dict():
-            return saved
-    plans = convert.plan_signatures(net)
-    log(f"exporting {len(plans)} signatures to time them")
-    buf = convert.to_tflite(net, variables, plans)
-    model_path = os.path.join(workdir, "candidates.tflite")
-    with open(model_path + ".tmp", "wb") as fh:
-        fh.write(buf)
-    os.replace(model_path + ".tmp", model_path)
-    inputs = convert.representative_inputs(net, variables, plans, x_probe[:1])
-    model = Model(model_path, num_threads=1)
-    ms = flexdnn.signature_times(
-        model, {p.name: inputs[p.name][0] for p in plans}, rounds=rounds, calls=calls
-    )
-    nc = costs.of(net)
-    out = {
-        "net": net.to_dict(),
-        "signature_ms": ms,
-        "signature_flops": {
-            p.name: (
-                nc.heads[p.exit].flops
-                if p.kind == "head"
-                else costs.total(nc.layers[p.start : p.stop]).flops
-            )
-            for p in plans
-        },  # fmt: skip
-        "rounds": rounds,
-        "calls": calls,
-        "threads": 1,
-    }
-    write_json_atomic(path, out)
-    return out
 
 
 def export_config(config) -> ml_collections.ConfigDict:
