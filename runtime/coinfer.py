@@ -545,7 +545,11 @@ class CoInference:
                 row.update(edge_ms=server_ms, network_ms=max(network_s, 0.0) * 1e3)
                 # A server reporting more compute than the whole call took is wrong (or
                 # lying): its answer is checked and used, its timing is not.
-                row["bw_sample"] = network_s > 0
+                # A transfer shorter than the RTT it is corrected by is RTT noise, not a
+                # throughput sample (a 784 B frame at 5 Mbit/s is 1.3 ms; subtracting a
+                # start-up RTT taken on a busier moment can leave microseconds, i.e. a
+                # "900 Mbit/s" sample). The sized probes measure such links instead.
+                row["bw_sample"] = network_s > 0 and network_s >= 2.0 * self.rtt_s
                 if not row["bw_sample"]:
                     return y, False
                 return y, self._observe(up + down, network_s)

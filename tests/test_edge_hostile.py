@@ -349,7 +349,9 @@ def test_bad_replies_finish_the_frame_locally_and_a_lying_server_time_is_not_a_s
     oip_service.add_GRPCInferenceServiceServicer_to_server(proxy, psrv)
     paddress = f"127.0.0.1:{psrv.add_insecure_port('127.0.0.1:0')}"
     psrv.start()
-    client, pool, _ = _client(bundle, paddress)
+    # 1 Mbit/s: a frame's transfer (>= 784 B, >= 6 ms) outlasts the RTT, so an honest reply
+    # is a bandwidth sample (shorter transfers are RTT noise and never are).
+    client, pool, _ = _client(bundle, paddress, link="1")
     try:
         # A server claiming more compute than the whole call took: its answer is used,
         # its timing is not fed to the bandwidth estimate.
