@@ -177,6 +177,9 @@ def edgent_defaults() -> ml_collections.ConfigDict:
     c.bench.trace_seconds = 8.0  # trace length: a new bandwidth every trace_step_s
     c.bench.trace_step_s = 0.5
     c.bench.trace_seed = 0
+    # Clients learn how much slower than profiled each side computes (runtime.planner.
+    # ComputeDrift); False plans with the profile's times (coinfer --static-compute).
+    c.bench.adapt = True
 
     # A pretrained backbone with BranchyNet-style exit heads distilled on the real clips
     # (flexjax.distill_exits on flexjax.feature_cache), instead of training model_config.

@@ -148,6 +148,7 @@ def _stage_settings(config: ml_collections.ConfigDict, root: str) -> edgent_benc
         trace_seconds=float(b.trace_seconds), trace_step_s=float(b.trace_step_s),
         trace_seed=b.trace_seed,
         edge_threads=profile_lib.Target.parse(config.edge.target).threads,
+        adapt=bool(config.bench.adapt),
     )  # fmt: skip
 
 

@@ -32,7 +32,8 @@ trace (CSV rows ``t_s,mbps``: from second ``t_s`` on, the link runs at
 separate radio links do). The planner never reads ``B(t)``: it sees only the
 throughput of real transfers: ``bytes * 8 / (network time - base RTT)``,
 where network time is the RPC's wall time minus the server's reported compute
-time and the base RTT is measured by probes at start-up (a reply whose
+time and the base RTT is the smallest round trip of the start-up pings (their
+median is what the planner adds to a remote plan; a reply whose
 reported compute time exceeds the call's wall time is used, but its timing
 is not). A transfer that would outlast its call's timeout (a tiny bandwidth)
 waits out the timeout and falls back; every RPC timeout is clamped to
@@ -41,6 +42,18 @@ the device only, a probe is sent every ``--probe-every`` frames, between
 frames, so a rising bandwidth is noticed; a probe is sized to last ~20 ms at
 the current estimate (at least ``--probe-bytes``, at most 64 kB:
 `probe_size`), and six of them measure the link at start-up.
+
+**Compute drift** (`runtime.planner.ComputeDrift`; ``--static-compute`` turns it
+off). The latency models come from one profile; a device that throttles, or a
+host that other work loads (shared caches and memory bandwidth slow even the
+CPU time of a call), computes slower than profiled. The client learns each
+side's factor from its own calls, as it learns the bandwidth from its own
+transfers: measured device time (and the edge's reported compute time) over
+the profile's prediction for that call, an EWMA clamped to [0.25, 8]; the
+planner's options (and the configuration map) are rescaled once a factor
+moves by more than 5%. Each frame's log has the factors it was planned with
+(``device_factor``, ``edge_factor``); the report the final ones
+(``compute_drift``).
 
 **Fallback.** A dead or unreachable server, an RPC exceeding its timeout
 (the deadline's remaining budget, at least twice the predicted edge time), a
@@ -245,6 +258,7 @@ class EdgePool:
         self.metadata = oip.bearer(token) if token else ()
         self.cooldown_s = cooldown_s
         self.digest = digest
+        self.min_rtt_s = 0.0  # the smallest start-up round trip (`connect`)
         self.edges: list[_Edge] = []
         for addr in addresses:
             if tls_ca is not None:
@@ -301,7 +315,12 @@ class EdgePool:
         return Ping(int(y[0]), nbytes, time.perf_counter() - t0)
 
     def connect(self, bundle_digest: str, pings: int = 5) -> tuple[float, list[str]]:
-        """Probes every server: same bundle? Returns (median base RTT s, problems)."""
+        """Probes every server: same bundle? Returns (median base RTT s, problems).
+
+        The smallest round trip is kept too (``min_rtt_s``): what a transfer's time is
+        corrected by (a median taken at a busy moment would leave a frame's transfer
+        too short and its throughput sample too high).
+        """
         self.digest = bundle_digest
         rtts, problems = [], []
         for e in self.edges:
@@ -312,6 +331,7 @@ class EdgePool:
                 if e.compatible:
                     e.down_until = time.perf_counter() + self.cooldown_s
                 problems.append(str(f))
+        self.min_rtt_s = float(min(rtts)) if rtts else 0.0
         return (float(np.median(rtts)) if rtts else 0.0), problems
 
     def pick(self) -> _Edge | None:
@@ -370,6 +390,7 @@ def _exact_sizes(
 PROBE_S = 0.02  # a probe lasts about this long at the current bandwidth estimate
 MAX_PROBE_BYTES = 64 * 1024
 START_PROBES = 6  # at start-up, before the first frame
+MIN_SAMPLE_S = 0.005  # a frame's transfer shorter than this (at the estimate) is no sample
 
 
 def probe_size(estimate_bps: float | None, floor: int, target_s: float = PROBE_S,
@@ -392,7 +413,7 @@ class CoInference:
     def __init__(self, bundle: Bundle, pool: EdgePool, link: Link, *, deadline_ms: float,
                  policy: str = "edgent", margin: float = 0.1, device: Target | None = None,
                  probe_every: int = 10, probe_bytes: int = 1024,
-                 exit_name: str | None = None):  # fmt: skip
+                 exit_name: str | None = None, adapt: bool = True):  # fmt: skip
         m = bundle.manifest
         self.part = m.get("partitions")
         every = planner.options(m)
@@ -433,19 +454,27 @@ class CoInference:
         self.deadline_ms, self.margin, self.policy = deadline_ms, margin, policy
         self.out_shape = (1, bundle.num_classes)
         self.estimator = planner.BandwidthEstimator()
-        self.rtt_s = 0.0
+        # Compute drift (planner.ComputeDrift): the options as profiled, and as now believed.
+        self.drift = planner.ComputeDrift() if adapt else None
+        self.profiled = self.opts
+        self._believed = (1.0, 1.0)  # the factors self.opts and self.cmap were built with
+        self.rtt_s = self.min_rtt_s = 0.0
         self.cmap: list = []
         self.probe_every, self.probe_bytes = probe_every, probe_bytes
         self._since_sample = 0
 
-    def start(self, rtt_s: float) -> None:
+    def start(self, rtt_s: float, min_rtt_s: float | None = None) -> None:
         """Builds the configuration map for base RTT `rtt_s` and probes the link.
+
+        `min_rtt_s` (default `rtt_s`): the smallest round trip seen, which throughput
+        samples are corrected by.
 
         `START_PROBES` probes, each sized by the estimate so far (`probe_size`), so a
         fast link is seen as fast before the first frame (a 1 kB probe alone reads
         mostly RTT jitter: at 20 Mbps its transfer is 0.4 ms).
         """
         self.rtt_s = rtt_s
+        self.min_rtt_s = rtt_s if min_rtt_s is None else min(min_rtt_s, rtt_s)
         self.cmap = planner.config_map(self.opts, self.deadline_ms, rtt_ms=self.rtt_s * 1e3,
                                        margin=self.margin)  # fmt: skip
         self.link.restart()
@@ -470,13 +499,26 @@ class CoInference:
         self._observe(request.ByteSize() + ping.reply_bytes, time.perf_counter() - t0)
 
     def _observe(self, nbytes: int, network_s: float) -> bool:
-        sample = nbytes * 8.0 / max(network_s - self.rtt_s, 1e-5)
+        sample = nbytes * 8.0 / max(network_s - self.min_rtt_s, 1e-5)
         self.estimator, changed = self.estimator.observe(sample)
         self._since_sample = 0
         return changed
 
+    def _follow_drift(self) -> None:
+        """Rescales the options (and rebuilds the map) once a factor moved by more than 5%."""
+        if self.drift is None:
+            return
+        now = (self.drift.device, self.drift.edge)
+        if all(abs(a / b - 1.0) <= 0.05 for a, b in zip(now, self._believed)):
+            return
+        self._believed = now
+        self.opts = self.drift.scaled(self.profiled)
+        self.cmap = planner.config_map(self.opts, self.deadline_ms, rtt_ms=self.rtt_s * 1e3,
+                                       margin=self.margin)  # fmt: skip
+
     def choose(self, changed: bool) -> tuple[planner.Option, float, bool, str]:
         """(option, predicted ms, feasible, how) for the current estimate."""
+        self._follow_drift()
         bw = self.estimator.estimate_bps or 1e3
         rtt_ms = self.rtt_s * 1e3
         if changed and self.policy == "edgent":  # sharp change: the offline configuration map
@@ -502,6 +544,10 @@ class CoInference:
         t0 = now()
         h = np.ascontiguousarray(x[None], np.float32)
         new_change = False
+        if self.drift is not None:
+            row.update(device_factor=self.drift.device, edge_factor=self.drift.edge)
+        # What the profile alone predicts for this option's compute (drift samples).
+        profiled = self.profiled[self.opts.index(opt)] if self.drift is not None else opt
         if not opt.remote:
             logits, _ = self.clock.run(self.device, self.model.signature(opt.device_sig), h)
             row.update(device_ms=(now() - t0) * 1e3, edge_ms=0.0, network_ms=0.0)
@@ -511,6 +557,11 @@ class CoInference:
             t1 = now()
             row["device_ms"] = (t1 - t0) * 1e3
             logits, new_change = self._remote(i, opt, h, row, t0)
+        if self.drift is not None:
+            if opt.device_sig:
+                self.drift = self.drift.observe("device", profiled.device_ms, row["device_ms"])
+            if opt.remote and row["fallback"] is None and row.get("edge_timed", True):
+                self.drift = self.drift.observe("edge", profiled.edge_ms, row["edge_ms"])
         total = (now() - t0) * 1e3
         self._since_sample += 1
         pred = int(np.asarray(logits).argmax())
@@ -542,14 +593,19 @@ class CoInference:
                 self.link.transmit(down, timeout_s - (time.perf_counter() - t1))
                 wall_s = time.perf_counter() - t1
                 network_s = wall_s - server_ms / 1e3
-                row.update(edge_ms=server_ms, network_ms=max(network_s, 0.0) * 1e3)
+                row.update(edge_ms=server_ms, network_ms=max(network_s, 0.0) * 1e3,
+                           edge_timed=network_s > 0)  # fmt: skip
                 # A server reporting more compute than the whole call took is wrong (or
                 # lying): its answer is checked and used, its timing is not.
                 # A transfer shorter than the RTT it is corrected by is RTT noise, not a
                 # throughput sample (a 784 B frame at 5 Mbit/s is 1.3 ms; subtracting a
                 # start-up RTT taken on a busier moment can leave microseconds, i.e. a
                 # "900 Mbit/s" sample). The sized probes measure such links instead.
-                row["bw_sample"] = network_s > 0 and network_s >= 2.0 * self.rtt_s
+                # Likewise a transfer expected to last under MIN_SAMPLE_S at the current
+                # estimate: the RPC's own jitter on a loaded host is of that order.
+                est = self.estimator.estimate_bps
+                long_enough = not est or (up + down) * 8.0 / est >= MIN_SAMPLE_S
+                row["bw_sample"] = network_s > 0 and network_s >= 2.0 * self.rtt_s and long_enough
                 if not row["bw_sample"]:
                     return y, False
                 return y, self._observe(up + down, network_s)
@@ -615,6 +671,7 @@ class Options:
     probe_every: int = 10
     probe_bytes: int = 1024
     exit: str | None = None  # restrict every policy to this exit (None: all exits)
+    adapt: bool = True  # learn the compute drift of device and edge (planner.ComputeDrift)
 
 
 def run(opts: Options) -> dict:
@@ -663,8 +720,9 @@ def run(opts: Options) -> dict:
             print(f"warning: {p}", file=sys.stderr)
         client = CoInference(bundle, pool, link, deadline_ms=opts.deadline_ms, policy=opts.policy,
                              margin=opts.margin, device=device, probe_every=opts.probe_every,
-                             probe_bytes=opts.probe_bytes, exit_name=opts.exit)  # fmt: skip
-        client.start(rtt_s)
+                             probe_bytes=opts.probe_bytes, exit_name=opts.exit,
+                             adapt=opts.adapt)  # fmt: skip
+        client.start(rtt_s, pool.min_rtt_s)
         rows, changed = [], False
         for i in range(opts.frames):
             j = i % len(frames.x)
@@ -688,6 +746,15 @@ def run(opts: Options) -> dict:
             bundle.manifest["files"][bundle.manifest["partitions"]["model"]]["bytes"],
         ),
         "bandwidth_changes": client.estimator.changes,
+        "compute_drift": (
+            None
+            if client.drift is None
+            else {
+                "device": client.drift.device,
+                "edge": client.drift.edge,
+                "samples": list(client.drift.samples),
+            }
+        ),  # fmt: skip
         "summary": summarize(rows, opts.deadline_ms),
         "frames": rows,
     }
@@ -734,6 +801,8 @@ def build_parser() -> args_lib.ArgumentParser:
     p.add_argument("--cooldown-s", type=args_lib.real(0.0, 3600.0), default=2.0)
     p.add_argument("--probe-every", type=args_lib.count(1), default=10)
     p.add_argument("--probe-bytes", type=args_lib.count(1, DEFAULT_MAX_MESSAGE // 2), default=1024)
+    p.add_argument("--static-compute", action="store_true",
+                   help="plan with the profiled compute times (no drift learning)")  # fmt: skip
     p.add_argument("--exit", default=None,
                    help="restrict the policy to this exit (e.g. edge-only at exit_11)")  # fmt: skip
     return p
@@ -750,6 +819,7 @@ def _main(args) -> int:
         margin=args.margin, device=args.device, token=args.token, tls_ca=args.tls_ca,
         tls_server_name=args.tls_server_name, cooldown_s=args.cooldown_s,
         probe_every=args.probe_every, probe_bytes=args.probe_bytes, exit=args.exit,
+        adapt=not args.static_compute,
     )  # fmt: skip
     rep = run(opts)
     if args.json:

@@ -79,10 +79,10 @@ def write_trace(path: str, seconds: float = 8.0, step: float = 0.5, seed: int = 
 
 
 def _run(bundle, edges, policy, deadline, bandwidth, frames, margin, data, keep_rows=False,
-         exit_name=None) -> dict:  # fmt: skip
+         exit_name=None, adapt=True) -> dict:  # fmt: skip
     opts = coinfer.Options(
         bundle=bundle, edges=tuple(edges), deadline_ms=deadline, bandwidth=str(bandwidth),
-        frames=frames, data=data, policy=policy, margin=margin, exit=exit_name,
+        frames=frames, data=data, policy=policy, margin=margin, exit=exit_name, adapt=adapt,
     )  # fmt: skip
     rep = coinfer.run(opts)
     s = dict(rep["summary"])
@@ -93,6 +93,7 @@ def _run(bundle, edges, policy, deadline, bandwidth, frames, margin, data, keep_
     s["edges"] = rep["edges"]
     s["bandwidth_changes"] = rep["bandwidth_changes"]
     s["predicted_mean_ms"] = float(np.mean([r["predicted_ms"] for r in rows]))
+    s["compute_drift"] = rep["compute_drift"]
     s["encodings"] = encodings(rows)
     if keep_rows:
         s["rows"] = rows
@@ -204,6 +205,7 @@ class Settings:
     trace_step_s: float = 0.5
     trace_seed: int = 0
     edge_threads: int = 1  # LiteRT threads of each edge server
+    adapt: bool = True  # the client learns compute drift (runtime.planner.ComputeDrift)
 
 
 def run(bundle: str, out: str, settings: Settings = Settings(), log=print) -> dict:
@@ -237,12 +239,13 @@ def run(bundle: str, out: str, settings: Settings = Settings(), log=print) -> di
                "deadlines": list(st.deadlines), "policies": list(st.policies), "exits": exits,
                "bandwidth": [], "deadline": []}  # fmt: skip
         for bw in st.bandwidths:
-            s = _run(bundle, edges, "edgent", st.deadline_ms, bw, st.frames, st.margin, st.data)
+            s = _run(bundle, edges, "edgent", st.deadline_ms, bw, st.frames, st.margin, st.data,
+                     adapt=st.adapt)  # fmt: skip
             cut = interior(_top(s["plans"]))
             if cut:  # the same exit, device-only and edge-only, at this bandwidth; their
                 # latency as it is (a deadline 10x longer: no call is cut off by its budget)
                 base = [_run(bundle, edges, pol, 10 * st.deadline_ms, bw, st.frames, st.margin,
-                             st.data, exit_name=cut[0])
+                             st.data, exit_name=cut[0], adapt=st.adapt)
                         for pol in ("device-only", "edge-only")]  # fmt: skip
                 s["same_exit"] = same_exit(s, *base)
             rep["bandwidth"].append(s)
@@ -250,13 +253,14 @@ def run(bundle: str, out: str, settings: Settings = Settings(), log=print) -> di
                 + (f"; same exit: {s['same_exit']}" if cut else ""))  # fmt: skip
         for d in st.deadlines:
             for pol in st.policies:
-                s = _run(bundle, edges, pol, d, st.bandwidth_mbps, st.frames, st.margin, st.data)
+                s = _run(bundle, edges, pol, d, st.bandwidth_mbps, st.frames, st.margin,
+                         st.data, adapt=st.adapt)  # fmt: skip
                 rep["deadline"].append(s)
             log(f"deadline {d} ms done")
         trace = os.path.join(out, "trace.csv")
         write_trace(trace, st.trace_seconds, st.trace_step_s, st.trace_seed)
         rep["trace"] = _run(bundle, edges, "edgent", st.deadline_ms, trace, st.trace_frames,
-                            st.margin, st.data, keep_rows=True)  # fmt: skip
+                            st.margin, st.data, keep_rows=True, adapt=st.adapt)  # fmt: skip
         rep["seconds"] = time.perf_counter() - t0
     finally:
         for proc in procs:
@@ -279,6 +283,8 @@ def build_parser() -> args_lib.ArgumentParser:
     p.add_argument("--bandwidth-mbps", type=args_lib.positive(), default=2.0)
     p.add_argument("--margin", type=args_lib.real(0.0, 10.0), default=0.1)
     p.add_argument("--trace-frames", type=args_lib.count(1), default=1000)
+    p.add_argument("--static-compute", action="store_true",
+                   help="plan with the profile's compute times (no drift learning)")  # fmt: skip
     return p
 
 
@@ -290,6 +296,7 @@ def _main(args) -> int:
     settings = Settings(
         frames=args.frames, servers=args.servers, deadline_ms=args.deadline_ms,
         bandwidth_mbps=args.bandwidth_mbps, margin=args.margin, trace_frames=args.trace_frames,
+        adapt=not args.static_compute,
     )  # fmt: skip
     rep = run(args.bundle, args.out, settings, log=lambda m: print(m, flush=True))
     print(markdown(rep))

@@ -364,6 +364,62 @@ class BandwidthEstimator:
         return dataclasses.replace(self, estimate_bps=est, pending=(), samples=n), False
 
 
+@dataclasses.dataclass(frozen=True)
+class ComputeDrift:
+    """How much slower (or faster) than profiled the device and the edge compute, learned online.
+
+    The latency models are fitted on a profile taken once; a device that
+    heats up and throttles, or an edge box or host that other work loads, then
+    computes slower than the profile says, and a planner trusting the profile
+    misses deadlines it planned to meet. Like the bandwidth, which the client
+    learns from its own transfers, the compute speed of each side is learned
+    from its own calls: every frame's measured device time (and the edge's
+    reported compute time) over what the models predicted for that call is a
+    sample; each side keeps an EWMA of its samples (`alpha`), clamped to
+    [`lo`, `hi`], and `scaled` multiplies the options' predicted compute by it.
+    Calls predicted under `min_ms` are not samples (their ratio is timer noise).
+
+    Attributes:
+      device, edge: the current factors (1.0: as profiled).
+      samples: ``(device samples, edge samples)`` so far.
+    """
+
+    device: float = 1.0
+    edge: float = 1.0
+    alpha: float = 0.3
+    lo: float = 0.25
+    hi: float = 8.0
+    min_ms: float = 0.05
+    samples: tuple[int, int] = (0, 0)
+
+    def observe(self, side: str, predicted_ms: float, measured_ms: float) -> ComputeDrift:
+        """Adds one call of `side` (``device`` / ``edge``); returns the new state.
+
+        A non-finite, non-positive or tiny prediction, or a non-finite or
+        negative measurement, is not a sample (the state is returned as is).
+
+        Raises:
+          ValueError: `side` is neither ``device`` nor ``edge``.
+        """
+        if side not in ("device", "edge"):
+            raise ValueError(f"side must be 'device' or 'edge'; got {side!r}")
+        if not (math.isfinite(predicted_ms) and predicted_ms >= self.min_ms):
+            return self
+        if not (math.isfinite(measured_ms) and measured_ms >= 0):
+            return self
+        ratio = min(max(measured_ms / predicted_ms, self.lo), self.hi)
+        i = 0 if side == "device" else 1
+        old = self.device if i == 0 else self.edge
+        value = (1 - self.alpha) * old + self.alpha * ratio  # the profile is the prior
+        counts = (self.samples[0] + (i == 0), self.samples[1] + (i == 1))
+        return dataclasses.replace(self, samples=counts, **{side: value})
+
+    def scaled(self, opts: Sequence[Option]) -> list[Option]:
+        """`opts` with device and edge compute times multiplied by the current factors."""
+        return [dataclasses.replace(o, device_ms=o.device_ms * self.device,
+                                    edge_ms=o.edge_ms * self.edge) for o in opts]  # fmt: skip
+
+
 def bandwidth_states(
     lo_bps: float = 25e3, hi_bps: float = 20e6, per_decade: int = 8
 ) -> list[float]:

@@ -286,7 +286,7 @@ def _client(bundle_, address, *, link="1000", deadline_ms=1000.0, cooldown_s=0.0
     rtt, problems = pool.connect(bundle_.digest, pings=2)
     client = CoInference(bundle_, pool, Link.parse(link), deadline_ms=deadline_ms,
                          policy="edge-only")  # fmt: skip
-    client.start(rtt)
+    client.start(rtt, pool.min_rtt_s)
     return client, pool, problems
 
 
@@ -349,9 +349,10 @@ def test_bad_replies_finish_the_frame_locally_and_a_lying_server_time_is_not_a_s
     oip_service.add_GRPCInferenceServiceServicer_to_server(proxy, psrv)
     paddress = f"127.0.0.1:{psrv.add_insecure_port('127.0.0.1:0')}"
     psrv.start()
-    # 1 Mbit/s: a frame's transfer (>= 784 B, >= 6 ms) outlasts the RTT, so an honest reply
-    # is a bandwidth sample (shorter transfers are RTT noise and never are).
-    client, pool, _ = _client(bundle, paddress, link="1")
+    # 0.5 Mbit/s: a frame's transfer (>= 784 B, >= 12.5 ms) outlasts the RTT and the 5 ms
+    # floor, so an honest reply is a bandwidth sample (shorter transfers are RPC noise and
+    # never are: coinfer.MIN_SAMPLE_S).
+    client, pool, _ = _client(bundle, paddress, link="0.5")
     try:
         # A server claiming more compute than the whole call took: its answer is used,
         # its timing is not fed to the bandwidth estimate.

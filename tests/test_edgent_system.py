@@ -536,6 +536,39 @@ def test_coinfer_runs_frames_through_a_real_server_and_logs_each(bundle, server,
     assert s["frames"] == 30 and 0 <= s["accuracy"] <= 1
 
 
+def test_coinfer_learns_a_device_slower_than_profiled_and_plans_with_it(bundle, server, tmp_path):
+    # The bundle was profiled on a device slowed 5x; the same device, and one slowed 20x: the
+    # client learns each one's factor (measured / profiled device time) from its own calls.
+    _, address = server
+    reps = {}
+    for name, extra in (("5", ()), ("20", ()), ("static", ("--static-compute",))):
+        path = tmp_path / f"{name}.json"
+        slowdown = "5" if name == "5" else "20"
+        proc = _coinfer(bundle.path, address, "--token=s3cret", f"--json={path}",
+                        "--policy=device-only", f"--device=local:threads=1:slowdown={slowdown}",
+                        *extra, frames=20)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        reps[name] = json.loads(path.read_text())
+    same, slow = reps["5"]["compute_drift"], reps["20"]["compute_drift"]
+    assert same["samples"][0] == slow["samples"][0] == 20
+    assert same["edge"] == 1.0 and same["samples"][1] == 0  # device-only: no edge calls
+    assert slow["device"] > 1.3 * same["device"], (same, slow)
+    for rep in (reps["5"], reps["20"]):
+        rows = rep["frames"]
+        assert rows[0]["device_factor"] == 1.0  # each frame logs the factor it was planned with
+        # The factor is what the frames showed: measured over the profile's prediction
+        # (device-only: predicted = factor x profiled device time).
+        ratios = [r["device_ms"] / (r["predicted_ms"] / r["device_factor"]) for r in rows[10:]]
+        want = min(np.median(ratios), planner.ComputeDrift.hi)  # (the clamp)
+        assert rep["compute_drift"]["device"] == pytest.approx(want, rel=0.3)
+    # Predictions follow the learned factor; with --static-compute they stay the profile's.
+    static = reps["static"]
+    assert static["compute_drift"] is None and "device_factor" not in static["frames"][0]
+    err = [np.mean([abs(r["error_ms"]) for r in rep["frames"][10:]])
+           for rep in (reps["20"], static)]  # fmt: skip
+    assert err[0] < err[1], err
+
+
 def test_coinfer_spreads_frames_over_servers_and_falls_back_when_one_dies(bundle, tmp_path):
     servers = []
     for _ in range(2):
@@ -556,7 +589,10 @@ def test_coinfer_spreads_frames_over_servers_and_falls_back_when_one_dies(bundle
     killer = threading.Thread(target=kill_second)
     killer.start()
     out = tmp_path / "c.json"
-    proc = _coinfer(bundle.path, edges, f"--json={out}", "--policy=edge-only", frames=120)
+    # 1 Mbit/s: every frame's transfer (>= 6 ms) is a bandwidth sample, so no probe runs
+    # between frames (a probe would find the dead server first: no frame would fall back).
+    proc = _coinfer(bundle.path, edges, f"--json={out}", "--policy=edge-only", "--bandwidth=1",
+                    frames=120)  # fmt: skip
     killer.join()
     servers[0][0].stop(0)
     assert proc.returncode == 0, proc.stderr

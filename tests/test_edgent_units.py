@@ -94,6 +94,39 @@ def test_bandwidth_estimator_ewma_drop_at_once_rise_after_confirmation():
     assert same is est and not ch
 
 
+def test_compute_drift_learns_each_side_from_its_calls_and_rescales_the_plan():
+    d = planner.ComputeDrift(alpha=0.5)
+    d = d.observe("device", 10.0, 30.0)  # 3x slower: the EWMA moves from the prior 1.0
+    assert d.device == pytest.approx(2.0) and d.edge == 1.0 and d.samples == (1, 0)
+    d = d.observe("device", 10.0, 30.0)
+    assert d.device == pytest.approx(2.5)
+    d = d.observe("edge", 4.0, 2.0)
+    assert d.edge == pytest.approx(0.75) and d.samples == (2, 1)
+    # Not samples: a tiny or non-finite prediction, a NaN / negative measurement.
+    for pred, meas in ((0.01, 5.0), (float("nan"), 5.0), (5.0, float("nan")), (5.0, -1.0),
+                       (float("inf"), 5.0), (5.0, float("inf"))):  # fmt: skip
+        assert d.observe("device", pred, meas) is d
+    # A hostile or broken report cannot push a factor beyond the clamp.
+    far = planner.ComputeDrift(alpha=1.0).observe("edge", 1.0, 1e9)
+    assert far.edge == far.hi
+    with pytest.raises(ValueError, match="side"):
+        d.observe("phone", 1.0, 1.0)
+    # The options' compute is scaled, nothing else.
+    scaled = d.scaled(OPTS)
+    for o, s in zip(OPTS, scaled):
+        assert s.device_ms == pytest.approx(o.device_ms * d.device)
+        assert s.edge_ms == pytest.approx(o.edge_ms * d.edge)
+        assert (s.up_bytes, s.partition, s.exit) == (o.up_bytes, o.partition, o.exit)
+    # At 1 Mbps and 75 ms the profile's plan is exit 1 cut at 4 (60 + 2 + 8.3 ms); a device
+    # found 1.2x slower makes that 82.3 ms, so the plan falls back to exit 0 on the device.
+    before = planner.plan(OPTS, 1e6, 75.0)
+    slow = planner.ComputeDrift(alpha=1.0).observe("device", 10.0, 12.0)
+    after = planner.plan(slow.scaled(OPTS), 1e6, 75.0)
+    assert (before.option.exit_index, before.option.partition) == (1, 4)
+    assert (after.option.exit_index, after.option.partition, after.feasible) == (0, None, True)
+    assert after.predicted_ms == pytest.approx(20.0 * 1.2)
+
+
 def test_config_map_is_the_plan_at_each_state_lower_edge():
     states = [0.1e6, 1e6, 10e6, 100e6]
     cmap = planner.config_map(OPTS, 75.0, states=states)
