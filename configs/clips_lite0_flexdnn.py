@@ -63,6 +63,18 @@ def get_config(arg: str | None = None):
         lite.clips.fps = 5.0
         lite.clips.train_fps = 5.0
         lite.clips.train_tiles = ((1.0, 0.5, 0.5),)
+    elif arg == "quick":  # `make demo`: < 10 min on 2 idle cores, cold clip cache included
+        f.positions = (7, 11)  # two candidates (28x28x40 and 14x14x80 maps)
+        f.max_trials = 3  # two filter-pruning steps, then one layer drop
+        f.finetune_steps = 20
+        f.timing_rounds = 3
+        f.timing_calls = 5
+        f.bench_rounds = 2
+        lite.distill_steps = 150
+        lite.clips.fps = 5.0
+        lite.clips.train_fps = 2.0
+        lite.clips.train_tiles = ((1.0, 0.5, 0.5),)
+        lite.export.parity_examples = 8
     elif arg == "smoke":  # tests: 64 px, a few frames per clip, two candidates
         config.lite.image_size = 64
         config.calibration.method = "empirical"  # bounds need many more val frames
@@ -90,5 +102,5 @@ def get_config(arg: str | None = None):
         lite.export.parity_examples = 4
         lite.export.epsilons = (0.01,)
     elif arg:
-        raise ValueError(f"unknown config argument '{arg}'; valid: demo, smoke")
+        raise ValueError(f"unknown config argument '{arg}'; valid: demo, quick, smoke")
     return config
