@@ -71,6 +71,7 @@ def get_config(arg: str | None = None):
         f.timing_calls = 5
         f.bench_rounds = 2
         lite.distill_steps = 150
+        lite.distill_batch_size = 32  # also the search's fine-tuning and BranchyNet's batch
         lite.clips.fps = 5.0
         lite.clips.train_fps = 2.0
         lite.clips.train_tiles = ((1.0, 0.5, 0.5),)
