@@ -2,6 +2,7 @@
 
   python -m train.flexdnn --config=configs/clips_lite0_flexdnn.py --workdir=runs/lite0_flexdnn
   python -m train.flexdnn --config=configs/clips_lite0_flexdnn.py:demo --workdir=/tmp/lite0_demo
+  python -m train.flexdnn --config=configs/clips_lite0_flexdnn.py:quick --workdir=runs/demo/q
   python -m train.flexdnn --config=configs/clips_lite0_flexdnn.py:smoke --workdir=/tmp/lite0_smoke
 
 The backbone is EfficientNet-Lite0 at 224 px (frozen). Candidate exits hang off
@@ -22,7 +23,10 @@ on the same cached features for as many steps as each FlexDNN exit got.
 The search tries at most 4 architectures per exit (40 fine-tuning steps each)
 after 300 distillation steps. `:demo` (the `make demo` candidate): the same
 search over less: 5 fps, centre crops mirrored, three candidates (every 4th
-block). `:smoke`: the tests' 64 px run.
+block). `:quick` (`make demo`): a smaller search over less, to finish in minutes on
+2 cores: train clips at 2 fps (centre crops mirrored), two candidates (blocks 7 and 11)
+distilled 150 steps at batch 32, <= 3 search steps of 20 fine-tuning steps, 3 x 5 timing
+calls, 2 bench rounds, parity on 8 frames. `:smoke`: the tests' 64 px run.
 """
 
 from flexjax.config import flexdnn_lite_defaults
