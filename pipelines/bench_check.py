@@ -124,6 +124,16 @@ def format_check(check: dict, report: dict, source: str = "test") -> str:
         "threshold-sweep curve at equal accuracy):",
     ]  # fmt: skip
     lines += headline_lines(report, source) or ["  (the report has no equal-accuracy run)"]
+    for ref, t in (report.get("targets", {}).get("equal_accuracy") or {}).items():
+
+        def verdict(ok):
+            return {True: "met", False: "MISSED", None: "undetermined"}[ok]
+
+        lines.append(
+            f"  issue 13 targets ({ref}, backbone - {t['drop'] * 100:g} pt): FlexDNN <= 0.6x "
+            f"backbone {verdict(t['time_vs_backbone_ok'])}, <= 0.72x BranchyNet "
+            f"{verdict(t['time_vs_branchynet_ok'])}"
+        )
     return "\n".join(lines)
 
 
