@@ -21,17 +21,39 @@ $(STAMP): setup.cfg pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[train,dev]"
 	touch $(STAMP)
 
-# Quickstart on bundled data (FlexDNN, issue 4): train an AlexNet-size backbone on
-# MNIST-5k, put an over-parameterized exit at each of its 5 block boundaries and
-# train them on the frozen backbone, search each exit (filter + layer pruning with
-# brief fine-tuning), keep the exits whose R > 1, export the result as a TFLite
-# bundle, and benchmark it against the backbone, a width-reduced backbone and
-# BranchyNet in one interleaved LiteRT run (test split + video streams). The demo
-# uses a SMALLER search than configs/mnist_flexdnn.py (the `:demo` variant: 6
-# backbone epochs, <= 5 search steps per exit of 40 fine-tuning steps, one lossy
-# width). Then the runtime's own verify + bench on the exported bundle.
-# Re-running resumes from runs/demo/flexdnn (finished stages are not redone).
+# Quickstart (issue 13, item 6): FlexDNN on the frozen ImageNet EfficientNet-Lite0 at
+# 224 px over the real video clips (pipelines/flexdnn_lite.py), with the SMALLER search of
+# configs/clips_lite0_flexdnn.py:quick: train clips at 2 fps (+ mirrors), two candidate
+# exits (blocks 7 and 11) distilled 150 steps, <= 3 search steps of 20 fine-tuning steps
+# per exit, 3x5 timing calls per signature, 2 interleaved bench rounds. It caches the
+# backbone's activations, distils and searches the exits, measures every signature as
+# exported TFLite, calibrates on the val clips, applies the R > 1 plan, exports the bundle
+# and benchmarks it against the backbone and a frozen-protocol BranchyNet at equal
+# accuracy in one interleaved LiteRT run on the test clips. Then the runtime's own verify
+# + bench on the exported bundle, and pipelines.bench_check: runtime.bench must give the
+# report's accuracy and exit rates exactly; it prints the equal-accuracy headline.
+# Re-running resumes from runs/demo/lite0_flexdnn (finished stages are not redone).
+DEMO ?= $(RUNS)/demo/lite0_flexdnn
 demo: $(STAMP) data
+	$(BIN)/python -m train.flexdnn --config=configs/clips_lite0_flexdnn.py:quick \
+	  --workdir=$(DEMO)
+	$(BIN)/python -m runtime.verify $(DEMO)/bundles/flexdnn
+	$(BIN)/python -m runtime.bench --bundle=$(DEMO)/bundles/flexdnn \
+	  --data=npz:$(DEMO)/frames_test.npz --target=local --threads=1 --rounds=2 \
+	  --json=$(RUNS)/demo/bench_lite0_test.json
+	$(BIN)/python -m pipelines.bench_check --report=$(DEMO)/report.json \
+	  --bench=$(RUNS)/demo/bench_lite0_test.json
+
+# The earlier quickstart on bundled data (FlexDNN, issue 4): train an AlexNet-size backbone
+# on MNIST-5k, put an over-parameterized exit at each of its 5 block boundaries and train
+# them on the frozen backbone, search each exit (filter + layer pruning with brief
+# fine-tuning), keep the exits whose R > 1, export the result as a TFLite bundle, and
+# benchmark it against the backbone, a width-reduced backbone and BranchyNet in one
+# interleaved LiteRT run (test split + video streams). A SMALLER search than
+# configs/mnist_flexdnn.py (the `:demo` variant: 6 backbone epochs, <= 5 search steps per
+# exit of 40 fine-tuning steps, one lossy width). Then the runtime's own verify + bench.
+.PHONY: demo-mnist
+demo-mnist: $(STAMP) data
 	$(BIN)/python -m train.flexdnn --config=configs/mnist_flexdnn.py:demo \
 	  --workdir=$(RUNS)/demo/flexdnn
 	$(BIN)/python -m runtime.verify $(RUNS)/demo/flexdnn/bundles/flexdnn

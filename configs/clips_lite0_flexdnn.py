@@ -2,6 +2,7 @@
 
   python -m train.flexdnn --config=configs/clips_lite0_flexdnn.py --workdir=runs/lite0_flexdnn
   python -m train.flexdnn --config=configs/clips_lite0_flexdnn.py:demo --workdir=/tmp/lite0_demo
+  python -m train.flexdnn --config=configs/clips_lite0_flexdnn.py:quick --workdir=runs/demo/q
   python -m train.flexdnn --config=configs/clips_lite0_flexdnn.py:smoke --workdir=/tmp/lite0_smoke
 
 The backbone is EfficientNet-Lite0 at 224 px (frozen). Candidate exits hang off
@@ -22,7 +23,10 @@ on the same cached features for as many steps as each FlexDNN exit got.
 The search tries at most 4 architectures per exit (40 fine-tuning steps each)
 after 300 distillation steps. `:demo` (the `make demo` candidate): the same
 search over less: 5 fps, centre crops mirrored, three candidates (every 4th
-block). `:smoke`: the tests' 64 px run.
+block). `:quick` (`make demo`): a smaller search over less, to finish in minutes on
+2 cores: train clips at 2 fps (centre crops mirrored), two candidates (blocks 7 and 11)
+distilled 150 steps at batch 32, <= 3 search steps of 20 fine-tuning steps, 3 x 5 timing
+calls, 2 bench rounds, parity on 8 frames. `:smoke`: the tests' 64 px run.
 """
 
 from flexjax.config import flexdnn_lite_defaults
@@ -63,6 +67,19 @@ def get_config(arg: str | None = None):
         lite.clips.fps = 5.0
         lite.clips.train_fps = 5.0
         lite.clips.train_tiles = ((1.0, 0.5, 0.5),)
+    elif arg == "quick":  # `make demo`: < 10 min on 2 idle cores, cold clip cache included
+        f.positions = (7, 11)  # two candidates (28x28x40 and 14x14x80 maps)
+        f.max_trials = 3  # two filter-pruning steps, then one layer drop
+        f.finetune_steps = 20
+        f.timing_rounds = 3
+        f.timing_calls = 5
+        f.bench_rounds = 2
+        lite.distill_steps = 150
+        lite.distill_batch_size = 32  # also the search's fine-tuning and BranchyNet's batch
+        lite.clips.fps = 5.0
+        lite.clips.train_fps = 2.0
+        lite.clips.train_tiles = ((1.0, 0.5, 0.5),)
+        lite.export.parity_examples = 8
     elif arg == "smoke":  # tests: 64 px, a few frames per clip, two candidates
         config.lite.image_size = 64
         config.calibration.method = "empirical"  # bounds need many more val frames
@@ -90,5 +107,5 @@ def get_config(arg: str | None = None):
         lite.export.parity_examples = 4
         lite.export.epsilons = (0.01,)
     elif arg:
-        raise ValueError(f"unknown config argument '{arg}'; valid: demo, smoke")
+        raise ValueError(f"unknown config argument '{arg}'; valid: demo, quick, smoke")
     return config

@@ -383,9 +383,23 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
+    # Wall and process CPU seconds (all threads) of every stage (a resumed stage counts its
+    # reload), in report["timing"]: under a shared load the CPU time is the one to compare.
+    stages: dict[str, float] = {}
+    stages_cpu: dict[str, float] = {}
+    mark = [time.monotonic(), time.process_time()]
+
+    def lap(stage: str) -> None:
+        now, cpu = time.monotonic(), time.process_time()
+        stages[stage] = stages.get(stage, 0.0) + now - mark[0]
+        stages_cpu[stage] = stages_cpu.get(stage, 0.0) + cpu - mark[1]
+        mark[:] = [now, cpu]
+
     # 1. Backbone, clips, the feature cache.
     backbone, bvars = pretrained.load(lite.backbone, int(lite.image_size))
+    lap("backbone_load")
     data = load_frames(config, log)
+    lap("clips")
     val, test = data["val"], data["test"]
     positions = s["positions"]
     bpos = s["branchy_positions"]
@@ -399,6 +413,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     del frames, data["train"]
     labels = {"val": val.labels.astype(np.int64), "test": test.labels.astype(np.int64)}
     backbone_top1 = {sp: cache.logits(sp).argmax(-1) for sp in ("val", "test")}
+    lap("feature_cache")
 
     # 2. Candidate exits distilled on the cached train features.
     cnet = candidate_net(config, backbone, positions)
@@ -413,11 +428,13 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     else:
         cvars = found[1]
     cand_acc = _agreements(cnet, cvars, cache, labels)
+    lap("distill_candidates")
 
     # 3. The search, on the cached features.
     # The val labels the search, the thresholds and the plan read (lite.calibrate_on).
     cal_val = labels["val"] if lite.calibrate_on == "reference" else backbone_top1["val"]
     snet, svars, search = search_all(config, cnet, cvars, cache, cal_val, workdir, log)
+    lap("search")
 
     # 4. Measured costs of every segment and head signature.
     x_probe = clips_lib.to_float(val.frames[:1])
@@ -427,6 +444,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     names = [e.name for e in snet.exits]
     head_ms = [sig[head_name(n)] for n in names]
     seg_ms = [sig[segment_name(n)] for n in names] + [sig[segment_name(FINAL)]]
+    lap("measured_costs")
 
     # 5. Thresholds on the val clips + the R plan.
     crit, eps = config.exits.criterion, float(config.exits.epsilon)
@@ -440,6 +458,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     final_dir = os.path.join(workdir, "final")
     if checkpoint.load_saved(final_dir, fnet) is None:
         checkpoint.save_model(final_dir, fnet, fvars, export_config(config).to_dict())
+    lap("plan")
 
     # 6. BranchyNet (frozen protocol): its heads on the same cached features, same steps.
     branchy_steps = int(lite.distill_steps) + int(f.max_trials) * int(f.finetune_steps)
@@ -454,6 +473,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     else:
         brvars = found[1]
     branchy_acc = _agreements(bnet, brvars, cache, labels)
+    lap("branchynet")
 
     # 7. Bundles (val-calibrated on measured ms) and the benchmark's frames.
     splits = Splits(
@@ -469,6 +489,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         if not _bundle_current(out, n):
             export_bundle(config, n, v, splits, out, log)
     export_s = time.monotonic() - t0
+    lap("export")
     _save_npz(os.path.join(workdir, TEST_FRAMES), splits.test.x, splits.test.y)
     _save_npz(os.path.join(workdir, TEST_FRAMES_BACKBONE), splits.test.x, backbone_top1["test"])
 
@@ -480,9 +501,11 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     }
     for sy in systems.values():
         sy.measure(splits.val.x[0], int(f.timing_rounds), int(f.timing_calls))
+    lap("bench_signature_times")
     limit = int(f.bench_frames) or len(splits.test.y)
     test_ds = Dataset(splits.test.x[:limit], splits.test.y[:limit])
     bench = benchmark(systems, {"test": ("val", test_ds)}, crit, eps, int(f.bench_rounds), log)
+    lap("bench_interleaved")
     rows = bench["test"]["systems"]
 
     # Agreement with the backbone's own top-1, same thresholds, same frames.
@@ -574,10 +597,16 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
         "equal_accuracy_expected_ms": eq,
         "equal_accuracy_backbone_agreement_expected_ms": eq_bb,
         "signature_ms": {n: sy.sig_ms for n, sy in systems.items()},
-        "timing": {"feature_cache_s": feature_s, "export_s": export_s},
+        "timing": {
+            "feature_cache_s": feature_s,
+            "export_s": export_s,
+            "stages_s": stages,
+            "stages_cpu_s": stages_cpu,
+        },
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
     report["targets"] = targets(report)
+    lap("agreement_R_report")
     report["job_seconds"] = time.monotonic() - t_start
     report["load_average"] = list(os.getloadavg())
     write_json_atomic(os.path.join(workdir, "report.json"), report)
@@ -719,6 +748,13 @@ def format_report(report: dict) -> str:
             f"; FlexDNN {x(e['time_vs_backbone'])} backbone "
             f"({verdict(e['time_vs_backbone_ok'])}), {x(e['time_vs_branchynet'])} BranchyNet "
             f"({verdict(e['time_vs_branchynet_ok'])})"
+        )
+    st = report.get("timing", {}).get("stages_s", {})
+    cpu = report.get("timing", {}).get("stages_cpu_s", {})
+    if st:
+        lines.append(
+            "stages, wall / process CPU s: "
+            + ", ".join(f"{k} {v:.0f}/{cpu.get(k, float('nan')):.0f}" for k, v in st.items())
         )
     lines.append(
         f"job {report['job_seconds']:.0f} s, load average "

@@ -189,6 +189,14 @@ def test_int8_export_uses_representative_data_and_is_smaller(smoke_workdir, smok
         assert r["top1_agreement"] >= 0.9
 
 
+def test_parity_examples_bounds_the_per_signature_check_too(smoke_workdir, tmp_path):
+    # A caller asking for 3 parity examples gets every signature checked on 3 (not 64).
+    out = tmp_path / "three"
+    m = export_bundle(smoke_workdir, str(out), parity_examples=3, log=lambda *_: None)
+    assert m["parity"]["passed"] and m["parity"]["examples"] == 3
+    assert {r["examples"] for r in m["parity"]["signatures"].values()} == {3}
+
+
 def test_failed_parity_fails_loudly_and_writes_nothing(smoke_workdir, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(ExportError, match="parity"):

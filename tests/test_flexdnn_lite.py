@@ -176,7 +176,78 @@ def test_smoke_searches_on_cached_features_exports_bundles_runtime_bench_agrees(
     assert b.returncode == 0, b.stderr[-2000:]
     bench = json.loads(out.read_text())
     assert bench["frames"] == 4
+    # The report is reproducible from the bundle with the runtime alone (what `make demo`
+    # checks): same accuracy and exit rates; every stage's wall and CPU time is reported.
+    row = rows["flexdnn"]
+    assert bench["accuracy"] == row["accuracy"]
+    assert bench["exit_rates"] == pytest.approx(row["exit_rates"], abs=1e-12)
+    check = subprocess.run(
+        [sys.executable, "-m", "pipelines.bench_check", f"--report={workdir / 'report.json'}",
+         f"--bench={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert "runtime.bench reproduces the report's FlexDNN row on 4 test frames" in check.stdout
+    assert "headline" in check.stdout
+    stages = report["timing"]["stages_s"]
+    for stage in ("clips", "feature_cache", "distill_candidates", "search", "measured_costs",
+                  "plan", "branchynet", "export", "bench_interleaved"):  # fmt: skip
+        assert stages[stage] >= 0 and report["timing"]["stages_cpu_s"][stage] >= 0, stage
+    assert sum(stages.values()) <= report["job_seconds"] + 1e-6
     # A rerun resumes: every stage is found, nothing is retrained.
     again = _job(workdir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "distilling" not in again.stderr and "searching" not in again.stderr
+
+
+def test_bench_check_refuses_a_bench_run_that_does_not_reproduce_the_report():
+    from pipelines import bench_check
+
+    row = {"accuracy": 0.5, "exit_rates": {"exit_7": 0.25, "final": 0.75},
+           "ratio_vs_backbone": 0.8}  # fmt: skip
+    report = {"benchmark": {"test": {"frames": 4, "systems": {"flexdnn": row}}}}
+    bench = {"frames": 4, "accuracy": 0.5, "exit_rates": {"exit_7": 0.25, "final": 0.75},
+             "ratio_vs_full": {"early_exit": 0.88}}  # fmt: skip
+    got = bench_check.compare(report, bench)
+    assert got["ratio_vs_backbone"]["relative_difference"] == pytest.approx(0.1)
+    for change, words in [
+        ({"frames": 3}, "ran 3 frames, the report 4"),
+        ({"accuracy": 0.75}, "accuracy"),
+        ({"exit_rates": {"exit_7": 0.5, "final": 0.5}}, "exit rates"),
+        ({"exit_rates": {"final": 1.0}}, "exit rates"),
+    ]:
+        with pytest.raises(bench_check.MismatchError, match=words):
+            bench_check.compare(report, {**bench, **change})
+    with pytest.raises(bench_check.MismatchError, match="no benchmark row"):
+        bench_check.compare({"benchmark": {}}, bench)
+    with pytest.raises(bench_check.MismatchError, match="not a runtime.bench report"):
+        bench_check.compare(report, {"frames": 4})
+
+
+def test_bench_check_cli_mismatch_is_one_error_line(tmp_path):
+    report = {
+        "benchmark": {
+            "test": {
+                "frames": 4,
+                "systems": {
+                    "flexdnn": {
+                        "accuracy": 0.5,
+                        "exit_rates": {"final": 1.0},
+                        "ratio_vs_backbone": 1.0,
+                    }
+                },
+            }
+        }
+    }
+    bench = {"frames": 4, "accuracy": 0.25, "exit_rates": {"final": 1.0},
+             "ratio_vs_full": {"early_exit": 1.0}}  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.bench_check", f"--report={tmp_path / 'r.json'}",
+         f"--bench={tmp_path / 'b.json'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: runtime.bench does not reproduce")
