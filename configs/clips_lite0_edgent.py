@@ -100,6 +100,7 @@ def get_config(arg: str | None = None):
         d.train_tiles = (1.0, 0.5, 0.5, 0.5, 0.25, 0.75)  # two (scale, y, x) tiles
         d.flip = True
         d.balance_clips = True
+        d.stills = 4  # ... and crops of still images (flexjax.data.stills)
         config.export.parity_examples = 4
         config.export.epsilons = (0.01,)
         config.sweep.size = "lite_smoke"
