@@ -130,3 +130,43 @@ def test_stills_option_defaults_off_and_rejects_negative_counts(schema, key):
     d = c.to_dict()
     d[key]["stills"] = 2000
     assert config_lib.validate(ml_collections.ConfigDict(d), schema)[key].stills == 2000
+
+
+@needs_opencv_doc
+def test_flexdnn_lite_appends_stills_to_the_train_frames_only_when_asked():
+    from pipelines import flexdnn_lite
+
+    config = config_lib.flexdnn_lite_defaults()
+    config.lite.image_size = 32
+    x = np.zeros((5, 32, 32, 3), np.uint8)
+    assert flexdnn_lite.with_stills(config, x, print) is x
+    config.lite.stills = 7
+    lines = []
+    y = flexdnn_lite.with_stills(config, x, lines.append)
+    assert y.shape == (12, 32, 32, 3) and y.dtype == np.uint8
+    np.testing.assert_array_equal(y[:5], x)
+    np.testing.assert_array_equal(y[5:], stills.load_stills(7, 32))
+    assert "7 crops" in lines[0]
+
+
+@needs_opencv_doc
+def test_edgent_distillation_frames_get_the_stills_as_one_more_group():
+    from types import SimpleNamespace
+
+    from configs import clips_lite0_edgent
+    from pipelines import edgent_distill
+
+    config = clips_lite0_edgent.get_config("smoke")
+    config.distill.train_tiles = ()
+    config.distill.flip = False
+    config.distill.stills = 3
+    size = config.distill.image_size
+    train = SimpleNamespace(frames=np.zeros((2, size, size, 3), np.uint8), clip=np.array([0, 0]),
+                            clips=("carphone",))  # fmt: skip
+    frames, clip, counts = edgent_distill._augmented(config, SimpleNamespace(train=train))
+    assert frames.shape == (5, size, size, 3) and list(clip) == [0, 0, 1, 1, 1]
+    assert counts == {"carphone": 2, "stills": 3}
+    np.testing.assert_array_equal(frames[2:], stills.load_stills(3, size))
+    config.distill.stills = -1
+    with pytest.raises(ValueError, match="distill.stills must be an integer >= 0"):
+        edgent_distill.check(config)
