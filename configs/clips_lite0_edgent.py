@@ -13,6 +13,16 @@ FlexDNN-searched (issue 14: "whichever lands first"). Accuracy is agreement with
 the reference model's labels (EfficientNet-Lite2 at 260 px, `flexjax.data.clips`)
 and with the backbone's own top-1; thresholds are calibrated on the val clips.
 
+These heads do not transfer to the val / test scenes (agreement ~0; BENCHMARKS.md,
+"Exits that transfer (issues 13/14)"), and neither does anything tried on the
+distillation side: ``distill.stills`` = 1000 / 3000 random crops of opencv-doc's
+still images (`flexjax.data.stills`; the train set's top-1 classes then cover 51% /
+90% of the val / test frames' instead of 2%), 1000 steps instead of 300, or the
+``mimic`` head (the backbone's own classifier, shared). On val every exit agrees
+with the backbone on at most 2 of 129 frames in every setting, so none is chosen
+over the others: ``stills`` stays 0 (3000 crops would add ~6 min of feature cache
+at load ~10 for nothing measurable) and the light head stays.
+
 Partition points sit at MBConv block boundaries (every 4th, plus after each exit):
 after blocks 7, 11, 15 and 19 the activation is 125 / 63 / 38 / 63 kB (fp32)
 against the 602 kB input, so interior cuts can pay (after block 4 it is 803 kB,
@@ -57,8 +67,11 @@ def get_config(arg: str | None = None):
     d.cut_every = 4
     # "mimic" (the backbone's own head, classifier shared) generalized no better across scenes
     # in a trial on these splits (0.0 agreement with the backbone on val and test) at 10x
-    # the head's cost, so the light head stays.
+    # the head's cost, nor with 3000 still crops (<= 1 frame of 129 on val), so the light
+    # head stays.
     d.head = "conv_pool_dense"
+    # Still-image crops for distillation: no val gain at 1000 / 3000 (see the docstring).
+    d.stills = 0
     d.head_features = 128
     d.steps = 300
     d.batch_size = 64
@@ -100,6 +113,7 @@ def get_config(arg: str | None = None):
         d.train_tiles = (1.0, 0.5, 0.5, 0.5, 0.25, 0.75)  # two (scale, y, x) tiles
         d.flip = True
         d.balance_clips = True
+        d.stills = 4  # ... and crops of still images (flexjax.data.stills)
         config.export.parity_examples = 4
         config.export.epsilons = (0.01,)
         config.sweep.size = "lite_smoke"

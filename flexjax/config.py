@@ -216,6 +216,9 @@ def edgent_defaults() -> ml_collections.ConfigDict:
     c.distill.train_tiles = ()
     c.distill.flip = False
     c.distill.balance_clips = False
+    # Random crops of opencv-doc's still images (flexjax.data.stills) appended to the train
+    # split: many scenes besides the train clips' three (issues 13/14). 0 = none.
+    c.distill.stills = 0
     return c
 
 
@@ -315,6 +318,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("distill.train_tiles", _each(_real(0.0, 1.0))),
     ("distill.clips.max_frames", _int(0, 100_000)),
     ("distill.clips.reference_resolution", _int(0, 1024)),
+    ("distill.stills", _int(0, 1_000_000)),
     # MCDNN catalog.
     ("stem", _int(0, 10_000)),
     ("heads.steps", _int(1, MAX_COUNT)),
@@ -720,6 +724,9 @@ def flexdnn_lite_defaults() -> ml_collections.ConfigDict:
     c.lite.branchy_features = 128  # BranchyNet heads: conv 1x1 (features) -> pool -> dense
     c.lite.flips = True  # train frames also mirrored (features of both cached)
     c.lite.feature_batch = 32
+    # Random crops of opencv-doc's still images (flexjax.data.stills) appended to the train
+    # frames (after the mirrored copies) for the exits' distillation; 0 = none.
+    c.lite.stills = 0
     # Labels of the val clips for the search's delta, the thresholds and the R plan:
     # "reference" (the reference model's top-1) or "backbone" (the backbone's own top-1).
     c.lite.calibrate_on = "reference"
@@ -748,6 +755,7 @@ DOMAINS = DOMAINS + (
     ("lite.distill_weight", _real(0.0, 1.0)),
     ("lite.branchy_features", _int(1, 4096)),
     ("lite.feature_batch", _int(1, 4096)),
+    ("lite.stills", _int(0, 1_000_000)),
     ("lite.clips.fps", _real(0.0, 120.0)),
     ("lite.clips.train_fps", _real(0.0, 120.0)),
     ("lite.clips.max_frames", _int(0, 100_000)),

@@ -11,7 +11,9 @@ Used by `pipelines.edgent` when the config sets ``distill.backbone`` (e.g.
    ``features/`` beside ``train/``, which is written atomically as a whole);
 3. distills one BranchyNet-style head per exit position from the backbone's
    own softmax at temperature T on the train split (`flexjax.distill_exits`),
-   the heads fixed in advance (not FlexDNN-searched);
+   the heads fixed in advance (not FlexDNN-searched); ``distill.stills`` = N
+   appends N random crops of still images (`flexjax.data.stills`) to that
+   split, so the heads see scenes besides the train clips';
 4. writes ``train/`` as an ordinary workdir (net + variables, ``config.json``
    with the data/exits sections export reads, ``report.json`` with each exit's
    agreement with the reference labels and with the backbone's own top-1).
@@ -35,6 +37,7 @@ import numpy as np
 from flexjax import checkpoint, exits, feature_cache
 from flexjax import distill_exits as de
 from flexjax.data import clips as clips_lib
+from flexjax.data import stills
 from flexjax.data.datasets import Dataset, Splits
 from flexjax.models import pretrained
 from flexjax.spec import FINAL, Net
@@ -80,6 +83,11 @@ def _augmented(config: ml_collections.ConfigDict, loaded) -> tuple[np.ndarray, n
         frames = np.concatenate([frames, frames[:, :, ::-1]])
         clip = np.concatenate([clip, clip])
     counts = {train.clips[i]: int(n) for i, n in zip(*np.unique(clip, return_counts=True))}
+    if d.stills:  # crops of still images: one more "clip" (a group for balance_clips)
+        crops = stills.load_stills(int(d.stills), int(d.image_size))
+        frames = np.concatenate([frames, crops])
+        clip = np.concatenate([clip, np.full(len(crops), len(train.clips), clip.dtype)])
+        counts["stills"] = len(crops)
     return frames, clip, counts
 
 
@@ -106,6 +114,10 @@ def check(config: ml_collections.ConfigDict) -> None:
         )
     if d.train_tiles:
         train_clip_config(config)  # a zero scale: ClipConfig's one-line error
+    if isinstance(d.stills, bool) or not isinstance(d.stills, int) or d.stills < 0:
+        raise ValueError(f"distill.stills must be an integer >= 0 (0 = none); got {d.stills!r}")
+    if d.stills:
+        stills.still_paths()  # opencv-doc missing: MissingSourceError, one line
     cfg = clip_config(config)
     for split in ("train", "val", "test"):
         if not getattr(cfg, split):
@@ -175,7 +187,7 @@ def train(
     frames = {s: getattr(loaded, s).frames for s in ("train", "val", "test")}
     frames["train"], train_clip, counts = _augmented(config, loaded)
     log(f"distillation frames: {len(frames['train'])} ({counts}; flip {d.flip}, "
-        f"clip-balanced {d.balance_clips})")  # fmt: skip
+        f"clip-balanced {d.balance_clips}, stills {d.stills})")  # fmt: skip
     cached = positions
     features = d.head_features
     if d.head == "mimic":  # the backbone's pooled features are the heads' second target
@@ -193,7 +205,7 @@ def train(
     report = evaluate(net, variables, cache, loaded)
     report["distillation_frames"] = {
         "frames": int(len(frames["train"])), "per_clip": counts, "flip": bool(d.flip),
-        "balanced": bool(d.balance_clips),
+        "balanced": bool(d.balance_clips), "stills": int(d.stills),
     }  # fmt: skip
     report["losses"] = losses
     report["heads"] = "BranchyNet-style, distilled from the backbone's softmax (not searched)"

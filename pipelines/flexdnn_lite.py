@@ -7,7 +7,8 @@ config is refused):
 
   features/          the frozen backbone's activations at every candidate (and
                      BranchyNet) position and its final logits, computed once
-                     over the train frames (every tile, mirrored too), the val
+                     over the train frames (every tile, mirrored too, plus
+                     ``lite.stills`` crops of still images), the val
                      and the test clips (`flexjax.feature_cache`)
   candidates/        over-parameterized exits (depthwise-separable blocks) at
                      every candidate block boundary, distilled from the
@@ -50,6 +51,7 @@ from flexjax import config as config_lib
 from flexjax import distill_exits as de
 from flexjax import exits as exits_lib
 from flexjax.data import clips as clips_lib
+from flexjax.data import stills
 from flexjax.data.datasets import Dataset, Splits
 from flexjax.io import write_json_atomic
 from flexjax.models import pretrained
@@ -210,6 +212,16 @@ def load_frames(config, log) -> dict:
     return {"train": x_train, "val": ev.val, "test": ev.test,
             "train_frames": int(len(set(zip(tr.train.clip, tr.train.frame)))),
             "train_tiles": int(len(tr.train))}  # fmt: skip
+
+
+def with_stills(config, x_train: np.ndarray, log) -> np.ndarray:
+    """`x_train` plus ``lite.stills`` random crops of still images (`flexjax.data.stills`)."""
+    n = int(config.lite.get("stills", 0))
+    if not n:
+        return x_train
+    crops = stills.load_stills(n, int(config.lite.image_size))
+    log(f"train: + {n} crops of {len(stills.still_paths())} still images (lite.stills)")
+    return np.concatenate([x_train, crops])
 
 
 def candidate_net(config, backbone: Net, positions) -> Net:
@@ -403,7 +415,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
     val, test = data["val"], data["test"]
     positions = s["positions"]
     bpos = s["branchy_positions"]
-    frames = {"train": data["train"], "val": val.frames, "test": test.frames}
+    frames = {"train": with_stills(config, data["train"], log), "val": val.frames,
+              "test": test.frames}  # fmt: skip
     t0 = time.monotonic()
     cache = feature_cache.build(
         backbone, bvars, frames, sorted({*positions, *bpos}), os.path.join(workdir, "features"),
@@ -566,6 +579,7 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
             "train_frames": data["train_frames"],
             "train_tiles": data["train_tiles"],
             "train_mirrored": bool(lite.flips),
+            "train_stills": int(lite.get("stills", 0)),
             "val_frames": int(len(val)),
             "test_frames": int(len(test)),
             "clips": {sp: list(getattr(lite.clips, sp)) for sp in SPLITS},

@@ -32,13 +32,15 @@ def test_edgent_lite0_smoke_distills_exits_cuts_at_mbconv_and_runs_every_stage(t
     index = json.loads((workdir / "features/index.json").read_text())
     # The exits' positions, and the pooled features the smoke's "mimic" heads also learn.
     assert index["positions"] == [8, 14, 23]
-    # Distillation data: 4 frames x 2 tiles x (as is, mirrored); val and test untouched.
-    assert index["frames"] == {"train": 16, "val": 4, "test": 4}
+    # Distillation data: 4 frames x 2 tiles x (as is, mirrored) + 4 still crops; val and
+    # test untouched.
+    assert index["frames"] == {"train": 20, "val": 4, "test": 4}
     assert train["distillation_frames"] == {
-        "frames": 16,
-        "per_clip": {"carphone": 16},
+        "frames": 20,
+        "per_clip": {"carphone": 16, "stills": 4},
         "flip": True,
         "balanced": True,
+        "stills": 4,
     }
     # Partition points: only block boundaries (after a block), each smaller than the input.
     manifest = json.loads((workdir / "bundle/manifest.json").read_text())
@@ -71,6 +73,7 @@ def test_edgent_lite0_smoke_distills_exits_cuts_at_mbconv_and_runs_every_stage(t
         ("--config.distill.train_tiles=(1.5,0.5,0.5)", "distill.train_tiles"),
         ("--config.distill.train_tiles=(0.5,0.5)", "distill.train_tiles must be (scale, y, x)"),
         ("--config.distill.train_tiles=(0.0,0.5,0.5)", "ClipConfig.tiles entry"),
+        ("--config.distill.stills=-1", "distill.stills"),
     ],
 )
 def test_edgent_lite0_bad_distill_value_is_one_line_and_writes_nothing(tmp_path, flag, words):

@@ -119,6 +119,7 @@ def _job(workdir, *extra):
         ("--config.lite.clips.train=('nope',)", "unknown clip 'nope'"),
         ("--config.lite.head=mlp", "lite.head must be one of"),
         ("--config.lite.every=0", "lite.every"),
+        ("--config.lite.stills=-2", "lite.stills"),
         ("--config.lite.calibrate_on=labels", "lite.calibrate_on must be reference or backbone"),
     ],
 )

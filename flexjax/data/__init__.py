@@ -9,8 +9,9 @@ folders from local directories); `batches` iterates over a `Dataset`.
 the input FlexDNN's early exits are evaluated on; `flexjax.data.video`
 documents the generator. `load_clips` decodes real video clips shipped in
 packages, split by clip and labelled by a reference model, through a
-content-addressed cache (`flexjax.data.clips`); `flexjax.data.sources` says
-where the data root and the cache are.
+content-addressed cache (`flexjax.data.clips`); `flexjax.data.stills` cuts
+random crops of opencv-doc's still images (unlabelled, for distilling exits);
+`flexjax.data.sources` says where the data root and the cache are.
 
 The clip names below resolve on first use: labelling clips needs the JAX
 reference model, and the runtime (numpy + LiteRT only) imports this package
