@@ -23,7 +23,7 @@ def smoke_catalog(tmp_path_factory) -> tuple[str, str]:
     workdir = str(tmp_path_factory.mktemp("lite_catalog") / "w")
     proc = run_job(
         "train.lite_catalog", f"--config={CONFIG}:smoke", f"--workdir={workdir}", "--threads=1",
-        check=True,
+        check=True, timeout=900,  # three Lite0 compiles: over 300 s at load 13 on 2 cores
     )  # fmt: skip
     return workdir, proc.stdout
 
