@@ -369,7 +369,9 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("ams.latency_ms", _MS),
     ("finetune.batch_size", _int(1, 4096)),
     ("finetune.learning_rate", _RATE),
-    ("finetune.resolution", _int(32, 1024)),
+    ("finetune.resolution", _int(0, 1024)),  # 0 = each variant's own; else >= 32
+    ("finetune.val_frames", _int(0, 100_000)),  # 0 = all
+    ("finetune.clip_norm", _real(0.0, 1e6)),  # 0 = no clipping
     ("finetune.train_frames", _int(1, 100_000)),
     # Exit threshold calibration.
     ("calibration.delta", _real(0.0, 1.0, lo_open=True, hi_open=True)),
@@ -645,7 +647,8 @@ def lite_catalog_defaults() -> ml_collections.ConfigDict:
     )
     c.recipes = []  # [{"name": ..., "rules": [{"op", "bits", "granularity", "mode"}, ...]}]
     c.clips = ml_collections.ConfigDict(
-        {"train": "vtest,bigbuckbunny,bikes", "test": "box,megamind", "fps": 5.0,
+        {"train": "vtest,bigbuckbunny,bikes", "val": "tree,carphone,cup", "test": "box,megamind",
+         "fps": 5.0,
          "max_frames": 0, "decode_resolutions": (224,), "reference": "efficientnet_lite2",
          "reference_resolution": 0, "test_frames": 0}
     )  # fmt: skip
@@ -654,10 +657,13 @@ def lite_catalog_defaults() -> ml_collections.ConfigDict:
     # [{"name": ..., "steps": [{"technique": "low_rank_1x1", "energy": 0.9}, ...]}]
     c.approximations = []
     # Distillation of every approximated variant from the original (soft targets) on
-    # training-clip frames; steps = 0: none.
+    # training-clip frames; steps = 0: none. resolution 0: each variant's own (one
+    # distillation per approximation and resolution). The distilled weights are kept only
+    # if their top-1 agrees more with the original's on the val clips than the untuned ones.
     c.finetune = ml_collections.ConfigDict(
         {"steps": 0, "batch_size": 8, "learning_rate": 1e-4, "temperature": 2.0,
-         "resolution": 128, "train_frames": 256, "seed": 0}
+         "resolution": 0, "train_frames": 256, "seed": 0, "optimizer": "sgd",
+         "clip_norm": 1.0, "val_frames": 0}
     )  # fmt: skip
     c.bench = ml_collections.ConfigDict(
         {"rounds": 3, "frames": 20, "warmup": 3, "load_repeats": 3, "threads": 1}

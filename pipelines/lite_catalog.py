@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import itertools
 import json
@@ -56,6 +57,7 @@ from runtime.mcdnn import time_load
 from runtime.names import FINAL, FULL
 
 CONVERTER_MODES = ("fp32", "fp16", "dynamic", "int8")  # export.convert.PRECISIONS
+OPTIMIZERS = ("sgd", "adam")  # finetune.optimizer: sgd = momentum 0.9
 TASK = "imagenet"
 VARIANTS_DIR = "variants"
 CATALOG = "catalog.json"
@@ -114,10 +116,11 @@ def apply_approximation(net, variables, steps: Sequence[Mapping[str, Any]], name
         raise approx.ApproxError(f"approximation {name!r}: {e}") from None
 
 
-def _clip_config(c, resolution: int, *, train: bool) -> clips_lib.ClipConfig:
+def _clip_config(c, resolution: int, *, train: bool, val: bool = False) -> clips_lib.ClipConfig:
     cl = c.clips
     return clips_lib.ClipConfig(
-        train=cl.train if train else (), val=(), test=cl.test, fps=float(cl.fps),
+        train=cl.train if train else (), val=cl.val if val else (), test=cl.test,
+        fps=float(cl.fps),
         max_frames=int(cl.max_frames), resolution=int(resolution), reference=cl.reference,
         reference_resolution=int(cl.reference_resolution),
     )  # fmt: skip
@@ -150,7 +153,7 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
     if not decode:
         raise ValueError("clips.decode_resolutions is empty; e.g. (224,)")
     for d in decode:  # clip names, fps, reference: refused before any decoding
-        _clip_config(c, d, train=True)
+        _clip_config(c, d, train=True, val=True)
 
     def check(
         model: str, resolution: int, weights: str, where: str, approx_name: str | None = None
@@ -206,11 +209,26 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
             raise ValueError("finetune.steps > 0 needs clips.train (distillation frames)")
         if str(o.weights) != "fp32":
             raise ValueError("finetune: the teacher is the original, which must be fp32")
+        if not c.clips.val:
+            raise ValueError(
+                "finetune.steps > 0 needs clips.val (the distilled weights are kept only if "
+                "they agree more with the original there)"
+            )
+    ft = c.finetune
+    if str(ft.optimizer) not in OPTIMIZERS:
+        raise ValueError(
+            f"finetune.optimizer must be one of {', '.join(OPTIMIZERS)}, got {ft.optimizer!r}"
+        )
+    if int(ft.resolution) != 0 and not 32 <= int(ft.resolution) <= decode[-1]:
+        raise ValueError(
+            f"finetune.resolution {ft.resolution} px must be 0 (each variant's own) or in "
+            f"[32, {decode[-1]}] (the largest clips.decode_resolutions)"
+        )
     # Every approximation applied for real (to each model using it, else the original's):
     # sites that name no layer, ranks above full rank, bad fractions -- before any work.
     used |= {(str(o.model), a) for a in approximations if a not in {n for _, n in used}}
     for model, name in sorted(used):
-        _approximated(model, name, approximations[name], int(c.finetune.resolution))
+        _approximated(model, name, approximations[name], int(ft.resolution) or int(o.resolution))
     return variants, recipes
 
 
@@ -253,16 +271,19 @@ def load_frames(
     """Test (and calibration / distillation) frames at every resolution, with the reference labels.
 
     Distillation frames (``finetune.train_frames`` spread over the training
-    clips) stay uint8 at the first decode resolution.
+    clips) and the val frames that decide whether distilled weights are kept
+    (``finetune.val_frames`` spread over ``clips.val``) stay uint8 at the first
+    decode resolution.
     """
     need_train = need_calibration or need_distill
     decode = sorted(int(d) for d in c.clips.decode_resolutions)
     test: dict[int, np.ndarray] = {}
     labels = conf = None
-    calib_src = distill = distill_res = None
+    calib_src = distill = distill_res = val = None
     info: dict[str, Any] = {}
     for i, d in enumerate(decode):
-        splits = clips_lib.load_clips(_clip_config(c, d, train=need_train and i == 0))
+        cfg = _clip_config(c, d, train=need_train and i == 0, val=need_distill and i == 0)
+        splits = clips_lib.load_clips(cfg)
         keep = _pick(len(splits.test), int(c.clips.test_frames))
         test[d] = splits.test.frames[keep]
         if labels is None:
@@ -280,6 +301,10 @@ def load_frames(
                 info["distill_frames"] = int(min(len(splits.train), int(c.finetune.train_frames)))
                 distill = splits.train.frames[_pick(len(splits.train), info["distill_frames"])]
                 distill_res = d
+                if len(splits.val) == 0:
+                    raise ValueError(f"the val clips {c.clips.val!r} have no frames")
+                val = splits.val.frames[_pick(len(splits.val), int(c.finetune.val_frames))]
+                info["val_clips"], info["val_frames"] = list(splits.val.clips), int(len(val))
     frames, calib = {}, {}
     for r in sorted(set(resolutions)):
         src = min(d for d in decode if d >= r)
@@ -288,7 +313,7 @@ def load_frames(
             calib[r] = clips_lib.to_float(_resize(calib_src, r))
     info["decode_resolutions"] = decode
     return {"test": frames, "labels": labels, "conf": conf, "calibration": calib, "info": info,
-            "distill": distill, "distill_resolution": distill_res}  # fmt: skip
+            "distill": distill, "distill_resolution": distill_res, "val": val}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -301,10 +326,19 @@ def finetune(
 ) -> tuple[dict, dict[str, Any]]:
     """Distills an approximated net from the original's soft targets: ``(variables, info)``.
 
-    ``s.steps`` Adam steps (cosine-decayed ``s.learning_rate``) on random
-    batches of `frames` (float, at the net's fine-tuning resolution) against
-    `teacher` logits, loss = ``T^2 KL(softmax(t/T) || softmax(s/T))``
-    (`flexjax.distill_exits.distill_loss`). BatchNorm runs in inference mode:
+    ``s.steps`` steps of ``s.optimizer`` (``sgd``: momentum 0.9; ``adam``),
+    cosine-decayed ``s.learning_rate``, on random batches of `frames` (float,
+    at the net's fine-tuning resolution) against `teacher` logits, loss =
+    ``T^2 KL(softmax(t/T) || softmax(s/T))``
+    (`flexjax.distill_exits.distill_loss`). SGD is the default because its
+    step is proportional to the gradient: a net that already matches the
+    teacher (a lossless approximation) stays where it is, where Adam's
+    normalized step moves every weight by about the learning rate per step
+    whatever the gradient's size (the old setting, Adam with the student at 128
+    px, changed a *lossless* Lite0's top-1 on 73% of the test frames in 30
+    steps; BENCHMARKS.md). ``s.clip_norm`` > 0 clips
+    each gradient's global norm first (SGD at lr 1e-3 alone diverged from a
+    lossless Lite0 at 64 px: loss 0 -> 12 in 10 steps). BatchNorm runs in inference mode:
     its running statistics stay as they are (its scale and bias train, like
     every other parameter); dropout is off. Kernels that an approximation set
     to exact zeros (magnitude pruning: more than 1% zeros) stay zero: the
@@ -327,7 +361,14 @@ def finetune(
         return jnp.asarray(np.asarray(leaf) != 0, leaf.dtype) if named and zeros > 0.01 else 1.0
 
     masks = jax.tree_util.tree_map_with_path(mask_of, params)
-    opt = optax.adam(optax.cosine_decay_schedule(float(s.learning_rate), steps))
+    schedule = optax.cosine_decay_schedule(float(s.learning_rate), steps)
+    name = str(s.get("optimizer", "adam"))
+    if name not in OPTIMIZERS:
+        raise ValueError(f"finetune.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    opt = optax.sgd(schedule, momentum=0.9) if name == "sgd" else optax.adam(schedule)
+    clip = float(s.get("clip_norm", 0.0))
+    if clip > 0:  # a bound on every step: SGD at 1e-3 diverged from a lossless Lite0 at 64 px
+        opt = optax.chain(optax.clip_by_global_norm(clip), opt)
     state = opt.init(params)
     temperature = float(s.temperature)
 
@@ -352,13 +393,34 @@ def finetune(
         losses.append(float(loss))
         if not np.isfinite(losses[-1]):
             raise FloatingPointError(f"distillation loss is {losses[-1]} at step {i}")
-    info = {"steps": steps, "batch_size": bs, "loss_first": losses[0], "loss_last": losses[-1],
+    info = {"steps": steps, "batch_size": bs, "optimizer": name, "clip_norm": clip,
+            "resolution": int(frames.shape[1]), "loss_first": losses[0], "loss_last": losses[-1],
             "loss_last5": float(np.mean(losses[-5:])),
             "seconds": round(time.perf_counter() - t0, 1),
             "bn": "inference mode (running statistics frozen; scale and bias trained)"}  # fmt: skip
     log(f"  distilled {steps} steps x {bs}: loss {losses[0]:.3f} -> {losses[-1]:.3f} "
         f"({info['seconds']:.0f} s)")  # fmt: skip
     return {**variables, "params": jax.device_get(params)}, info
+
+
+@functools.lru_cache(maxsize=16)
+def _top1_fn(net):
+    """A jitted top-1 of `net` (compiled once per net, e.g. for the val frames before and after)."""
+    model = build(net)
+    return jax.jit(lambda v, x: jnp.argmax(model.apply(v, x)[FINAL], axis=-1))
+
+
+def _top1(net, variables: dict, frames: np.ndarray, batch: int = 16) -> np.ndarray:
+    """JAX top-1 of `net` on `frames` (uint8 or float [0, 1], any square size), in batches."""
+    apply = _top1_fn(net.replace(input_shape=tuple(frames.shape[1:])))
+
+    def as_float(x: np.ndarray) -> np.ndarray:
+        return clips_lib.to_float(x) if x.dtype == np.uint8 else x
+
+    return np.concatenate(
+        [np.asarray(apply(variables, as_float(frames[i : i + batch])))
+         for i in range(0, len(frames), batch)]
+    ).astype(np.int64)  # fmt: skip
 
 
 def _is_sparse(steps: Sequence[Mapping[str, Any]]) -> bool:
@@ -386,8 +448,9 @@ class _Models:
         self._fp32: dict[tuple[str, int], bytes] = {}
         self._c, self._data, self._log = c, data, log
         self._approximations = approximations or {}
-        self._tuned: dict[tuple[str, str], tuple] = {}
+        self._tuned: dict[tuple[str, str, int], tuple] = {}
         self._teacher: np.ndarray | None = None
+        self._val_teacher: np.ndarray | None = None
 
     def teacher(self) -> np.ndarray:
         """The original's logits (JAX, fp32) on the distillation frames, computed once."""
@@ -402,26 +465,59 @@ class _Models:
             )
         return self._teacher
 
-    def approximated(self, model: str, name: str) -> tuple:
-        """``(net, variables, finetune info)``: approximation `name` of `model`, distilled."""
-        key = (model, name)
+    def val_teacher(self) -> np.ndarray:
+        """The original's top-1 (JAX, fp32) on the val frames, computed once."""
+        if self._val_teacher is None:
+            o = self._c.original
+            net, variables = self.net(str(o.model), int(o.resolution))
+            self._val_teacher = _top1(net, variables, _resize(self._data["val"], int(o.resolution)))
+        return self._val_teacher
+
+    def tune_resolution(self, v: Mapping[str, Any]) -> int:
+        """Where an approximated variant is distilled: ``finetune.resolution`` or its own."""
+        return int(self._c.finetune.resolution) or int(v["resolution"])
+
+    def approximated(self, model: str, name: str, resolution: int) -> tuple:
+        """``(net, variables, finetune info)``: approximation `name` of `model`, distilled.
+
+        Distilled at `resolution` on the training-clip frames; the distilled
+        weights replace the untuned ones only if their top-1 agrees with the
+        original's on more val frames (`val_teacher`); the untuned ones win ties.
+        """
+        key = (model, name, resolution)
         if key not in self._tuned:
             ft = self._c.finetune
             steps = self._approximations[name]
-            net, variables = _approximated(model, name, steps, int(ft.resolution))
+            net, variables = _approximated(model, name, steps, resolution)
             if int(ft.steps) > 0:
-                frames = clips_lib.to_float(_resize(self._data["distill"], int(ft.resolution)))
-                variables, info = finetune(net, variables, frames, self.teacher(), ft, self._log)
+                frames = clips_lib.to_float(_resize(self._data["distill"], resolution))
+                tuned, info = finetune(net, variables, frames, self.teacher(), ft, self._log)
+                val = _resize(self._data["val"], resolution)
+                ref = self.val_teacher()
+                before = float(np.mean(_top1(net, variables, val) == ref))
+                after = float(np.mean(_top1(net, tuned, val) == ref))
+                keep = after > before
+                info["val_agreement_untuned"], info["val_agreement_tuned"] = before, after
+                info["val_frames"], info["kept"] = int(len(ref)), "tuned" if keep else "untuned"
+                self._log(
+                    f"  val agreement with the original: untuned {before:.3f}, tuned "
+                    f"{after:.3f} -> {info['kept']} kept"
+                )
+                variables = tuned if keep else variables
             else:
                 info = {"steps": 0}
             self._tuned[key] = (net, variables, info)
         return self._tuned[key]
 
+    def tuned(self, v: Mapping[str, Any]) -> tuple:
+        """`approximated` for an approximated variant."""
+        return self.approximated(v["model"], v["approx"], self.tune_resolution(v))
+
     def variant_net(self, v: Mapping[str, Any]):
         """The Net a variant exports (an approximation's at the variant's resolution)."""
         if "approx" not in v:
             return self.net(v["model"], v["resolution"])[0]
-        net = self.approximated(v["model"], v["approx"])[0]
+        net = self.tuned(v)[0]
         return net.replace(input_shape=(v["resolution"], v["resolution"], 3))
 
     def net(self, model: str, resolution: int):
@@ -447,7 +543,7 @@ class _Models:
 
         m, r, w = v["model"], v["resolution"], v["weights"]
         if "approx" in v:
-            _, variables, _ = self.approximated(m, v["approx"])
+            _, variables, _ = self.tuned(v)
             net = self.variant_net(v)
             plans = self.plans(net)
             if w in recipes:  # the quantizer reads a dense fp32 flatbuffer
@@ -485,6 +581,7 @@ def _spec(c, v: Mapping[str, Any], recipes, frames_info, approximations=None) ->
         out["approx"] = {"name": v["approx"], "steps": (approximations or {})[v["approx"]],
                          "finetune": c.finetune.to_dict(),
                          "distill_frames": frames_info.get("distill_frames"),
+                         "val_clips": c.clips.val, "val_frames": frames_info.get("val_frames"),
                          "original": c.original.to_dict()}  # fmt: skip
     return out
 
@@ -538,7 +635,7 @@ def build_variant(
         "spec": spec,
     }
     if "approx" in v:
-        _, variables, info = models.approximated(v["model"], v["approx"])
+        _, variables, info = models.tuned(v)
         row["approx"] = v["approx"]
         row["ranks"] = approx.lite_ranks(net)
         row["kernel_zero_fraction"] = approx.zero_fraction(variables)

@@ -23,7 +23,7 @@ def smoke_catalog(tmp_path_factory) -> tuple[str, str]:
     workdir = str(tmp_path_factory.mktemp("lite_catalog") / "w")
     proc = run_job(
         "train.lite_catalog", f"--config={CONFIG}:smoke", f"--workdir={workdir}", "--threads=1",
-        check=True,
+        check=True, timeout=900,  # three Lite0 compiles: over 300 s at load 13 on 2 cores
     )  # fmt: skip
     return workdir, proc.stdout
 
@@ -220,6 +220,14 @@ _BAD = {
         '"granularity": "channelwise", "mode": "dynamic"}]}]; c.weights = ("q",)',
         "does not support dynamic int4 channelwise weights on DEPTHWISE_CONV_2D",
     ),
+    "finetune_unknown_optimizer": (
+        'c.finetune.optimizer = "rmsprop"',
+        "finetune.optimizer must be one of sgd, adam",
+    ),
+    "finetune_resolution_too_small": ("c.finetune.resolution = 16", "finetune.resolution 16 px"),
+    "finetune_without_val_clips": ('c.clips.val = ""', "needs clips.val"),
+    "finetune_clip_norm_negative": ("c.finetune.clip_norm = -1.0", "finetune.clip_norm"),
+    "val_clip_also_in_test": ('c.clips.val = "carphone"', "'carphone' is in ClipConfig.val"),
     "unknown_granularity": (
         'c.recipes = [{"name": "q", "rules": [{"op": "FULLY_CONNECTED", "bits": 4, '
         '"granularity": "blockwise_48", "mode": "dynamic"}]}]',
