@@ -138,6 +138,7 @@ def _stage_settings(config: ml_collections.ConfigDict, root: str) -> edgent_benc
     b = config.bench
     data = edgent_distill.test_frames(root) if _distilled(config) else b.data
     defaults = edgent_bench.Settings()
+    edge = profile_lib.Target.parse(config.edge.target)
     return edgent_bench.Settings(
         frames=b.frames, servers=b.servers, deadline_ms=float(b.deadline_ms),
         bandwidth_mbps=float(b.bandwidth_mbps), margin=float(b.margin),
@@ -147,8 +148,8 @@ def _stage_settings(config: ml_collections.ConfigDict, root: str) -> edgent_benc
         policies=tuple(b.policies) or defaults.policies, data=data,
         trace_seconds=float(b.trace_seconds), trace_step_s=float(b.trace_step_s),
         trace_seed=b.trace_seed,
-        edge_threads=profile_lib.Target.parse(config.edge.target).threads,
-        adapt=bool(config.bench.adapt),
+        edge_threads=edge.threads,
+        adapt=bool(b.adapt),
     )  # fmt: skip
 
 

@@ -540,14 +540,15 @@ class CoInference:
                "feasible": feasible, "predicted_ms": predicted,
                "predicted_transfer_ms": transfer if opt.remote else 0.0,
                "fallback": None, "edge": None}  # fmt: skip
+        # The factors this plan was made with, and what the profile alone predicts for the
+        # option's compute (the drift samples): the options are the profile's x the factors.
+        device_factor, edge_factor = self._believed
+        if self.drift is not None:
+            row.update(device_factor=device_factor, edge_factor=edge_factor)
         now = self.clock.now
         t0 = now()
         h = np.ascontiguousarray(x[None], np.float32)
         new_change = False
-        if self.drift is not None:
-            row.update(device_factor=self.drift.device, edge_factor=self.drift.edge)
-        # What the profile alone predicts for this option's compute (drift samples).
-        profiled = self.profiled[self.opts.index(opt)] if self.drift is not None else opt
         if not opt.remote:
             logits, _ = self.clock.run(self.device, self.model.signature(opt.device_sig), h)
             row.update(device_ms=(now() - t0) * 1e3, edge_ms=0.0, network_ms=0.0)
@@ -559,9 +560,10 @@ class CoInference:
             logits, new_change = self._remote(i, opt, h, row, t0)
         if self.drift is not None:
             if opt.device_sig:
-                self.drift = self.drift.observe("device", profiled.device_ms, row["device_ms"])
+                self.drift = self.drift.observe("device", opt.device_ms / device_factor,
+                                                row["device_ms"])  # fmt: skip
             if opt.remote and row["fallback"] is None and row.get("edge_timed", True):
-                self.drift = self.drift.observe("edge", profiled.edge_ms, row["edge_ms"])
+                self.drift = self.drift.observe("edge", opt.edge_ms / edge_factor, row["edge_ms"])
         total = (now() - t0) * 1e3
         self._since_sample += 1
         pred = int(np.asarray(logits).argmax())
