@@ -16,26 +16,16 @@ split. Not run to the end on the shared 2-core machine yet (XLA compiles each
 Inception training step for minutes there); `:smoke` checks the stages.
 """
 
+from configs import fashion_inception_v3
 from flexjax.config import flexdnn_defaults, smoke_on_slice
 
 
 def get_config(arg: str | None = None):
     config = flexdnn_defaults()
-    config.model.name = "inception_v3"
-    config.model.kwargs.width = 0.125
-    config.data.name = "fashion_mnist"
-    config.data.image_size = 32
-    config.data.channels = 1
-    config.data.val_fraction = 0.1  # 6,000 of the 60,000 training images
-    config.train.batch_size = 128
-    config.train.num_epochs = 8
-    config.train.optimizer = "adam"
-    config.train.learning_rate = 2e-3
-    config.train.augment_shift = 2
-    config.train.checkpoint_every = 500
-    config.train.log_every = 100
-    config.exits.criterion = "entropy"
-    config.exits.epsilon = 0.01
+    # The backbone, its data, its training and the exit rule: exactly `fashion_inception_v3.py`'s.
+    base = fashion_inception_v3.get_config()
+    for section in ("model", "data", "train", "exits"):
+        config[section].update(base[section])
     config.calibration.method = "ucb"  # the bound holds on test (BENCHMARKS.md); 6,000 val frames
     config.video.enabled = True
     config.video.num_clips = 25

@@ -15,29 +15,16 @@ pipelines/flexdnn.py). Everything is benchmarked on the first
 split. `:smoke` runs the same stages on a 600-image slice for tests.
 """
 
+from configs import fashion_vgg16
 from flexjax.config import flexdnn_defaults, smoke_on_slice
 
 
 def get_config(arg: str | None = None):
     config = flexdnn_defaults()
-    config.model.name = "vgg16"
-    config.model.kwargs.width = 0.25  # 16..128 filters: trainable on a CPU
-    config.data.name = "fashion_mnist"
-    config.data.image_size = 32
-    config.data.channels = 1
-    config.data.val_fraction = 0.1  # 6,000 of the 60,000 training images
-    config.train.batch_size = 128
-    config.train.num_epochs = 8
-    config.train.optimizer = "sgd"
-    config.train.learning_rate = 0.05
-    config.train.momentum = 0.9
-    config.train.weight_decay = 5e-4
-    config.train.warmup_steps = 200
-    config.train.augment_shift = 2
-    config.train.checkpoint_every = 500
-    config.train.log_every = 100
-    config.exits.criterion = "entropy"
-    config.exits.epsilon = 0.01
+    # The backbone, its data, its training and the exit rule: exactly `fashion_vgg16.py`'s.
+    base = fashion_vgg16.get_config()
+    for section in ("model", "data", "train", "exits"):
+        config[section].update(base[section])
     config.calibration.method = "ucb"  # the bound holds on test (BENCHMARKS.md); 6,000 val frames
     config.video.enabled = True
     config.video.num_clips = 25
