@@ -382,14 +382,15 @@ def train_candidates(config, cnet, backbone_vars, splits, log) -> dict:
     return jax.device_get(state.variables())
 
 
-def search_all(s, cnet, cvars, workdir, log):
-    """Runs (or reloads) the architecture search of every candidate exit."""
+def search_or_load(cnet, cvars, workdir, search_one):
+    """Every candidate exit of `cnet`, searched by ``search_one(exit)`` or reloaded if done.
 
-    config, splits = s["config"], s["splits"]
-    f = config.flexdnn
-    net, variables = cnet, cvars
-    train = search_subset(splits.train, f.search_examples, config.seed)
-    results = {}
+    Each exit's result lives in ``workdir/search/<exit>`` (the head's net and
+    variables, then ``result.json``, written last: its presence marks the exit
+    done), so an interrupted search resumes at the first unfinished exit.
+    Returns ``(net with every searched head, variables, {exit: result dict})``.
+    """
+    net, variables, results = cnet, cvars, {}
     for e in cnet.exits:
         d = os.path.join(workdir, "search", e.name)
         rpath = os.path.join(d, "result.json")
@@ -399,21 +400,9 @@ def search_all(s, cnet, cvars, workdir, log):
             with open(rpath) as fh:
                 results[e.name] = json.load(fh)
         else:
-            hnet0 = flexdnn.head_net(cnet, e.name)
-            hvars0 = flexdnn.head_variables(cvars, e.name)
-            xt = flexdnn.features(cnet, cvars, e.after, train.x)
-            xv = flexdnn.features(cnet, cvars, e.after, splits.val.x)
-            log(f"searching {e.name} (position {e.after}, input {tuple(xt.shape[1:])})")
-            res = flexdnn.search_exit(
-                hnet0, hvars0, (xt, train.y), (xv, splits.val.y),
-                delta=f.delta, prune_fraction=f.prune_fraction, min_filters=f.min_filters,
-                finetune_steps=f.finetune_steps, learning_rate=f.finetune_lr,
-                max_trials=f.max_trials, batch_size=config.train.batch_size,
-                seed=config.seed, log=log,
-            )  # fmt: skip
+            res = search_one(e)
             hnet, hvars = res.net, res.variables
             checkpoint.save_model(d + ".tmp-model", hnet, hvars)
-            # The result file is written last: its presence marks the exit as done.
             if os.path.exists(d):
                 shutil.rmtree(d)
             os.rename(d + ".tmp-model", d)
@@ -421,6 +410,29 @@ def search_all(s, cnet, cvars, workdir, log):
             write_json_atomic(rpath, results[e.name])
         net, variables = flexdnn.with_head(net, variables, e.name, hnet, hvars)
     return net, variables, results
+
+
+def search_all(s, cnet, cvars, workdir, log):
+    """Runs (or reloads) the architecture search of every candidate exit."""
+
+    config, splits = s["config"], s["splits"]
+    f = config.flexdnn
+    train = search_subset(splits.train, f.search_examples, config.seed)
+
+    def search_one(e):
+        xt = flexdnn.features(cnet, cvars, e.after, train.x)
+        xv = flexdnn.features(cnet, cvars, e.after, splits.val.x)
+        log(f"searching {e.name} (position {e.after}, input {tuple(xt.shape[1:])})")
+        return flexdnn.search_exit(
+            flexdnn.head_net(cnet, e.name), flexdnn.head_variables(cvars, e.name),
+            (xt, train.y), (xv, splits.val.y),
+            delta=f.delta, prune_fraction=f.prune_fraction, min_filters=f.min_filters,
+            finetune_steps=f.finetune_steps, learning_rate=f.finetune_lr,
+            max_trials=f.max_trials, batch_size=config.train.batch_size,
+            seed=config.seed, log=log,
+        )  # fmt: skip
+
+    return search_or_load(cnet, cvars, workdir, search_one)
 
 
 def measure_costs(net, variables, x_probe, workdir, rounds, calls, log) -> dict:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,7 +55,7 @@ from flexjax.data.datasets import Dataset, Splits
 from flexjax.io import write_json_atomic
 from flexjax.models import pretrained
 from flexjax.spec import FINAL, Exit, Net
-from pipelines.flexdnn import measure_costs
+from pipelines.flexdnn import measure_costs, search_or_load
 from pipelines.flexdnn_bench import EarlyExitSystem, benchmark, equal_accuracy_targets, sweep
 from runtime.bundle import Bundle, BundleError
 from runtime.names import head_name, segment_name
@@ -255,43 +254,26 @@ def search_all(config, cnet, cvars, cache, val_labels, workdir, log):
     f, lite = config.flexdnn, config.lite
     teacher = cache.logits("train")
     yt = teacher.argmax(-1).astype(np.int32)
-    net, variables, results = cnet, cvars, {}
-    for e in cnet.exits:
-        d = os.path.join(workdir, "search", e.name)
-        rpath = os.path.join(d, "result.json")
-        found = checkpoint.load_saved(d) if os.path.exists(rpath) else None
-        if found is not None:
-            hnet, hvars = found
-            with open(rpath) as fh:
-                results[e.name] = json.load(fh)
-        else:
-            hnet0 = flexdnn.head_net(cnet, e.name)
-            hvars0 = flexdnn.head_variables(cvars, e.name)
-            xt = np.asarray(cache.features("train", e.after))
-            xv = np.asarray(cache.features("val", e.after))
-            log(f"searching {e.name} (position {e.after}, input {tuple(xt.shape[1:])})")
-            separable = lite.head == "separable"
-            res = flexdnn.search_exit(
-                hnet0, hvars0, (xt, yt), (xv, val_labels), delta=float(f.delta),
-                prune_fraction=float(f.prune_fraction), min_filters=int(f.min_filters),
-                finetune_steps=int(f.finetune_steps), learning_rate=float(f.finetune_lr),
-                max_trials=int(f.max_trials), batch_size=int(lite.distill_batch_size),
-                seed=int(config.seed), log=log,
-                prune=flexdnn.prune_separable if separable else None,
-                sites=flexdnn.separable_sites if separable else None,
-                teacher=teacher, distill_weight=float(lite.distill_weight),
-                temperature=float(lite.temperature),
-            )  # fmt: skip
-            del xt, xv
-            hnet, hvars = res.net, res.variables
-            checkpoint.save_model(d + ".tmp-model", hnet, hvars)
-            if os.path.exists(d):
-                shutil.rmtree(d)
-            os.rename(d + ".tmp-model", d)
-            results[e.name] = res.to_dict()
-            write_json_atomic(rpath, results[e.name])  # written last: marks the exit done
-        net, variables = flexdnn.with_head(net, variables, e.name, hnet, hvars)
-    return net, variables, results
+    separable = lite.head == "separable"
+
+    def search_one(e):
+        xt = np.asarray(cache.features("train", e.after))
+        xv = np.asarray(cache.features("val", e.after))
+        log(f"searching {e.name} (position {e.after}, input {tuple(xt.shape[1:])})")
+        return flexdnn.search_exit(
+            flexdnn.head_net(cnet, e.name), flexdnn.head_variables(cvars, e.name),
+            (xt, yt), (xv, val_labels), delta=float(f.delta),
+            prune_fraction=float(f.prune_fraction), min_filters=int(f.min_filters),
+            finetune_steps=int(f.finetune_steps), learning_rate=float(f.finetune_lr),
+            max_trials=int(f.max_trials), batch_size=int(lite.distill_batch_size),
+            seed=int(config.seed), log=log,
+            prune=flexdnn.prune_separable if separable else None,
+            sites=flexdnn.separable_sites if separable else None,
+            teacher=teacher, distill_weight=float(lite.distill_weight),
+            temperature=float(lite.temperature),
+        )  # fmt: skip
+
+    return search_or_load(cnet, cvars, workdir, search_one)
 
 
 def export_config(config) -> ml_collections.ConfigDict:
