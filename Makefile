@@ -63,7 +63,7 @@ demo-mnist: $(STAMP) data
 	  --data=video:mnist5k --json=$(RUNS)/demo/bench_video.json
 
 test: $(STAMP) data
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
