@@ -211,8 +211,9 @@ def options(net: Net, variables: dict, settings: Mapping[str, Any]) -> list[dict
                 r, m, n = _rank(k, energy, s["rank_multiple"])
                 if r * (m + n) >= m * n:
                     continue  # the factors would not be smaller: low rank does not pay here
+                saved = int(m * n - r * (m + n))
                 out.append({"knob": knob, "technique": "low_rank_1x1", "site": site,
-                            "value": energy, "rank": r, "params_saved": int(m * n - r * (m + n))})  # fmt: skip
+                            "value": energy, "rank": r, "params_saved": saved})  # fmt: skip
     return out
 
 
@@ -221,9 +222,7 @@ def options(net: Net, variables: dict, settings: Mapping[str, Any]) -> list[dict
 # ---------------------------------------------------------------------------
 
 
-def apply_in_place(
-    net: Net, variables: dict, option: Mapping[str, Any], multiple: int = 8
-) -> dict:
+def apply_in_place(net: Net, variables: dict, option: Mapping[str, Any], multiple: int = 8) -> dict:
     """`variables` with one option applied without changing any shape.
 
     * ``low_rank_1x1``: the kernel becomes its best rank-r approximation (the
@@ -416,8 +415,7 @@ def to_steps(
         for keep, sites in sorted(prunes.items(), reverse=True)
     ]  # fmt: skip
     if lowrank:
-        pruned_net, pruned = approx.apply_recipe(net, variables, steps) if steps else (net, variables)
-        del pruned_net
+        pruned = approx.apply_recipe(net, variables, steps)[1] if steps else variables
         ranks = {}
         for o in sorted(lowrank, key=lambda o: o["site"]):
             r, m, n = _rank(_kernel(pruned, o["site"]), o["value"], s["rank_multiple"])
@@ -494,13 +492,17 @@ def run_pass(
     log: Callable[[str], None] = print,
     table: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Table (or the given one), allocation and the bisection: plain data, with the steps."""
+    """Table (or the given one), allocation and the bisection: plain data, with the steps.
+
+    ``moves_list`` is the greedy order (`allocate`), ``moves`` how many of them
+    were chosen, ``steps`` the recipe of the chosen net, ``val`` its measurement.
+    """
     s = check_settings(settings)
     t0 = time.perf_counter()
     if table is None:
         table = sensitivity_table(net, variables, frames, labels, s, log)
     moves = allocate(table["rows"])
     chosen = choose(net, variables, moves, frames, labels, s, log)
-    return {"settings": s, "table": dict(table), "moves": moves, **chosen,
+    return {"settings": s, "table": dict(table), "moves_list": moves, **chosen,
             "params_original": _params(variables),
             "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
