@@ -742,7 +742,8 @@ def resolve_sensitivity(
         except (OSError, ValueError, KeyError):
             table = None
     if table is None:
-        log(f"sensitivity {name}: measuring every option alone on {len(x)} val frames")
+        n = len(_pick(len(x), settings["table_frames"]))
+        log(f"sensitivity {name}: measuring every option alone on {n} of {len(x)} val frames")
         table = sensitivity.sensitivity_table(net, variables, x, labels, settings, log)
         write_json_atomic(table_path, table)
     result = sensitivity.run_pass(net, variables, x, labels, settings, log, table=table)
