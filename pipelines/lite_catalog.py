@@ -492,6 +492,10 @@ class _Models:
         self._teacher: np.ndarray | None = None
         self._val_teacher: np.ndarray | None = None
 
+    def set_approximations(self, approximations: Mapping[str, list[dict]]) -> None:
+        """The approximations' steps (sensitivity ones are known only after their pass)."""
+        self._approximations = dict(approximations)
+
     def teacher(self) -> np.ndarray:
         """The original's logits (JAX, fp32) on the distillation frames, computed once."""
         if self._teacher is None:
@@ -856,11 +860,12 @@ def run(c, workdir: str, log=print) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = load_frames(c, [v["resolution"] for v in variants], need_calibration, need_distill)
     log(f"clips: {data['info']['test_frames']} test frames ({time.perf_counter() - t0:.1f} s)")
-    models = _Models(c, data, approximations, log)
+    models = _Models(c, data, None, log)
     passes = {}
     for name, settings in sensitivities.items():
         passes[name] = resolve_sensitivity(c, name, settings, data, models, workdir, log)
         approximations[name] = passes[name]["steps"]
+    models.set_approximations(approximations)  # every approximation's steps now known
     rows = [
         build_variant(c, v, recipes, data, models, workdir, log, approximations) for v in variants
     ]
