@@ -47,6 +47,11 @@ student at 128 px, always kept) collapsed every variant to 0 of 133 frames:
   the combination aimed at the memory target with int8 / mixed4 weights.
 * ``lr95`` / ``ep75``: the milder settings (low rank at 95% energy; 75% of the
   expansion channels kept).
+* ``sens2`` / ``sens2k``: per-layer settings chosen by measured sensitivity on the
+  val clips (`flexjax.sensitivity`: every candidate layer setting measured alone, a
+  greedy knapsack by parameters saved per KL, the longest prefix whose real combined net
+  loses <= 2 points of agreement with the reference on val; ``sens2k`` also keeps >= 75%
+  of the original's top-1 there). ``:sens`` is those variants beside plain int8.
 The original every ratio is against is Lite0, fp32, 224 px. ``:approx`` is a
 subset (Lite0 at 224 / 192 px in fp32 / int8 / mixed4 and the approximated
 variants at 224 px) with the same settings.

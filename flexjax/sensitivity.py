@@ -38,6 +38,7 @@ never used to choose.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -271,12 +272,18 @@ def apply_in_place(net: Net, variables: dict, option: Mapping[str, Any], multipl
 # ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def _logits_fn(net: Net):
+    """A jitted forward of `net` (one per net: the table and the bisection share the original's)."""
+    model = build(net)
+    return jax.jit(lambda v, x: model.apply(v, x)[FINAL])
+
+
 class Scorer:
     """Logits of one net (fixed shapes) on fixed frames, compiled once, in padded batches."""
 
     def __init__(self, net: Net, frames: np.ndarray, batch: int = 32):
-        model = build(net.replace(input_shape=tuple(frames.shape[1:])))
-        self._apply = jax.jit(lambda v, x: model.apply(v, x)[FINAL])
+        self._apply = _logits_fn(net.replace(input_shape=tuple(frames.shape[1:])))
         self._batch = min(batch, len(frames))
         pad = (-len(frames)) % self._batch
         self._x = np.concatenate([frames, frames[:pad]]) if pad else frames
@@ -456,7 +463,7 @@ def choose(
         if k not in cache:
             steps = to_steps(net, variables, assignment(moves, k), s)
             n2, v2 = approx.apply_recipe(net, variables, steps) if steps else (net, variables)
-            m = compare(Scorer(n2, frames).logits(v2), teacher, labels)
+            m = compare(Scorer(n2, frames).logits(v2) if steps else teacher, teacher, labels)
             m["drop_pts"] = 100.0 * (base["agreement"] - m["agreement"])
             lost = m["drop_pts"] if s["metric"] == "reference" else 100 * (1 - m["kept_original"])
             m["ok"] = bool(lost <= s["budget_pts"] + 1e-9

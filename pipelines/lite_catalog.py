@@ -10,18 +10,21 @@
    every ``clips.decode_resolutions`` size, the training split at the first
    (int8 calibration only); a variant at another size gets the frames of the
    smallest decoded size above it, resized (Pillow bilinear, antialiased);
-3. per variant (resumable: ``variants/<name>.tflite`` + ``.json``, reused when
+3. approximations with a ``sensitivity`` key: their per-layer steps chosen on
+   the val clips (`resolve_sensitivity`, `flexjax.sensitivity`; cached in
+   ``sensitivity/``), then built like any other;
+4. per variant (resumable: ``variants/<name>.tflite`` + ``.json``, reused when
    its spec and sha256 match): pretrained weights at its resolution
    (`flexjax.models.pretrained`), the ``full`` signature converted to fp32
    TFLite, then the converter's fp16 / dynamic / int8 mode or a
    litert-quantizer recipe (`export.quantize`) applied to the fp32 flatbuffer;
    top-1 of every test frame **in the LiteRT interpreter**;
-4. agreement with the reference labels and with the original's top-1; LiteRT
+5. agreement with the reference labels and with the original's top-1; LiteRT
    latency at batch 1 of every variant interleaved with the original in one
    run (`runtime.timing.interleaved`), load time (`runtime.mcdnn.time_load`),
    parameters, bytes on disk, FLOPs (`flexjax.costs`), energy from the
    documented model (`pipelines.mcdnn.energy_model`);
-5. ``catalog.json``: ``tasks.imagenet.variants`` (one row per variant: its
+6. ``catalog.json``: ``tasks.imagenet.variants`` (one row per variant: its
    file, sha256 and numbers; what `runtime.ams.load_catalog` reads, numpy
    only) and ``targets`` (issue 15's memory / latency targets vs the original).
 """
