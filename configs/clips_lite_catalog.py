@@ -47,6 +47,11 @@ student at 128 px, always kept) collapsed every variant to 0 of 133 frames:
   the combination aimed at the memory target with int8 / mixed4 weights.
 * ``lr95`` / ``ep75``: the milder settings (low rank at 95% energy; 75% of the
   expansion channels kept).
+* ``sens2`` / ``sens2k``: per-layer settings chosen by measured sensitivity on the
+  val clips (`flexjax.sensitivity`: every candidate layer setting measured alone, a
+  greedy knapsack by parameters saved per KL, the longest prefix whose real combined net
+  loses <= 2 points of agreement with the reference on val; ``sens2k`` also keeps >= 75%
+  of the original's top-1 there). ``:sens`` is those variants beside plain int8.
 The original every ratio is against is Lite0, fp32, 224 px. ``:approx`` is a
 subset (Lite0 at 224 / 192 px in fp32 / int8 / mixed4 and the approximated
 variants at 224 px) with the same settings.
@@ -98,6 +103,18 @@ APPROXIMATIONS += [
     {"name": "lr95", "steps": [{"technique": "low_rank_1x1", "energy": 0.95}]},
     {"name": "ep75", "steps": [{"technique": "prune_expansion", "keep": 0.75}]},
 ]
+# Per-layer settings chosen by measured sensitivity on the val clips (flexjax.sensitivity;
+# issue 15, item 1): each 1x1 conv / classifier at its own low-rank energy level and each
+# block's expansion at its own keep ratio, as long as the combined net loses at most
+# `budget_pts` of agreement with the reference labels on the val clips (and, for sens2k,
+# keeps >= 75% of the original's top-1 there: a guard against 2 points of val noise).
+# Both share one per-layer table (64 val frames); the budget check uses every val frame.
+SENSITIVITY = {"budget_pts": 2.0, "metric": "reference", "table_frames": 64,
+               "keeps": (0.875, 0.75, 0.5), "energies": (0.95, 0.9, 0.8)}  # fmt: skip
+APPROXIMATIONS += [
+    {"name": "sens2", "sensitivity": SENSITIVITY},
+    {"name": "sens2k", "sensitivity": {**SENSITIVITY, "min_keep_original": 0.75}},
+]
 APPROX_VARIANTS = [  # (approximation, resolution, weights)
     ("lr95", 224, "int8"),
     ("ep75", 224, "int8"),
@@ -109,6 +126,9 @@ APPROX_VARIANTS = [  # (approximation, resolution, weights)
     ("ep50lr", 224, "int8"),
     ("ep50lr", 224, "mixed4"),
     ("ep50lr", 160, "int8"),
+    ("sens2", 224, "int8"),
+    ("sens2k", 224, "int8"),
+    ("sens2", 192, "int8"),
 ]
 
 
@@ -144,6 +164,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.originals = ()
         keep = {("lr95", 224, "int8"), ("ep75", 224, "int8"), ("lr90", 224, "int8")}
         c.extras = [e for e in c.extras if (e.get("approx"), e["resolution"], e["weights"]) in keep]
+    elif arg == "sens":
+        # The sensitivity-chosen variants (issue 15, item 1) beside the plain int8 ones they
+        # must beat, with the full config's settings.
+        c.resolutions = (224, 192)
+        c.weights = ("int8",)  # and the original, fp32 at 224 px
+        c.originals = ()
+        c.approximations = [a for a in APPROXIMATIONS if "sensitivity" in a]
+        c.extras = [e for e in c.extras if str(e.get("approx", "")).startswith("sens")]
     elif arg == "smoke":
         # A few tiny frames labelled by Lite0 itself at 64 px: the whole pipeline in seconds.
         c.resolutions = (64,)
@@ -183,5 +211,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.bench.warmup = 1
         c.bench.load_repeats = 1
     elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; valid: approx, smoke")
+        raise ValueError(f"unknown config argument {arg!r}; valid: approx, sens, smoke")
     return c

@@ -10,18 +10,21 @@
    every ``clips.decode_resolutions`` size, the training split at the first
    (int8 calibration only); a variant at another size gets the frames of the
    smallest decoded size above it, resized (Pillow bilinear, antialiased);
-3. per variant (resumable: ``variants/<name>.tflite`` + ``.json``, reused when
+3. approximations with a ``sensitivity`` key: their per-layer steps chosen on
+   the val clips (`resolve_sensitivity`, `flexjax.sensitivity`; cached in
+   ``sensitivity/``), then built like any other;
+4. per variant (resumable: ``variants/<name>.tflite`` + ``.json``, reused when
    its spec and sha256 match): pretrained weights at its resolution
    (`flexjax.models.pretrained`), the ``full`` signature converted to fp32
    TFLite, then the converter's fp16 / dynamic / int8 mode or a
    litert-quantizer recipe (`export.quantize`) applied to the fp32 flatbuffer;
    top-1 of every test frame **in the LiteRT interpreter**;
-4. agreement with the reference labels and with the original's top-1; LiteRT
+5. agreement with the reference labels and with the original's top-1; LiteRT
    latency at batch 1 of every variant interleaved with the original in one
    run (`runtime.timing.interleaved`), load time (`runtime.mcdnn.time_load`),
    parameters, bytes on disk, FLOPs (`flexjax.costs`), energy from the
    documented model (`pipelines.mcdnn.energy_model`);
-5. ``catalog.json``: ``tasks.imagenet.variants`` (one row per variant: its
+6. ``catalog.json``: ``tasks.imagenet.variants`` (one row per variant: its
    file, sha256 and numbers; what `runtime.ams.load_catalog` reads, numpy
    only) and ``targets`` (issue 15's memory / latency targets vs the original).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -44,7 +48,7 @@ import optax
 from PIL import Image
 
 from export import convert, quantize
-from flexjax import approx, costs
+from flexjax import approx, costs, sensitivity
 from flexjax.data import clips as clips_lib
 from flexjax.distill_exits import distill_loss
 from flexjax.io import sha256_file, write_json_atomic
@@ -83,17 +87,23 @@ SPARSE_TECHNIQUES = ("magnitude_prune", "magnitude_prune_parts")
 def _approximations(c) -> dict[str, list[dict]]:
     """``approximations`` as name -> list of plain step dicts (shape checks only)."""
     out: dict[str, list[dict]] = {}
+    names: set[str] = set()
     for i, a in enumerate(c.approximations):
-        if not hasattr(a, "keys") or set(a.keys()) != {"name", "steps"}:
+        keys = set(a.keys()) if hasattr(a, "keys") else set()
+        if keys not in ({"name", "steps"}, {"name", "sensitivity"}):
             raise ValueError(
-                f"approximations[{i}] must be {{'name': ..., 'steps': [...]}}, got {a!r}"
+                f"approximations[{i}] must be {{'name': ..., 'steps': [...]}} or "
+                f"{{'name': ..., 'sensitivity': {{...}}}}, got {a!r}"
             )
         name = str(a["name"])
-        if name in out or not name.isidentifier() or name in CONVERTER_MODES:
+        if name in names or not name.isidentifier() or name in CONVERTER_MODES:
             raise ValueError(
                 f"approximations[{i}] name {name!r} must be a new identifier "
                 "(not a converter mode or an earlier approximation's)"
             )
+        names.add(name)
+        if "sensitivity" in keys:
+            continue  # chosen per layer on the val clips by `_sensitivities` / `run`
         steps = approx.plain(a["steps"])
         if not isinstance(steps, list):
             raise ValueError(f"approximations[{i}] ({name}): steps must be a list, got {steps!r}")
@@ -105,6 +115,23 @@ def _approximations(c) -> dict[str, list[dict]]:
                 )
             approx.technique(step["technique"])  # unknown: ApproxError listing the valid ones
         out[name] = steps
+    return out
+
+
+def _sensitivities(c) -> dict[str, dict[str, Any]]:
+    """``approximations`` entries with a ``sensitivity`` key: name -> checked settings.
+
+    Their steps are chosen per layer by `flexjax.sensitivity.run_pass` on the
+    val clips when the job runs (`resolve_sensitivity`).
+    """
+    out = {}
+    for a in c.approximations:
+        if hasattr(a, "keys") and "sensitivity" in a.keys():
+            name = str(a["name"])
+            try:
+                out[name] = sensitivity.check_settings(approx.plain(a["sensitivity"]))
+            except sensitivity.SensitivityError as e:
+                raise ValueError(f"approximation {name!r}: {e}") from None
     return out
 
 
@@ -149,6 +176,7 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
         recipes[name] = quantize.check_recipe(list(r["rules"]), name)
     valid_weights = (*CONVERTER_MODES, *recipes)
     approximations = _approximations(c)
+    sensitivities = _sensitivities(c)
     decode = sorted(int(d) for d in c.clips.decode_resolutions)
     if not decode:
         raise ValueError("clips.decode_resolutions is empty; e.g. (224,)")
@@ -175,10 +203,15 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
         v = {"name": variant_name(model, resolution, weights, approx_name), "model": model,
              "resolution": resolution, "weights": weights}  # fmt: skip
         if approx_name is not None:
-            if approx_name not in approximations:
+            if approx_name not in approximations and approx_name not in sensitivities:
                 raise ValueError(
                     f"{where}: unknown approximation {approx_name!r}; valid: "
-                    f"{', '.join(approximations) or '(none defined)'}"
+                    f"{', '.join([*approximations, *sensitivities]) or '(none defined)'}"
+                )
+            if approx_name in sensitivities and model != str(c.original.model):
+                raise ValueError(
+                    f"{where}: sensitivity approximation {approx_name!r} is chosen on the "
+                    f"original ({c.original.model}); it cannot be applied to {model}"
                 )
             v["approx"] = approx_name
         return v
@@ -203,6 +236,12 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
     if "int8" in c.weights and not c.clips.train:
         raise ValueError("int8 weights need clips.train (calibration frames); none given")
     variants = list(seen.values())
+    if any(v.get("approx") in sensitivities for v in variants):
+        if not c.clips.train or not c.clips.val:
+            raise ValueError(
+                "a sensitivity approximation needs clips.val (the layers are chosen on the "
+                "val clips) and clips.train"
+            )
     used = {(v["model"], v["approx"]) for v in variants if "approx" in v}
     if used and int(c.finetune.steps) > 0:
         if not c.clips.train:
@@ -228,6 +267,8 @@ def validate(c) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
     # sites that name no layer, ranks above full rank, bad fractions -- before any work.
     used |= {(str(o.model), a) for a in approximations if a not in {n for _, n in used}}
     for model, name in sorted(used):
+        if name in sensitivities:
+            continue  # its steps exist only after the sensitivity pass (`run`)
         _approximated(model, name, approximations[name], int(ft.resolution) or int(o.resolution))
     return variants, recipes
 
@@ -279,7 +320,7 @@ def load_frames(
     decode = sorted(int(d) for d in c.clips.decode_resolutions)
     test: dict[int, np.ndarray] = {}
     labels = conf = None
-    calib_src = distill = distill_res = val = None
+    calib_src = distill = distill_res = val = val_labels = None
     info: dict[str, Any] = {}
     for i, d in enumerate(decode):
         cfg = _clip_config(c, d, train=need_train and i == 0, val=need_distill and i == 0)
@@ -303,7 +344,8 @@ def load_frames(
                 distill_res = d
                 if len(splits.val) == 0:
                     raise ValueError(f"the val clips {c.clips.val!r} have no frames")
-                val = splits.val.frames[_pick(len(splits.val), int(c.finetune.val_frames))]
+                val_pick = _pick(len(splits.val), int(c.finetune.val_frames))
+                val, val_labels = splits.val.frames[val_pick], splits.val.labels[val_pick]
                 info["val_clips"], info["val_frames"] = list(splits.val.clips), int(len(val))
     frames, calib = {}, {}
     for r in sorted(set(resolutions)):
@@ -313,7 +355,8 @@ def load_frames(
             calib[r] = clips_lib.to_float(_resize(calib_src, r))
     info["decode_resolutions"] = decode
     return {"test": frames, "labels": labels, "conf": conf, "calibration": calib, "info": info,
-            "distill": distill, "distill_resolution": distill_res, "val": val}  # fmt: skip
+            "distill": distill, "distill_resolution": distill_res, "val": val,
+            "val_labels": val_labels}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -451,6 +494,10 @@ class _Models:
         self._tuned: dict[tuple[str, str, int], tuple] = {}
         self._teacher: np.ndarray | None = None
         self._val_teacher: np.ndarray | None = None
+
+    def set_approximations(self, approximations: Mapping[str, list[dict]]) -> None:
+        """The approximations' steps (sensitivity ones are known only after their pass)."""
+        self._approximations = dict(approximations)
 
     def teacher(self) -> np.ndarray:
         """The original's logits (JAX, fp32) on the distillation frames, computed once."""
@@ -647,6 +694,89 @@ def build_variant(
 
 
 # ---------------------------------------------------------------------------
+# Per-layer approximations chosen by measured sensitivity.
+# ---------------------------------------------------------------------------
+
+SENSITIVITY_DIR = "sensitivity"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_sensitivity(
+    c, name: str, settings: Mapping[str, Any], data, models: _Models, workdir: str, log=print
+) -> dict[str, Any]:
+    """`flexjax.sensitivity.run_pass` on the original and the val frames, cached in the workdir.
+
+    The per-layer table depends only on the candidates and the frames, so
+    approximations that differ only in budget share it
+    (``sensitivity/table_<key>.json``); the pass itself (moves, the bisection's
+    checks, the chosen steps) is ``sensitivity/<name>.json``, reused when its
+    key (settings, original, val clips and frames) matches.
+    """
+    o = c.original
+    directory = os.path.join(workdir, SENSITIVITY_DIR)
+    os.makedirs(directory, exist_ok=True)
+    frames = data["val"]
+    sha = hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()
+    key = {"model": str(o.model), "resolution": int(o.resolution), "val_clips": c.clips.val,
+           "fps": float(c.clips.fps), "max_frames": int(c.clips.max_frames),
+           "val_frames": int(len(frames)), "reference": c.clips.reference,
+           "frames_sha": sha}  # fmt: skip
+    table_key = {**key, **{k: settings[k] for k in sensitivity.TABLE_KEYS}}
+    pass_key = {**key, "settings": dict(settings)}
+    pass_path = os.path.join(directory, f"{name}.json")
+    if os.path.isfile(pass_path):
+        try:
+            with open(pass_path) as f:
+                cached = json.load(f)
+        except (OSError, ValueError):
+            cached = {}
+        if isinstance(cached, dict) and cached.get("key") == json.loads(json.dumps(pass_key)):
+            log(f"sensitivity {name}: reused ({cached['moves']} moves)")
+            return cached
+    net, variables = models.net(str(o.model), int(o.resolution))
+    x = clips_lib.to_float(_resize(frames, int(o.resolution)))
+    labels = np.asarray(data["val_labels"])
+    table_path = os.path.join(directory, f"table_{_digest(table_key)}.json")
+    table = None
+    if os.path.isfile(table_path):
+        try:
+            with open(table_path) as f:
+                table = json.load(f)
+            log(f"sensitivity {name}: per-layer table reused ({len(table['rows'])} options)")
+        except (OSError, ValueError, KeyError):
+            table = None
+    if table is None:
+        n = len(_pick(len(x), settings["table_frames"]))
+        log(f"sensitivity {name}: measuring every option alone on {n} of {len(x)} val frames")
+        table = sensitivity.sensitivity_table(net, variables, x, labels, settings, log)
+        write_json_atomic(table_path, table)
+    result = sensitivity.run_pass(net, variables, x, labels, settings, log, table=table)
+    result["key"] = pass_key
+    result = json.loads(json.dumps(result))  # plain JSON types: equal to what a rerun reads
+    write_json_atomic(pass_path, result)
+    log(f"sensitivity {name}: {result['moves']} of {len(result['moves_list'])} moves chosen, "
+        f"{result['val']['params'] / 1e6:.2f} M params ({result['seconds']:.0f} s)")  # fmt: skip
+    return result
+
+
+def summarize_pass(p: Mapping[str, Any], top: int = 12) -> dict[str, Any]:
+    """What catalog.json keeps of a sensitivity pass: the most sensitive rows, the choice."""
+    rows = sorted(p["table"]["rows"], key=lambda r: -r["kl"])
+    chosen = sensitivity.assignment(p["moves_list"], p["moves"])
+    return {
+        "settings": p["settings"], "table_frames": p["table"]["frames"],
+        "table_seconds": p["table"]["seconds"], "options": len(p["table"]["rows"]),
+        "most_sensitive": rows[:top], "moves": p["moves"], "of_moves": len(p["moves_list"]),
+        "chosen": sorted(chosen.values(), key=lambda r: r["knob"]),
+        "steps": p["steps"], "val": p["val"], "base": p["base"], "checks": p["checks"],
+        "seconds": p["seconds"], "params_original": p["params_original"],
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
 # Measurement and the catalog.
 # ---------------------------------------------------------------------------
 
@@ -723,13 +853,22 @@ def run(c, workdir: str, log=print) -> dict[str, Any]:
     t_start = time.perf_counter()
     variants, recipes = validate(c)
     approximations = _approximations(c)
+    sensitivities = {k: s for k, s in _sensitivities(c).items()
+                     if any(v.get("approx") == k for v in variants)}  # fmt: skip
     os.makedirs(os.path.join(workdir, VARIANTS_DIR), exist_ok=True)
     need_calibration = any(v["weights"] == "int8" for v in variants)
-    need_distill = int(c.finetune.steps) > 0 and any("approx" in v for v in variants)
+    need_distill = bool(sensitivities) or (
+        int(c.finetune.steps) > 0 and any("approx" in v for v in variants)
+    )
     t0 = time.perf_counter()
     data = load_frames(c, [v["resolution"] for v in variants], need_calibration, need_distill)
     log(f"clips: {data['info']['test_frames']} test frames ({time.perf_counter() - t0:.1f} s)")
-    models = _Models(c, data, approximations, log)
+    models = _Models(c, data, None, log)
+    passes = {}
+    for name, settings in sensitivities.items():
+        passes[name] = resolve_sensitivity(c, name, settings, data, models, workdir, log)
+        approximations[name] = passes[name]["steps"]
+    models.set_approximations(approximations)  # every approximation's steps now known
     rows = [
         build_variant(c, v, recipes, data, models, workdir, log, approximations) for v in variants
     ]
@@ -740,6 +879,7 @@ def run(c, workdir: str, log=print) -> dict[str, Any]:
         "targets": targets(rows),
         "recipes": recipes,
         "approximations": approximations,
+        "sensitivity": {k: summarize_pass(p) for k, p in passes.items()},
         "finetune": c.finetune.to_dict(),
         "data": {k: v for k, v in data["info"].items() if k != "clip_info"},
         "bench": bench,

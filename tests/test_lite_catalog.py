@@ -228,6 +228,44 @@ _BAD = {
     "finetune_without_val_clips": ('c.clips.val = ""', "needs clips.val"),
     "finetune_clip_norm_negative": ("c.finetune.clip_norm = -1.0", "finetune.clip_norm"),
     "val_clip_also_in_test": ('c.clips.val = "carphone"', "'carphone' is in ClipConfig.val"),
+    # Sensitivity-chosen approximations (issue 15, item 1): budgets and settings.
+    **{
+        f"sensitivity_budget_{name}": (
+            f'c.approximations = [*c.approximations, {{"name": "s", "sensitivity": '
+            f'{{"budget_pts": {value}}}}}]',
+            "sensitivity.budget_pts must be a finite number in (0, 100]",
+        )
+        for name, value in (
+            ("zero", "0.0"),
+            ("negative", "-2.0"),
+            ("nan", 'float("nan")'),
+            ("inf", 'float("inf")'),
+        )
+    },  # fmt: skip
+    "sensitivity_unknown_key": (
+        'c.approximations = [*c.approximations, {"name": "s", "sensitivity": {"budjet": 2}}]',
+        "unknown sensitivity settings ['budjet']",
+    ),
+    "sensitivity_unknown_metric": (
+        'c.approximations = [*c.approximations, {"name": "s", "sensitivity": {"metric": "top5"}}]',
+        "sensitivity.metric must be one of reference, original",
+    ),
+    "sensitivity_keep_one": (
+        'c.approximations = [*c.approximations, {"name": "s", "sensitivity": {"keeps": [1.0]}}]',
+        "sensitivity.keeps: 1.0 is not a fraction in (0, 1)",
+    ),
+    "sensitivity_on_another_model": (
+        'c.approximations = [*c.approximations, {"name": "s", "sensitivity": {}}]; '
+        'c.extras = [{"model": "efficientnet_lite1", "resolution": 64, "weights": "fp32", '
+        '"approx": "s"}]',
+        "sensitivity approximation 's' is chosen on the original",
+    ),
+    "sensitivity_without_val_clips": (
+        'c.approximations = [*c.approximations, {"name": "s", "sensitivity": {}}]; '
+        'c.extras = [{"model": "efficientnet_lite0", "resolution": 64, "weights": "fp32", '
+        '"approx": "s"}]; c.finetune.steps = 0; c.clips.val = ""',
+        "a sensitivity approximation needs clips.val",
+    ),
     "unknown_granularity": (
         'c.recipes = [{"name": "q", "rules": [{"op": "FULLY_CONNECTED", "bits": 4, '
         '"granularity": "blockwise_48", "mode": "dynamic"}]}]',
