@@ -62,8 +62,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         cat = clips_lite_catalog.get_config("smoke")
         cat.weights = ("fp32", "mixed4")
         return cat
+    if arg == "catalog_ams":  # the lite catalog without the collapsed structural variants
+        cat = clips_lite_catalog.get_config()
+        cheap = {(a.get("approx"), r) for a, r in clips_lite_catalog.CHEAP_VARIANTS}
+        cat.extras = [e for e in cat.extras
+                      if "approx" not in e or (e["approx"], e["resolution"]) in cheap]  # fmt: skip
+        return cat
     c = lite_mcdnn_defaults()
-    c.catalog_config = "configs/clips_lite_catalog.py"
+    c.catalog_config = "configs/clips_lite_mcdnn.py:catalog_ams"
     c.tasks = TASKS
     c.heads.steps = 300
     c.heads.distill_weight = 0.0
@@ -114,5 +120,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.ams.trace.mean_rate = 0.2
         c.ams.trace.bursts = 1
     elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; valid: smoke, catalog_smoke")
+        raise ValueError(f"unknown config argument {arg!r}; valid: smoke, catalog_smoke, catalog_ams")
     return c
