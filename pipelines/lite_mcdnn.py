@@ -468,6 +468,39 @@ def training_rows(
     return np.sort(np.concatenate(keep))
 
 
+def specialization_point(
+    gen_top1: np.ndarray, classes: Sequence[int], first: int, min_other: int, max_wait: int
+) -> int:
+    """The frame after which the head is fitted: the detection (`first`) or later.
+
+    With ``min_other > 0`` the general model keeps running after the skew is
+    detected until the frames seen so far hold `min_other` frames it labels
+    outside `classes` (the clip's own negatives), at most `max_wait` frames
+    past `first` (0: no limit), and never past the clip's second-to-last frame.
+    """
+    last = len(gen_top1) - 2
+    if min_other <= 0 or first >= last:
+        return min(first, last)
+    outside = np.cumsum(~np.isin(gen_top1, np.asarray(classes)))
+    ok = np.flatnonzero(outside[first:] >= min_other)
+    ready = first + int(ok[0]) if len(ok) else last
+    if max_wait > 0:
+        ready = min(ready, first + max_wait)
+    return min(ready, last)
+
+
+def seen_rows(gen_top1: np.ndarray, classes: Sequence[int], ready: int, window: int) -> np.ndarray:
+    """Frames 0..`ready` the head is fitted on: the last `window` and every earlier "other" one.
+
+    Bounded by window + the clip's "other" frames, so the forward pass at
+    specialization time does not grow with the wait.
+    """
+    idx = np.arange(ready + 1)
+    recent = idx >= ready + 1 - window
+    other = ~np.isin(gen_top1[: ready + 1], np.asarray(classes))
+    return idx[recent | other]
+
+
 def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, workdir: str,
                          log=print) -> dict[str, Any]:  # fmt: skip
     """Item 3: skew on a real clip, retargeting on pre-forwarded features, the cascade."""
@@ -524,15 +557,6 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
     preforward_offline_s = time.perf_counter() - t0
     # training-clip frames labelled by the general model (its 1000-way logits on them)
     pool_y = specialize.specialized_labels(shared["_features"][1].argmax(1), classes)
-    # --- specialization (timed): forward the frames seen so far, fit the head ---
-    seen = slice(0, first + 1)
-    t0 = time.perf_counter()
-    clip_feats = feats(frames.frames[seen])
-    forward_s = time.perf_counter() - t0
-    clip_y = specialize.specialized_labels(gen_top1[seen], classes)
-    xs = np.concatenate([clip_feats, pool_feats])
-    ys = np.concatenate([clip_y, pool_y])
-    keep = training_rows(clip_y, pool_y, len(classes), float(s.other_fraction), int(s.seed))
     spec_net, spec_vars = specialize.retarget_head(cnet, cvars, classes)
     fit_kw = dict(steps=int(s.steps), batch_size=int(s.batch_size),
                   learning_rate=float(s.learning_rate), seed=int(s.seed))  # fmt: skip
@@ -546,18 +570,39 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
                                   **fit_kw)
     )  # fmt: skip
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rows = np.random.default_rng(int(s.seed)).choice(keep, FIT_EXAMPLES)
-    fitted = specialize.fit_last_layer(spec_net, spec_vars, xs[rows], ys[rows], **fit_kw)
-    jax.block_until_ready(fitted)
-    fit_s = time.perf_counter() - t0
     last = layer_name(len(spec_net.layers) - 1)
-    kern = np.asarray(fitted["params"][last]["kernel"])
-    bias = np.asarray(fitted["params"][last]["bias"])
     other = len(classes)
     cl = np.asarray(classes)
+
+    def specialize_at(ready: int) -> dict[str, Any]:
+        """Specialization (timed): forward the frames seen by `ready`, fit the head."""
+        seen = seen_rows(gen_top1, classes, ready, int(s.window))
+        t0 = time.perf_counter()
+        clip_feats = feats(frames.frames[seen])
+        forward_s = time.perf_counter() - t0
+        clip_y = specialize.specialized_labels(gen_top1[seen], classes)
+        xs = np.concatenate([clip_feats, pool_feats])
+        ys = np.concatenate([clip_y, pool_y])
+        keep = training_rows(clip_y, pool_y, other, float(s.other_fraction), int(s.seed))
+        t0 = time.perf_counter()
+        rows = np.random.default_rng(int(s.seed)).choice(keep, FIT_EXAMPLES)
+        fitted = specialize.fit_last_layer(spec_net, spec_vars, xs[rows], ys[rows], **fit_kw)
+        jax.block_until_ready(fitted)
+        fit_s = time.perf_counter() - t0
+        return {"ready": int(ready), "seen": seen, "clip_other": int((clip_y == other).sum()),
+                "keep": keep, "forward_s": forward_s, "fit_s": fit_s,
+                "kern": np.asarray(fitted["params"][last]["kernel"]),
+                "bias": np.asarray(fitted["params"][last]["bias"])}  # fmt: skip
+
+    ready = specialization_point(gen_top1, classes, first, int(s.min_other), int(s.max_wait))
+    fits = {"negatives": specialize_at(ready)}
+    if ready != first:  # the detection-time head (the previous rule), on the same frames
+        fits["at_detection"] = specialize_at(first)
+    sp = fits["negatives"]
+    kern, bias, keep = sp["kern"], sp["bias"], sp["keep"]
+    forward_s, fit_s = sp["forward_s"], sp["fit_s"]
     # --- the cascade on the rest of the clip ---
-    after = np.arange(first + 1, len(labels))
+    after = np.arange(ready + 1, len(labels))
     x_cheap = clips_lib.to_float(_resize(frames.frames[after], int(s.resolution)))
 
     def cascade(i: int) -> int:
@@ -570,15 +615,41 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
     def general_only(i: int) -> int:
         return int(np.argmax(general(np.ascontiguousarray(x_gen[after[i]][None]))))
 
-    spec_out = np.array([int(np.argmax(h @ kern + bias)) for h in feats(frames.frames[after])])
-    fallback = spec_out == other
-    cas_pred = np.where(fallback, gen_top1[after], cl[np.minimum(spec_out, other - 1)])
+    h_after = feats(frames.frames[after])
     y_after = labels[after]
+    variants = {}
+    for name, f in fits.items():
+        out_k = np.array([int(np.argmax(h @ f["kern"] + f["bias"])) for h in h_after])
+        fb = out_k == other
+        pred = np.where(fb, gen_top1[after], cl[np.minimum(out_k, other - 1)])
+        variants[name] = {
+            "specialized_after_frames": f["ready"] + 1, "clip_frames_fitted": int(len(f["seen"])),
+            "clip_other_frames_fitted": f["clip_other"],
+            "specialize_s": f["forward_s"] + f["fit_s"],
+            "cascade_accuracy": float(np.mean(pred == y_after)),
+            "fallback_rate": float(fb.mean()),
+            "cascade_vs_general_top1": float(np.mean(pred == gen_top1[after])),
+        }  # fmt: skip
+        if name == "negatives":
+            spec_out, fallback, cas_pred = out_k, fb, pred
+    # The whole clip as served: the general model up to the specialization, the cascade after.
+    whole = np.concatenate([gen_top1[: ready + 1], cas_pred])
     idx = list(range(len(after)))[: max(int(c.bench.frames), 1) * 3]
     stats = time_interleaved(
         {"general": general_only, "cascade": cascade}, idx, rounds=int(c.bench.rounds),
         warmup=int(c.bench.warmup),
     )  # fmt: skip
+    out["rule"] = {"min_other": int(s.min_other), "max_wait": int(s.max_wait),
+                   "specialized_after_frames": int(ready + 1)}  # fmt: skip
+    out["heads"] = variants
+    g_ms, c_ms = stats["general"]["mean_ms"], stats["cascade"]["mean_ms"]
+    out["whole_clip"] = {
+        "frames": int(len(labels)),
+        "general_accuracy": float(np.mean(gen_top1 == labels)),
+        "served_accuracy": float(np.mean(whole == labels)),
+        "general_ms_per_frame": g_ms,
+        "served_ms_per_frame": ((ready + 1) * g_ms + len(after) * c_ms) / len(labels),
+    }  # fmt: skip
     out.update({
         "specialized": {"stem": os.path.relpath(stem_path, workdir),
                         "resolution": int(s.resolution),
@@ -586,7 +657,8 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
                         "classes": [*map(int, classes), "other"]},
         "train_examples": int(len(keep)),
         "specialize_seconds": {
-            "forward_seen_frames_s": forward_s, "seen_frames": int(first + 1),
+            "forward_seen_frames_s": forward_s, "seen_frames": int(ready + 1),
+            "clip_frames_fitted": int(len(sp["seen"])),
             "fit_s": fit_s, "total_s": forward_s + fit_s, "fit_examples": FIT_EXAMPLES,
             "compile_fitter_offline_s": compile_s,
             "preforward_training_clips_offline_s": preforward_offline_s,
@@ -856,6 +928,20 @@ def format_report(r: Mapping[str, Any]) -> str:
             f"{t['cascade']:.2f} vs {t['general']:.2f} ms/frame "
             f"({sp['cascade_speedup']:.2f}x)"
         )
+        for name, h in sp.get("heads", {}).items():
+            lines.append(
+                f"  head {name}: fitted after {h['specialized_after_frames']} frames "
+                f"({h['clip_other_frames_fitted']} of the clip's 'other'), "
+                f"{h['specialize_s']:.2f} s; cascade {h['cascade_accuracy']:.3f}, "
+                f"fallback {h['fallback_rate']:.1%} (on the same {st['frames']} frames)"
+            )
+        if "whole_clip" in sp:
+            w = sp["whole_clip"]
+            lines.append(
+                f"whole clip: served {w['served_accuracy']:.3f} vs general "
+                f"{w['general_accuracy']:.3f}; {w['served_ms_per_frame']:.2f} vs "
+                f"{w['general_ms_per_frame']:.2f} ms/frame"
+            )
     s = r["ams"]["summary"]
     lines.append(f"== AMS (default policy: {s['default_policy']}) ==")
     for e, b in s["budgets"].items():
