@@ -22,7 +22,12 @@
    training clips' frames (pre-forwarded offline) train an (n + 1)-way head
    (`flexjax.specialize.fit_last_layer`, timed, JIT compilation included); the
    rest of the clip runs the cascade (specialized first, the general model on
-   "other"), timed interleaved with the general model alone;
+   "other"), timed interleaved with the general model alone. With
+   ``specialize.min_other`` > 0 the general model keeps running after the
+   detection until the clip itself has shown that many frames outside the
+   dominant classes (`specialization_point`, at most ``max_wait`` frames), so
+   the head learns the clip's own "other"; the detection-time head is fitted
+   too and both are scored on the same frames;
 4. **AMS over a day** (item 4): every catalog variant is an option of every
    app (task), with its measured latency / bytes / load time / energy and its
    accuracy on that task; `runtime.ams` serves day traces (one per seed) under

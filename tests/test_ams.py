@@ -337,3 +337,14 @@ def test_knee_is_the_point_farthest_above_the_chord_never_one_below_it():
     # chord: Best-Model is its most accurate end.
     convex = [_opt("a", 1.0, 0.0), _opt("b", 5.0, 0.1), _opt("c", 9.0, 0.5), _opt("d", 10.0, 1.0)]
     assert ams.knee(convex).variant == "d"
+
+
+def test_pace_recent_weight_is_checked_and_changes_the_demand_estimate(device_catalog, day):
+    b = _budgets(day, energy_j=0.05)
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(ams.AmsError, match="recent_weight"):
+            ams.pace_policy(device_catalog, b, recent_weight=bad)
+    runs = {w: ams.simulate(ams.pace_policy(device_catalog, b, recent_weight=w), day)
+            for w in (0.0, 1.0)}  # fmt: skip
+    assert all(d.served or d.reason for ds in runs.values() for d in ds)
+    assert [d.variant for d in runs[0.0]] != [d.variant for d in runs[1.0]]
