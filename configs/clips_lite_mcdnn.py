@@ -88,6 +88,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the head is fitted on the last `window` frames + those. Set a priori, not tuned on test.
     c.specialize.min_other = 10
     c.specialize.max_wait = 120
+    # MCDNN's re-checks: every 10th specialized frame also runs the general model; 2 of the
+    # last 3 spot checks disagreeing drop the specialization until the detector fires again.
+    c.specialize.check_every = 10
+    c.specialize.check_window = 3
+    c.specialize.check_fail = 2
     # The first is the headline budget (Best-Model serves under half of the requests there).
     c.ams.energy = ("0.1x", "0.05x", "0.2x", "0.3x", "0.5x")
     c.ams.memory_mb = 64.0  # a few Lite0 variants resident at once
@@ -119,6 +124,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.specialize.steps = 5
         c.specialize.min_other = 1
         c.specialize.max_wait = 2
+        c.specialize.check_every = 1
+        c.specialize.check_window = 1
+        c.specialize.check_fail = 1
         c.ams.energy = ("0.3x", "0x")
         c.ams.memory_mb = 20.0
         c.ams.exclude = ""

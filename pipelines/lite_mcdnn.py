@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -66,7 +66,7 @@ from runtime import traces as traces_lib
 from runtime.lite import Model
 from runtime.mcdnn import SharedStem, time_interleaved
 from runtime.names import FULL, SHARED_MANIFEST
-from runtime.skew import scan, skew_init
+from runtime.skew import scan, skew_init, skew_update
 
 IMAGENET = "imagenet"  # the 1000-way task: Lite0's own classifier
 NUM_CLASSES = clips_lib.IMAGENET_CLASSES
@@ -506,6 +506,62 @@ def seen_rows(gen_top1: np.ndarray, classes: Sequence[int], ready: int, window: 
     return idx[recent | other]
 
 
+def drift_stream(
+    gen_top1: np.ndarray,
+    start: int,
+    head: Callable[[int], int],
+    respecialize: Callable[[int, tuple[int, ...]], Callable[[int], int]],
+    detector: tuple[int, int, float],
+    check_every: int,
+    check_window: int,
+    check_fail: int,
+) -> dict[str, Any]:
+    """The clip from frame `start` on with MCDNN-style re-checks (pure given its callables).
+
+    `head(i)` is the specialized model's answer on frame i (a class, or -1 for
+    "other": the cascade then runs the general model, whose answers are
+    `gen_top1`). Every `check_every`-th specialized frame is also run by the
+    general model (a spot check); when `check_fail` of the last
+    `check_window` spot checks disagree, the specialization is dropped: the
+    general model serves and feeds a fresh skew detector (`detector` =
+    window, n, p) until it fires again, and `respecialize(i, classes)` gives
+    the new head. Returns the predictions and what each frame cost (runs of
+    the cheap model and of the general model).
+    """
+    pred, cheap_runs, general_runs = [], 0, 0
+    checks: list[bool] = []
+    events: list[dict[str, Any]] = []
+    det = None
+    since = 0
+    for i in range(start, len(gen_top1)):
+        if det is None:  # specialized
+            k = head(i)
+            cheap_runs += 1
+            p = int(gen_top1[i]) if k < 0 else k
+            general_runs += int(k < 0)
+            since += 1
+            if check_every > 0 and since % check_every == 0:
+                general_runs += int(k >= 0)  # a fallback frame already ran the general model
+                checks.append(p == int(gen_top1[i]))
+                if len(checks) >= check_window and (
+                    sum(not ok for ok in checks[-check_window:]) >= check_fail
+                ):
+                    events.append({"frame": i, "event": "drift: back to the general model"})
+                    det, checks = skew_init(*detector), []
+            pred.append(p)
+            continue
+        p = int(gen_top1[i])
+        general_runs += 1
+        det, verdict = skew_update(det, p)
+        pred.append(p)
+        if verdict is not None and i + 1 < len(gen_top1):
+            head = respecialize(i, tuple(verdict))
+            events.append({"frame": i, "event": f"re-specialized on {list(verdict)}"})
+            det, since = None, 0
+    return {"pred": np.asarray(pred, np.int64), "cheap_runs": cheap_runs,
+            "general_runs": general_runs, "events": events}  # fmt: skip
+
+
 def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, workdir: str,
                          log=print) -> dict[str, Any]:  # fmt: skip
     """Item 3: skew on a real clip, retargeting on pre-forwarded features, the cascade."""
@@ -560,14 +616,12 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
     t0 = time.perf_counter()
     pool_feats = feats(train_frames)
     preforward_offline_s = time.perf_counter() - t0
-    # training-clip frames labelled by the general model (its 1000-way logits on them)
-    pool_y = specialize.specialized_labels(shared["_features"][1].argmax(1), classes)
-    spec_net, spec_vars = specialize.retarget_head(cnet, cvars, classes)
     fit_kw = dict(steps=int(s.steps), batch_size=int(s.batch_size),
                   learning_rate=float(s.learning_rate), seed=int(s.seed))  # fmt: skip
     # The fitter is compiled before the stream starts (offline, like the pre-forwarding): its
     # input is always FIT_EXAMPLES rows (the balanced set drawn with replacement; the fit
     # samples minibatches with replacement anyway), so a specialization never recompiles.
+    spec_net, spec_vars = specialize.retarget_head(cnet, cvars, classes)
     t0 = time.perf_counter()
     dummy = np.zeros((FIT_EXAMPLES, pool_feats.shape[1]), np.float32)
     jax.block_until_ready(
@@ -579,22 +633,27 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
     other = len(classes)
     cl = np.asarray(classes)
 
-    def specialize_at(ready: int) -> dict[str, Any]:
+    def specialize_at(ready: int, cls=None) -> dict[str, Any]:
         """Specialization (timed): forward the frames seen by `ready`, fit the head."""
-        seen = seen_rows(gen_top1, classes, ready, int(s.window))
+        cls = classes if cls is None else list(cls)
+        seen = seen_rows(gen_top1, cls, ready, int(s.window))
         t0 = time.perf_counter()
         clip_feats = feats(frames.frames[seen])
         forward_s = time.perf_counter() - t0
-        clip_y = specialize.specialized_labels(gen_top1[seen], classes)
+        clip_y = specialize.specialized_labels(gen_top1[seen], cls)
+        # training-clip frames labelled by the general model (its 1000-way logits on them)
+        p_y = specialize.specialized_labels(shared["_features"][1].argmax(1), cls)
         xs = np.concatenate([clip_feats, pool_feats])
-        ys = np.concatenate([clip_y, pool_y])
-        keep = training_rows(clip_y, pool_y, other, float(s.other_fraction), int(s.seed))
+        ys = np.concatenate([clip_y, p_y])
+        keep = training_rows(clip_y, p_y, len(cls), float(s.other_fraction), int(s.seed))
         t0 = time.perf_counter()
         rows = np.random.default_rng(int(s.seed)).choice(keep, FIT_EXAMPLES)
-        fitted = specialize.fit_last_layer(spec_net, spec_vars, xs[rows], ys[rows], **fit_kw)
+        snet, svars = specialize.retarget_head(cnet, cvars, cls)
+        fitted = specialize.fit_last_layer(snet, svars, xs[rows], ys[rows], **fit_kw)
         jax.block_until_ready(fitted)
         fit_s = time.perf_counter() - t0
-        return {"ready": int(ready), "seen": seen, "clip_other": int((clip_y == other).sum()),
+        return {"ready": int(ready), "seen": seen, "clip_other": int((clip_y == len(cls)).sum()),
+                "classes": cls,
                 "keep": keep, "forward_s": forward_s, "fit_s": fit_s,
                 "kern": np.asarray(fitted["params"][last]["kernel"]),
                 "bias": np.asarray(fitted["params"][last]["bias"])}  # fmt: skip
@@ -639,11 +698,52 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
             spec_out, fallback, cas_pred = out_k, fb, pred
     # The whole clip as served: the general model up to the specialization, the cascade after.
     whole = np.concatenate([gen_top1[: ready + 1], cas_pred])
+
+    def cheap_only(i: int) -> int:
+        h = stem(np.ascontiguousarray(x_cheap[i][None]))
+        return int(np.argmax(h[0] @ kern + bias))
+
     idx = list(range(len(after)))[: max(int(c.bench.frames), 1) * 3]
     stats = time_interleaved(
-        {"general": general_only, "cascade": cascade}, idx, rounds=int(c.bench.rounds),
-        warmup=int(c.bench.warmup),
+        {"general": general_only, "cascade": cascade, "specialized": cheap_only}, idx,
+        rounds=int(c.bench.rounds), warmup=int(c.bench.warmup),
     )  # fmt: skip
+    if int(s.check_every) > 0:  # MCDNN's re-checks: spot checks, drop and re-specialize on drift
+        h_all = feats(frames.frames)
+        respec_s: list[float] = []
+
+        def head_of(f):
+            kk, bb, n_cls = f["kern"], f["bias"], len(f["classes"])
+            cls_arr = np.asarray(f["classes"])
+
+            def head(i: int) -> int:
+                k = int(np.argmax(h_all[i] @ kk + bb))
+                return -1 if k == n_cls else int(cls_arr[k])
+
+            return head
+
+        def respecialize(i: int, cls: tuple[int, ...]):
+            f = specialize_at(i, cls)
+            respec_s.append(f["forward_s"] + f["fit_s"])
+            return head_of(f)
+
+        d = drift_stream(gen_top1, ready + 1, head_of(sp), respecialize,
+                         (int(s.window), int(s.n), float(s.p)), int(s.check_every),
+                         int(s.check_window), int(s.check_fail))  # fmt: skip
+        g_ms0, ch_ms = stats["general"]["mean_ms"], stats["specialized"]["mean_ms"]
+        n_all = len(labels)
+        out["rechecks"] = {
+            "check_every": int(s.check_every), "check_window": int(s.check_window),
+            "check_fail": int(s.check_fail), "events": d["events"],
+            "respecialize_s": respec_s,
+            "stream_accuracy": float(np.mean(d["pred"] == y_after)),
+            "stream_vs_general_top1": float(np.mean(d["pred"] == gen_top1[after])),
+            "whole_clip_accuracy": float(np.mean(
+                np.concatenate([gen_top1[: ready + 1], d["pred"]]) == labels)),
+            "cheap_runs": d["cheap_runs"], "general_runs": d["general_runs"] + ready + 1,
+            "whole_clip_ms_per_frame": ((d["general_runs"] + ready + 1) * g_ms0
+                                        + d["cheap_runs"] * ch_ms) / n_all,
+        }  # fmt: skip
     out["rule"] = {"min_other": int(s.min_other), "max_wait": int(s.max_wait),
                    "specialized_after_frames": int(ready + 1)}  # fmt: skip
     out["heads"] = variants
