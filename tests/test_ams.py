@@ -344,7 +344,10 @@ def test_pace_recent_weight_is_checked_and_changes_the_demand_estimate(device_ca
     for bad in (-0.1, 1.5, math.nan):
         with pytest.raises(ams.AmsError, match="recent_weight"):
             ams.pace_policy(device_catalog, b, recent_weight=bad)
+    with pytest.raises(ams.AmsError, match="rule"):
+        ams.pace_policy(device_catalog, b, rule="median")
     runs = {w: ams.simulate(ams.pace_policy(device_catalog, b, recent_weight=w), day)
             for w in (0.0, 1.0)}  # fmt: skip
+    runs["max"] = ams.simulate(ams.pace_policy(device_catalog, b, rule="max"), day)
     assert all(d.served or d.reason for ds in runs.values() for d in ds)
     assert [d.variant for d in runs[0.0]] != [d.variant for d in runs[1.0]]

@@ -269,7 +269,11 @@ SKIP = "skip"
 
 
 def pace_policy(
-    catalog: Catalog, budgets: Budgets, resolve_s: float = 60.0, recent_weight: float = 0.25
+    catalog: Catalog,
+    budgets: Budgets,
+    resolve_s: float = 60.0,
+    recent_weight: float = 0.25,
+    rule: str = "blend",
 ) -> Policy:
     """Ours: re-solve the priced plan every `resolve_s` (see the module docstring).
 
@@ -280,11 +284,18 @@ def pace_policy(
     """
     if not 0.0 <= recent_weight <= 1.0:
         raise AmsError(f"pace: recent_weight must be in [0, 1], got {recent_weight}")
+    if rule not in ("blend", "max"):
+        raise AmsError(f"pace: rule must be 'blend' or 'max', got {rule!r}")
 
     def demand(state: State, t: float) -> dict[str, float]:
         remaining = max(budgets.day_s - t, 0.0)
         elapsed = max(t, 1.0)
         w = recent_weight
+        if rule == "max":  # the larger of the two rates: plan for the busier future
+            return {
+                a: max(rate(state, a, t), state.seen.get(a, 0) / elapsed) * remaining
+                for a in catalog.apps
+            }
         return {
             a: (w * rate(state, a, t) + (1.0 - w) * state.seen.get(a, 0) / elapsed) * remaining
             for a in catalog.apps
