@@ -62,8 +62,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         cat = clips_lite_catalog.get_config("smoke")
         cat.weights = ("fp32", "mixed4")
         return cat
+    if arg == "catalog_ams":  # the lite catalog without the collapsed structural variants
+        cat = clips_lite_catalog.get_config()
+        cheap = {(a.get("approx"), r) for a, r in clips_lite_catalog.CHEAP_VARIANTS}
+        cat.extras = [e for e in cat.extras
+                      if "approx" not in e or (e["approx"], e["resolution"]) in cheap]  # fmt: skip
+        return cat
     c = lite_mcdnn_defaults()
-    c.catalog_config = "configs/clips_lite_catalog.py"
+    c.catalog_config = "configs/clips_lite_mcdnn.py:catalog_ams"
     c.tasks = TASKS
     c.heads.steps = 300
     c.heads.distill_weight = 0.0
@@ -77,6 +83,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.specialize.resolution = 160
     c.specialize.weights = "int8"
     c.specialize.other_fraction = 0.5
+    # The clip's own negatives (h-ams): after the detection the general model keeps running
+    # until 10 of the frames seen are outside the detected classes (at most 120 frames more);
+    # the head is fitted on the last `window` frames + those. Set a priori, not tuned on test.
+    c.specialize.min_other = 10
+    c.specialize.max_wait = 120
+    # MCDNN's re-checks: every 10th specialized frame also runs the general model; 2 of the
+    # last 3 spot checks disagreeing drop the specialization until the detector fires again.
+    c.specialize.check_every = 10
+    c.specialize.check_window = 3
+    c.specialize.check_fail = 2
     # The first is the headline budget (Best-Model serves under half of the requests there).
     c.ams.energy = ("0.1x", "0.05x", "0.2x", "0.3x", "0.5x")
     c.ams.memory_mb = 64.0  # a few Lite0 variants resident at once
@@ -106,6 +122,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.specialize.weights = "fp32"  # int8 conversion is the lite catalog's tests' (slow here)
         c.specialize.calibration_frames = 2
         c.specialize.steps = 5
+        c.specialize.min_other = 1
+        c.specialize.max_wait = 2
+        c.specialize.check_every = 1
+        c.specialize.check_window = 1
+        c.specialize.check_fail = 1
         c.ams.energy = ("0.3x", "0x")
         c.ams.memory_mb = 20.0
         c.ams.exclude = ""
@@ -114,5 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.ams.trace.mean_rate = 0.2
         c.ams.trace.bursts = 1
     elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; valid: smoke, catalog_smoke")
+        raise ValueError(
+            f"unknown config argument {arg!r}; valid: smoke, catalog_smoke, catalog_ams"
+        )
     return c

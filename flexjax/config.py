@@ -364,6 +364,11 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     ("specialize.max_frames", _int(0, 100_000)),
     ("specialize.resolution", _int(32, 1024)),
     ("specialize.calibration_frames", _int(1, 100_000)),
+    ("specialize.min_other", _int(0, 100_000)),  # lite MCDNN: the clip's own negatives
+    ("specialize.max_wait", _int(0, 100_000)),
+    ("specialize.check_every", _int(0, 100_000)),  # 0: no spot checks
+    ("specialize.check_window", _int(1, 1000)),
+    ("specialize.check_fail", _int(1, 1000)),
     ("ams.seeds", _each(_int(0, MAX_SEED))),
     ("ams.memory_mb", _real(0.0, 1e6)),
     ("ams.latency_ms", _MS),
@@ -504,7 +509,8 @@ def lite_mcdnn_defaults() -> ml_collections.ConfigDict:
     c.specialize = ml_collections.ConfigDict(
         {"clip": "megamind", "fps": 0.0, "max_frames": 0, "window": 60, "n": 2, "p": 0.8,
          "resolution": 160, "weights": "int8", "calibration_frames": 32, "steps": 300,
-         "batch_size": 64, "learning_rate": 1e-2, "other_fraction": 0.3, "seed": 0}
+         "batch_size": 64, "learning_rate": 1e-2, "other_fraction": 0.3, "seed": 0,
+         "min_other": 0, "max_wait": 0, "check_every": 0, "check_window": 3, "check_fail": 2}
     )  # fmt: skip
     c.ams = ml_collections.ConfigDict(
         {"energy": ("0.3x",), "memory_mb": 64.0, "latency_ms": 1000.0, "exclude": "",

@@ -22,7 +22,12 @@
    training clips' frames (pre-forwarded offline) train an (n + 1)-way head
    (`flexjax.specialize.fit_last_layer`, timed, JIT compilation included); the
    rest of the clip runs the cascade (specialized first, the general model on
-   "other"), timed interleaved with the general model alone;
+   "other"), timed interleaved with the general model alone. With
+   ``specialize.min_other`` > 0 the general model keeps running after the
+   detection until the clip itself has shown that many frames outside the
+   dominant classes (`specialization_point`, at most ``max_wait`` frames), so
+   the head learns the clip's own "other"; the detection-time head is fitted
+   too and both are scored on the same frames;
 4. **AMS over a day** (item 4): every catalog variant is an option of every
    app (task), with its measured latency / bytes / load time / energy and its
    accuracy on that task; `runtime.ams` serves day traces (one per seed) under
@@ -37,7 +42,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -61,7 +66,7 @@ from runtime import traces as traces_lib
 from runtime.lite import Model
 from runtime.mcdnn import SharedStem, time_interleaved
 from runtime.names import FULL, SHARED_MANIFEST
-from runtime.skew import scan, skew_init
+from runtime.skew import scan, skew_init, skew_update
 
 IMAGENET = "imagenet"  # the 1000-way task: Lite0's own classifier
 NUM_CLASSES = clips_lib.IMAGENET_CLASSES
@@ -468,6 +473,95 @@ def training_rows(
     return np.sort(np.concatenate(keep))
 
 
+def specialization_point(
+    gen_top1: np.ndarray, classes: Sequence[int], first: int, min_other: int, max_wait: int
+) -> int:
+    """The frame after which the head is fitted: the detection (`first`) or later.
+
+    With ``min_other > 0`` the general model keeps running after the skew is
+    detected until the frames seen so far hold `min_other` frames it labels
+    outside `classes` (the clip's own negatives), at most `max_wait` frames
+    past `first` (0: no limit), and never past the clip's second-to-last frame.
+    """
+    last = len(gen_top1) - 2
+    if min_other <= 0 or first >= last:
+        return min(first, last)
+    outside = np.cumsum(~np.isin(gen_top1, np.asarray(classes)))
+    ok = np.flatnonzero(outside[first:] >= min_other)
+    ready = first + int(ok[0]) if len(ok) else last
+    if max_wait > 0:
+        ready = min(ready, first + max_wait)
+    return min(ready, last)
+
+
+def seen_rows(gen_top1: np.ndarray, classes: Sequence[int], ready: int, window: int) -> np.ndarray:
+    """Frames 0..`ready` the head is fitted on: the last `window` and every earlier "other" one.
+
+    Bounded by window + the clip's "other" frames, so the forward pass at
+    specialization time does not grow with the wait.
+    """
+    idx = np.arange(ready + 1)
+    recent = idx >= ready + 1 - window
+    other = ~np.isin(gen_top1[: ready + 1], np.asarray(classes))
+    return idx[recent | other]
+
+
+def drift_stream(
+    gen_top1: np.ndarray,
+    start: int,
+    head: Callable[[int], int],
+    respecialize: Callable[[int, tuple[int, ...]], Callable[[int], int]],
+    detector: tuple[int, int, float],
+    check_every: int,
+    check_window: int,
+    check_fail: int,
+) -> dict[str, Any]:
+    """The clip from frame `start` on with MCDNN-style re-checks (pure given its callables).
+
+    `head(i)` is the specialized model's answer on frame i (a class, or -1 for
+    "other": the cascade then runs the general model, whose answers are
+    `gen_top1`). Every `check_every`-th specialized frame is also run by the
+    general model (a spot check); when `check_fail` of the last
+    `check_window` spot checks disagree, the specialization is dropped: the
+    general model serves and feeds a fresh skew detector (`detector` =
+    window, n, p) until it fires again, and `respecialize(i, classes)` gives
+    the new head. Returns the predictions and what each frame cost (runs of
+    the cheap model and of the general model).
+    """
+    pred, cheap_runs, general_runs = [], 0, 0
+    checks: list[bool] = []
+    events: list[dict[str, Any]] = []
+    det = None
+    since = 0
+    for i in range(start, len(gen_top1)):
+        if det is None:  # specialized
+            k = head(i)
+            cheap_runs += 1
+            p = int(gen_top1[i]) if k < 0 else k
+            general_runs += int(k < 0)
+            since += 1
+            if check_every > 0 and since % check_every == 0:
+                general_runs += int(k >= 0)  # a fallback frame already ran the general model
+                checks.append(p == int(gen_top1[i]))
+                if len(checks) >= check_window and (
+                    sum(not ok for ok in checks[-check_window:]) >= check_fail
+                ):
+                    events.append({"frame": i, "event": "drift: back to the general model"})
+                    det, checks = skew_init(*detector), []
+            pred.append(p)
+            continue
+        p = int(gen_top1[i])
+        general_runs += 1
+        det, verdict = skew_update(det, p)
+        pred.append(p)
+        if verdict is not None and i + 1 < len(gen_top1):
+            head = respecialize(i, tuple(verdict))
+            events.append({"frame": i, "event": f"re-specialized on {list(verdict)}"})
+            det, since = None, 0
+    return {"pred": np.asarray(pred, np.int64), "cheap_runs": cheap_runs,
+            "general_runs": general_runs, "events": events}  # fmt: skip
+
+
 def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, workdir: str,
                          log=print) -> dict[str, Any]:  # fmt: skip
     """Item 3: skew on a real clip, retargeting on pre-forwarded features, the cascade."""
@@ -522,23 +616,12 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
     t0 = time.perf_counter()
     pool_feats = feats(train_frames)
     preforward_offline_s = time.perf_counter() - t0
-    # training-clip frames labelled by the general model (its 1000-way logits on them)
-    pool_y = specialize.specialized_labels(shared["_features"][1].argmax(1), classes)
-    # --- specialization (timed): forward the frames seen so far, fit the head ---
-    seen = slice(0, first + 1)
-    t0 = time.perf_counter()
-    clip_feats = feats(frames.frames[seen])
-    forward_s = time.perf_counter() - t0
-    clip_y = specialize.specialized_labels(gen_top1[seen], classes)
-    xs = np.concatenate([clip_feats, pool_feats])
-    ys = np.concatenate([clip_y, pool_y])
-    keep = training_rows(clip_y, pool_y, len(classes), float(s.other_fraction), int(s.seed))
-    spec_net, spec_vars = specialize.retarget_head(cnet, cvars, classes)
     fit_kw = dict(steps=int(s.steps), batch_size=int(s.batch_size),
                   learning_rate=float(s.learning_rate), seed=int(s.seed))  # fmt: skip
     # The fitter is compiled before the stream starts (offline, like the pre-forwarding): its
     # input is always FIT_EXAMPLES rows (the balanced set drawn with replacement; the fit
     # samples minibatches with replacement anyway), so a specialization never recompiles.
+    spec_net, spec_vars = specialize.retarget_head(cnet, cvars, classes)
     t0 = time.perf_counter()
     dummy = np.zeros((FIT_EXAMPLES, pool_feats.shape[1]), np.float32)
     jax.block_until_ready(
@@ -546,18 +629,44 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
                                   **fit_kw)
     )  # fmt: skip
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rows = np.random.default_rng(int(s.seed)).choice(keep, FIT_EXAMPLES)
-    fitted = specialize.fit_last_layer(spec_net, spec_vars, xs[rows], ys[rows], **fit_kw)
-    jax.block_until_ready(fitted)
-    fit_s = time.perf_counter() - t0
     last = layer_name(len(spec_net.layers) - 1)
-    kern = np.asarray(fitted["params"][last]["kernel"])
-    bias = np.asarray(fitted["params"][last]["bias"])
     other = len(classes)
     cl = np.asarray(classes)
+
+    def specialize_at(ready: int, cls=None) -> dict[str, Any]:
+        """Specialization (timed): forward the frames seen by `ready`, fit the head."""
+        cls = classes if cls is None else list(cls)
+        seen = seen_rows(gen_top1, cls, ready, int(s.window))
+        t0 = time.perf_counter()
+        clip_feats = feats(frames.frames[seen])
+        forward_s = time.perf_counter() - t0
+        clip_y = specialize.specialized_labels(gen_top1[seen], cls)
+        # training-clip frames labelled by the general model (its 1000-way logits on them)
+        p_y = specialize.specialized_labels(shared["_features"][1].argmax(1), cls)
+        xs = np.concatenate([clip_feats, pool_feats])
+        ys = np.concatenate([clip_y, p_y])
+        keep = training_rows(clip_y, p_y, len(cls), float(s.other_fraction), int(s.seed))
+        t0 = time.perf_counter()
+        rows = np.random.default_rng(int(s.seed)).choice(keep, FIT_EXAMPLES)
+        snet, svars = specialize.retarget_head(cnet, cvars, cls)
+        fitted = specialize.fit_last_layer(snet, svars, xs[rows], ys[rows], **fit_kw)
+        jax.block_until_ready(fitted)
+        fit_s = time.perf_counter() - t0
+        return {"ready": int(ready), "seen": seen, "clip_other": int((clip_y == len(cls)).sum()),
+                "classes": cls,
+                "keep": keep, "forward_s": forward_s, "fit_s": fit_s,
+                "kern": np.asarray(fitted["params"][last]["kernel"]),
+                "bias": np.asarray(fitted["params"][last]["bias"])}  # fmt: skip
+
+    ready = specialization_point(gen_top1, classes, first, int(s.min_other), int(s.max_wait))
+    fits = {"negatives": specialize_at(ready)}
+    if ready != first:  # the detection-time head (the previous rule), on the same frames
+        fits["at_detection"] = specialize_at(first)
+    sp = fits["negatives"]
+    kern, bias, keep = sp["kern"], sp["bias"], sp["keep"]
+    forward_s, fit_s = sp["forward_s"], sp["fit_s"]
     # --- the cascade on the rest of the clip ---
-    after = np.arange(first + 1, len(labels))
+    after = np.arange(ready + 1, len(labels))
     x_cheap = clips_lib.to_float(_resize(frames.frames[after], int(s.resolution)))
 
     def cascade(i: int) -> int:
@@ -570,15 +679,82 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
     def general_only(i: int) -> int:
         return int(np.argmax(general(np.ascontiguousarray(x_gen[after[i]][None]))))
 
-    spec_out = np.array([int(np.argmax(h @ kern + bias)) for h in feats(frames.frames[after])])
-    fallback = spec_out == other
-    cas_pred = np.where(fallback, gen_top1[after], cl[np.minimum(spec_out, other - 1)])
+    h_after = feats(frames.frames[after])
     y_after = labels[after]
+    variants = {}
+    for name, f in fits.items():
+        out_k = np.array([int(np.argmax(h @ f["kern"] + f["bias"])) for h in h_after])
+        fb = out_k == other
+        pred = np.where(fb, gen_top1[after], cl[np.minimum(out_k, other - 1)])
+        variants[name] = {
+            "specialized_after_frames": f["ready"] + 1, "clip_frames_fitted": int(len(f["seen"])),
+            "clip_other_frames_fitted": f["clip_other"],
+            "specialize_s": f["forward_s"] + f["fit_s"],
+            "cascade_accuracy": float(np.mean(pred == y_after)),
+            "fallback_rate": float(fb.mean()),
+            "cascade_vs_general_top1": float(np.mean(pred == gen_top1[after])),
+        }  # fmt: skip
+        if name == "negatives":
+            spec_out, fallback, cas_pred = out_k, fb, pred
+    # The whole clip as served: the general model up to the specialization, the cascade after.
+    whole = np.concatenate([gen_top1[: ready + 1], cas_pred])
+
+    def cheap_only(i: int) -> int:
+        h = stem(np.ascontiguousarray(x_cheap[i][None]))
+        return int(np.argmax(h[0] @ kern + bias))
+
     idx = list(range(len(after)))[: max(int(c.bench.frames), 1) * 3]
     stats = time_interleaved(
-        {"general": general_only, "cascade": cascade}, idx, rounds=int(c.bench.rounds),
-        warmup=int(c.bench.warmup),
+        {"general": general_only, "cascade": cascade, "specialized": cheap_only}, idx,
+        rounds=int(c.bench.rounds), warmup=int(c.bench.warmup),
     )  # fmt: skip
+    if int(s.check_every) > 0:  # MCDNN's re-checks: spot checks, drop and re-specialize on drift
+        h_all = feats(frames.frames)
+        respec_s: list[float] = []
+
+        def head_of(f):
+            kk, bb, n_cls = f["kern"], f["bias"], len(f["classes"])
+            cls_arr = np.asarray(f["classes"])
+
+            def head(i: int) -> int:
+                k = int(np.argmax(h_all[i] @ kk + bb))
+                return -1 if k == n_cls else int(cls_arr[k])
+
+            return head
+
+        def respecialize(i: int, cls: tuple[int, ...]):
+            f = specialize_at(i, cls)
+            respec_s.append(f["forward_s"] + f["fit_s"])
+            return head_of(f)
+
+        d = drift_stream(gen_top1, ready + 1, head_of(sp), respecialize,
+                         (int(s.window), int(s.n), float(s.p)), int(s.check_every),
+                         int(s.check_window), int(s.check_fail))  # fmt: skip
+        g_ms0, ch_ms = stats["general"]["mean_ms"], stats["specialized"]["mean_ms"]
+        n_all = len(labels)
+        out["rechecks"] = {
+            "check_every": int(s.check_every), "check_window": int(s.check_window),
+            "check_fail": int(s.check_fail), "events": d["events"],
+            "respecialize_s": respec_s,
+            "stream_accuracy": float(np.mean(d["pred"] == y_after)),
+            "stream_vs_general_top1": float(np.mean(d["pred"] == gen_top1[after])),
+            "whole_clip_accuracy": float(np.mean(
+                np.concatenate([gen_top1[: ready + 1], d["pred"]]) == labels)),
+            "cheap_runs": d["cheap_runs"], "general_runs": d["general_runs"] + ready + 1,
+            "whole_clip_ms_per_frame": ((d["general_runs"] + ready + 1) * g_ms0
+                                        + d["cheap_runs"] * ch_ms) / n_all,
+        }  # fmt: skip
+    out["rule"] = {"min_other": int(s.min_other), "max_wait": int(s.max_wait),
+                   "specialized_after_frames": int(ready + 1)}  # fmt: skip
+    out["heads"] = variants
+    g_ms, c_ms = stats["general"]["mean_ms"], stats["cascade"]["mean_ms"]
+    out["whole_clip"] = {
+        "frames": int(len(labels)),
+        "general_accuracy": float(np.mean(gen_top1 == labels)),
+        "served_accuracy": float(np.mean(whole == labels)),
+        "general_ms_per_frame": g_ms,
+        "served_ms_per_frame": ((ready + 1) * g_ms + len(after) * c_ms) / len(labels),
+    }  # fmt: skip
     out.update({
         "specialized": {"stem": os.path.relpath(stem_path, workdir),
                         "resolution": int(s.resolution),
@@ -586,7 +762,8 @@ def specialization_stage(c, cat, catalog_dir: str, catalog: dict, shared: dict, 
                         "classes": [*map(int, classes), "other"]},
         "train_examples": int(len(keep)),
         "specialize_seconds": {
-            "forward_seen_frames_s": forward_s, "seen_frames": int(first + 1),
+            "forward_seen_frames_s": forward_s, "seen_frames": int(ready + 1),
+            "clip_frames_fitted": int(len(sp["seen"])),
             "fit_s": fit_s, "total_s": forward_s + fit_s, "fit_examples": FIT_EXAMPLES,
             "compile_fitter_offline_s": compile_s,
             "preforward_training_clips_offline_s": preforward_offline_s,
@@ -856,6 +1033,20 @@ def format_report(r: Mapping[str, Any]) -> str:
             f"{t['cascade']:.2f} vs {t['general']:.2f} ms/frame "
             f"({sp['cascade_speedup']:.2f}x)"
         )
+        for name, h in sp.get("heads", {}).items():
+            lines.append(
+                f"  head {name}: fitted after {h['specialized_after_frames']} frames "
+                f"({h['clip_other_frames_fitted']} of the clip's 'other'), "
+                f"{h['specialize_s']:.2f} s; cascade {h['cascade_accuracy']:.3f}, "
+                f"fallback {h['fallback_rate']:.1%} (on the same {st['frames']} frames)"
+            )
+        if "whole_clip" in sp:
+            w = sp["whole_clip"]
+            lines.append(
+                f"whole clip: served {w['served_accuracy']:.3f} vs general "
+                f"{w['general_accuracy']:.3f}; {w['served_ms_per_frame']:.2f} vs "
+                f"{w['general_ms_per_frame']:.2f} ms/frame"
+            )
     s = r["ams"]["summary"]
     lines.append(f"== AMS (default policy: {s['default_policy']}) ==")
     for e, b in s["budgets"].items():

@@ -319,3 +319,35 @@ def test_mcdnn_falls_back_to_the_device_when_cloud_money_runs_out(catalog, day):
     d, s = pol.step(state, ams.Request(10.0, "digit"))
     assert d.served and d.location == ams.DEVICE and d.loaded and d.money == 0.0
     assert s.choice["digit"][1] == ams.DEVICE
+
+
+def _opt(variant: str, energy_j: float, accuracy: float) -> ams.Option:
+    return ams.Option("a", variant, ams.DEVICE, accuracy, energy_j, 1.0, 0.0, 1000, 1.0, 1e-3)
+
+
+def test_knee_is_the_point_farthest_above_the_chord_never_one_below_it():
+    # The Lite catalog's 1000-way front (mJ, agreement; branch h-ams): the 96 px variant lies
+    # far *below* the chord from the cheapest to the most accurate; the old |distance| rule
+    # picked it as Best-Model. The knee is the point farthest above: 112 px.
+    front = [_opt("ep50_96", 1.64, 0.0), _opt("r96", 3.36, 0.038), _opt("r112", 3.66, 0.143),
+             _opt("r128", 5.13, 0.158), _opt("r160", 6.42, 0.256), _opt("r176", 7.90, 0.308),
+             _opt("r192", 8.87, 0.368)]  # fmt: skip
+    assert ams.knee(front).variant == "r112"
+    # A front that only bends upwards (accuracy accelerates with energy) has no knee above its
+    # chord: Best-Model is its most accurate end.
+    convex = [_opt("a", 1.0, 0.0), _opt("b", 5.0, 0.1), _opt("c", 9.0, 0.5), _opt("d", 10.0, 1.0)]
+    assert ams.knee(convex).variant == "d"
+
+
+def test_pace_recent_weight_is_checked_and_changes_the_demand_estimate(device_catalog, day):
+    b = _budgets(day, energy_j=0.05)
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(ams.AmsError, match="recent_weight"):
+            ams.pace_policy(device_catalog, b, recent_weight=bad)
+    with pytest.raises(ams.AmsError, match="rule"):
+        ams.pace_policy(device_catalog, b, rule="median")
+    runs = {w: ams.simulate(ams.pace_policy(device_catalog, b, recent_weight=w), day)
+            for w in (0.0, 1.0)}  # fmt: skip
+    runs["max"] = ams.simulate(ams.pace_policy(device_catalog, b, rule="max"), day)
+    assert all(d.served or d.reason for ds in runs.values() for d in ds)
+    assert [d.variant for d in runs[0.0]] != [d.variant for d in runs[1.0]]

@@ -168,6 +168,8 @@ def test_task_lut_maps_groups_and_other():
         "c.ams.energy = ('-0.5x',)",
         "c.ams.energy = ('inf',)",
         "c.specialize.resolution = 96",
+        "c.specialize.min_other = -1",
+        "c.specialize.max_wait = float('nan')",
     ],
 )
 def test_cli_bad_config_is_one_error_line_and_writes_nothing(override, tmp_path):
@@ -219,3 +221,45 @@ def test_specialized_head_rows_keep_the_whole_clip_and_fill_other_from_the_pool(
     y = np.concatenate([clip_y, pool_y])[rows]
     assert (y == 2).sum() == (y != 2).sum() == 5  # "other" is half the rows
     assert len(set(rows.tolist())) == len(rows)
+
+
+def test_specialization_waits_for_the_clips_own_negatives():
+    # classes (5, 6); the general model says something else at frames 4, 9, 10, 15
+    top1 = np.array([5, 6, 5, 5, 1, 5, 5, 6, 5, 2, 3, 5, 5, 5, 5, 9, 5, 5])
+    cls = [5, 6]
+    point = lite_mcdnn.specialization_point
+    assert point(top1, cls, first=3, min_other=0, max_wait=0) == 3  # the previous rule
+    assert point(top1, cls, first=3, min_other=1, max_wait=0) == 4
+    assert point(top1, cls, first=3, min_other=3, max_wait=0) == 10
+    assert point(top1, cls, first=3, min_other=3, max_wait=4) == 7  # waits at most 4 frames
+    assert point(top1, cls, first=3, min_other=99, max_wait=0) == len(top1) - 2  # never: end
+    assert point(top1, cls, first=12, min_other=2, max_wait=0) == 12  # already seen enough
+    rows = lite_mcdnn.seen_rows(top1, cls, ready=10, window=3)
+    assert rows.tolist() == [4, 8, 9, 10]  # the last 3 frames + every earlier "other" one
+    assert lite_mcdnn.seen_rows(top1, cls, ready=3, window=60).tolist() == [0, 1, 2, 3]
+
+
+def test_drift_stream_spot_checks_drop_a_stale_specialization_and_respecialize():
+    # The general model: class 5 for 20 frames, then the scene changes to class 7.
+    gen = np.array([5] * 20 + [7] * 30)
+    stale = lambda i: 5  # noqa: E731  (the specialized head keeps saying 5)
+    calls = []
+
+    def respecialize(i, classes):
+        calls.append((i, classes))
+        return lambda j: 7
+
+    d = lite_mcdnn.drift_stream(gen, 10, stale, respecialize, (4, 1, 0.75), 2, 2, 2)
+    assert len(d["pred"]) == 40
+    # spot checks at frames 21 and 23 (every 2nd specialized frame after the change) disagree:
+    # from frame 24 the general model serves and feeds a fresh detector (window 4), which
+    # fires on class 7 at frame 27; the new head serves from frame 28.
+    assert [e["frame"] for e in d["events"]] == [23, 27] and calls == [(27, (7,))]
+    assert d["pred"][: 24 - 10].tolist() == [5] * 14  # stale answers until the drift is seen
+    assert (d["pred"][24 - 10 :] == 7).all()
+    # runs: 14 + 22 frames on the cheap head; on the general model 7 spot checks (frames 11,
+    # 13, ..., 23) + 4 detector frames + 11 spot checks (every 2nd of the 22 frames after)
+    assert d["cheap_runs"] == 14 + 22 and d["general_runs"] == 7 + 4 + 11
+    # without spot checks the stale head serves the whole rest of the clip
+    none = lite_mcdnn.drift_stream(gen, 10, stale, respecialize, (4, 1, 0.75), 0, 2, 2)
+    assert none["events"] == [] and (none["pred"] == 5).all() and none["general_runs"] == 0

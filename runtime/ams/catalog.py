@@ -134,8 +134,10 @@ def load_catalog(path: str, *, cloud: bool = True) -> Catalog:
 def knee(options: Sequence[Option]) -> Option:
     """The knee of the energy/accuracy Pareto front (MCDNN's "Best Model").
 
-    The front's point farthest from the chord joining its cheapest and its
-    most accurate end (both axes normalised to [0, 1]).
+    The front's point farthest *above* the chord joining its cheapest and its
+    most accurate end (both axes normalised to [0, 1]): the most accuracy
+    gained per energy spent. A point below the chord is no knee (the front
+    bends the other way there); if no point is above it, the most accurate end.
     """
     front = pareto(options)
     if len(front) <= 2:
@@ -144,8 +146,9 @@ def knee(options: Sequence[Option]) -> Option:
     a = np.array([o.accuracy for o in front])
     en = (e - e[0]) / max(e[-1] - e[0], 1e-12)
     an = (a - a[0]) / max(a[-1] - a[0], 1e-12)
-    dist = np.abs(an - en)  # distance to the diagonal chord (up to a constant)
-    return front[int(np.argmax(dist))]
+    height = an - en  # signed height above the diagonal chord (up to a constant)
+    i = int(np.argmax(height))
+    return front[i] if height[i] > 0 else front[-1]
 
 
 def pareto(options: Sequence[Option]) -> list[Option]:

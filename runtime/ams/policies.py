@@ -268,18 +268,36 @@ def _fit_cache(
 SKIP = "skip"
 
 
-def pace_policy(catalog: Catalog, budgets: Budgets, resolve_s: float = 60.0) -> Policy:
+def pace_policy(
+    catalog: Catalog,
+    budgets: Budgets,
+    resolve_s: float = 60.0,
+    recent_weight: float = 0.25,
+    rule: str = "blend",
+) -> Policy:
     """Ours: re-solve the priced plan every `resolve_s` (see the module docstring).
 
     The plans live in the state (app -> (variant, location), location
-    ``"skip"`` for apps priced out), so the step stays a pure function.
+    ``"skip"`` for apps priced out), so the step stays a pure function. Each
+    app's remaining demand is its rate times the time left, the rate a blend
+    of the recent (decayed) one (weight `recent_weight`) and the day's average.
     """
+    if not 0.0 <= recent_weight <= 1.0:
+        raise AmsError(f"pace: recent_weight must be in [0, 1], got {recent_weight}")
+    if rule not in ("blend", "max"):
+        raise AmsError(f"pace: rule must be 'blend' or 'max', got {rule!r}")
 
     def demand(state: State, t: float) -> dict[str, float]:
         remaining = max(budgets.day_s - t, 0.0)
         elapsed = max(t, 1.0)
+        w = recent_weight
+        if rule == "max":  # the larger of the two rates: plan for the busier future
+            return {
+                a: max(rate(state, a, t), state.seen.get(a, 0) / elapsed) * remaining
+                for a in catalog.apps
+            }
         return {
-            a: (0.25 * rate(state, a, t) + 0.75 * state.seen.get(a, 0) / elapsed) * remaining
+            a: (w * rate(state, a, t) + (1.0 - w) * state.seen.get(a, 0) / elapsed) * remaining
             for a in catalog.apps
         }
 
