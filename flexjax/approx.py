@@ -469,7 +469,7 @@ def _is_1x1(layer: Layer) -> bool:
     return layer.kind == "conv" and layer["groups"] == 1 and tuple(layer["kernel"]) == (1, 1)
 
 
-def _expand_layout(block: Layer) -> bool:
+def expand_layout(block: Layer) -> bool:
     """An MBConv body ``conv 1x1, BN, relu6, depthwise conv, BN, relu6, conv 1x1, BN``."""
     if block.kind != "mbconv" or len(block.branches) != 1:
         return False
@@ -631,7 +631,7 @@ def lite_ranks(net: Net) -> dict[str, int]:
 _HERMITE = np.polynomial.hermite_e.hermegauss(48)
 
 
-def _mean_relu6(beta: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+def mean_relu6(beta: np.ndarray, gamma: np.ndarray) -> np.ndarray:
     """``E[relu6(z)]`` for ``z ~ N(beta, gamma^2)`` (Gauss-Hermite quadrature)."""
     nodes, weights = _HERMITE
     z = beta[:, None] + np.abs(gamma)[:, None] * nodes[None, :]
@@ -651,7 +651,7 @@ def expansion_scores(net: Net, variables: dict, position: int) -> np.ndarray:
     body = get_path(variables["params"], (name, "branch_0"))
     bn = body[layer_name(4)]
     proj = np.asarray(body[layer_name(6)]["kernel"], np.float64)[0, 0]  # [mid, out]
-    act = _mean_relu6(np.asarray(bn["bias"], np.float64), np.asarray(bn["scale"], np.float64))
+    act = mean_relu6(np.asarray(bn["bias"], np.float64), np.asarray(bn["scale"], np.float64))
     return act * np.linalg.norm(proj, axis=1)
 
 
@@ -682,12 +682,12 @@ def prune_expansion(
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ApproxError(f"channel multiple must be an int >= 1, got {multiple!r}")
     if sites is None:
-        positions = [i for i, lay in enumerate(net.layers) if _expand_layout(lay)]
+        positions = [i for i, lay in enumerate(net.layers) if expand_layout(lay)]
     else:
         positions = []
         for site in sites:
             s = parse_site(net, site)
-            if s.exit is not None or not _expand_layout(net.layers[s.index]):
+            if s.exit is not None or not expand_layout(net.layers[s.index]):
                 raise ApproxError(
                     f"site {site!r} is not an MBConv block with an expansion 1x1 conv "
                     "(prune the expansion before factorizing it)"
@@ -723,7 +723,7 @@ def prune_expansion(
         bn4 = get_path(variables["params"], (*pre, layer_name(4)))
         proj_path = (*pre, layer_name(6), "kernel")
         proj = get_path(params, proj_path)
-        act = _mean_relu6(np.asarray(bn4["bias"], np.float64), np.asarray(bn4["scale"], np.float64))
+        act = mean_relu6(np.asarray(bn4["bias"], np.float64), np.asarray(bn4["scale"], np.float64))
         lost = act[dropped] @ np.asarray(proj, np.float64)[0, 0][dropped]  # [out]
         params = set_path(params, proj_path, jnp.take(proj, idx, axis=2))
         mean_path = (*pre, layer_name(7), "mean")

@@ -189,7 +189,7 @@ def options(net: Net, variables: dict, settings: Mapping[str, Any]) -> list[dict
     """
     s = check_settings(settings)
     out: list[dict[str, Any]] = []
-    expand_blocks = [i for i, lay in enumerate(net.layers) if approx._expand_layout(lay)]
+    expand_blocks = [i for i, lay in enumerate(net.layers) if approx.expand_layout(lay)]
     if "expand" in s["parts"]:
         for pos in expand_blocks:
             body = get_path(variables["params"], (layer_name(pos), "branch_0"))
@@ -247,7 +247,7 @@ def apply_in_place(net: Net, variables: dict, option: Mapping[str, Any], multipl
         _, _, dropped = _kept_channels(net, variables, pos, option["value"], multiple)
         pre = (layer_name(pos), "branch_0")
         bn4 = get_path(params, (*pre, layer_name(4)))
-        act = approx._mean_relu6(
+        act = approx.mean_relu6(
             np.asarray(bn4["bias"], np.float64), np.asarray(bn4["scale"], np.float64)
         )
         proj_path = (*pre, layer_name(6), "kernel")
