@@ -32,7 +32,8 @@
    app (task), with its measured latency / bytes / load time / energy and its
    accuracy on that task; `runtime.ams` serves day traces (one per seed) under
    each energy budget with every policy, and the offline optimum; targets
-   and the Fig. 11 analogue (``fig11.png``).
+   and the Fig. 11 analogue (``fig11.png``); the Pareto plots per task
+   (``pareto_<task>.png``: agreement vs bytes / FLOPs / latency / energy).
 
 Writes ``report.json`` (and the stage files named above) in `workdir`.
 """
@@ -60,7 +61,7 @@ from flexjax.io import sha256_file, write_json_atomic
 from flexjax.models import layer_name, pretrained
 from flexjax.spec import FINAL, Net, dense
 from pipelines import lite_catalog
-from pipelines.mcdnn_report import plot_fig11
+from pipelines.mcdnn_report import plot_fig11, plot_pareto
 from runtime import ams
 from runtime import traces as traces_lib
 from runtime.lite import Model
@@ -858,9 +859,28 @@ def ams_stage(c, cat, catalog: dict, catalog_dir: str, tasks, workdir: str, log=
     write_json_atomic(os.path.join(workdir, "ams.json"), {"runs": runs})
     plot_fig11(fig_rep, os.path.join(workdir, "fig11.png"))
     plot_budgets(runs, os.path.join(workdir, "fig11_budgets.png"))
-    return {"catalog": os.path.relpath(path, workdir), "apps": list(cats.apps),
+    fronts = plot_task_fronts(path, workdir)
+    return {"catalog": os.path.relpath(path, workdir), "apps": list(cats.apps), "pareto": fronts,
             "best_model_variants": fig_rep["best_model_variants"],
             "summary": summarize_ams(runs, str(a.energy[0]))}  # fmt: skip
+
+
+def plot_task_fronts(ams_catalog_path: str, workdir: str) -> dict[str, str]:
+    """The Pareto plots per task (issue 15): ``pareto_<task>.png``, agreement vs bytes / FLOPs
+    / LiteRT latency / modelled energy per run, from the options AMS schedules (the labeller
+    excluded as configured); returns task -> file name."""
+    with open(ams_catalog_path) as f:
+        tasks = json.load(f)["tasks"]
+    out = {}
+    for t, task in tasks.items():
+        out[t] = f"pareto_{t}.png"
+        plot_pareto(
+            task["variants"],
+            f"Lite catalog, task {t} ({task['classes']} classes; original {task['original']})",
+            os.path.join(workdir, out[t]),
+            ylabel="agreement with the reference (LiteRT)",
+        )
+    return out
 
 
 def summarize_ams(runs: Sequence[Mapping[str, Any]], headline: str) -> dict[str, Any]:

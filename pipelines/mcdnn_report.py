@@ -35,7 +35,12 @@ def targets(entries: Sequence[Mapping[str, Any]], max_drop_points: float = 2.0) 
     }
 
 
-def plot_pareto(entries: Sequence[Mapping[str, Any]], title: str, path: str) -> None:
+def plot_pareto(
+    entries: Sequence[Mapping[str, Any]],
+    title: str,
+    path: str,
+    ylabel: str = "test accuracy (LiteRT)",
+) -> None:
     """Accuracy vs bytes / FLOPs / measured latency / energy per run; Pareto points joined."""
     # lazy: plots only; matplotlib is slow to import (pyplot after choosing the Agg backend)
     import matplotlib
@@ -62,7 +67,7 @@ def plot_pareto(entries: Sequence[Mapping[str, Any]], title: str, path: str) -> 
         ax.plot(v[front], acc[front], "r-", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy (LiteRT)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

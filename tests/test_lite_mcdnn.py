@@ -93,6 +93,10 @@ def test_smoke_specialization_and_ams_report(smoke):
         assert all(row[p]["served"] == 0 for p in ams.POLICIES)
     for name in ("ams.json", "fig11.png", "fig11_budgets.png", "trace.json"):
         assert os.path.isfile(os.path.join(workdir, name)), name
+    # The Pareto plots per task, one per app AMS schedules.
+    assert rep["ams"]["pareto"] == {t: f"pareto_{t}.png" for t in rep["ams"]["apps"]}
+    for name in rep["ams"]["pareto"].values():
+        assert os.path.getsize(os.path.join(workdir, name)) > 1000, name
 
 
 def _day_cases():
