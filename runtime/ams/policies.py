@@ -316,7 +316,7 @@ def pace_policy(
     prior_cv: float = 1.0,
     horizon: bool = True,
     prior_rate: float = 0.0,
-    prior_s: float = 36000.0,
+    prior_days: float = 1.0,
     dither: str = "all",
 ) -> Policy:
     """Ours: re-solve the priced plan every `resolve_s` (see the module docstring).
@@ -325,6 +325,17 @@ def pace_policy(
     ``"skip"`` for apps priced out), so the step stays a pure function. Each
     app's remaining demand is its rate times the time left, the rate a blend
     of the recent (decayed) one (weight `recent_weight`) and the day's average.
+
+    `prior_rate` > 0 (total requests/s of past days, e.g. yesterday's) is a
+    prior on the day's total rate worth `prior_days` days of observations: the
+    apps' forecasts are scaled so their total is the prior and the observed
+    total rate weighted by their durations (a day whose rate rises late no
+    longer looks quiet all morning). `quantile_z` > 0 plans for the mean
+    forecast times ``1 + z * spread`` (`demand_spread`: the window counts'
+    dispersion, windows of `window_s`, `prior_cv` until two are complete,
+    the remaining day's own variation with `horizon`). The LP's mix fraction is
+    dithered over the requests of the apps it mixes (`dither` "mixed"), or over
+    every request (credit capped at 1; "all", the original rule).
     """
     if not 0.0 <= recent_weight <= 1.0:
         raise AmsError(f"pace: recent_weight must be in [0, 1], got {recent_weight}")
@@ -338,7 +349,7 @@ def pace_policy(
         ("window_s", window_s, True),
         ("prior_cv", prior_cv, False),
         ("prior_rate", prior_rate, False),
-        ("prior_s", prior_s, True),
+        ("prior_days", prior_days, True),
     ):
         if not (math.isfinite(v) and (v > 0 if lo_open else v >= 0)):
             raise AmsError(
@@ -364,8 +375,9 @@ def pace_policy(
             }
         total = sum(r.values())
         if prior_rate > 0 and total > 0:
-            # the day's total rate: the prior (past days) worth `prior_s` seconds of this
+            # the day's total rate: the prior (past days), worth `prior_days` days of this
             # day's observations, blended with the rate seen; the apps' mix is today's
+            prior_s = prior_days * budgets.day_s
             q *= (prior_rate * prior_s + total * elapsed) / (prior_s + elapsed) / total
         return {a: r[a] * remaining * q for a in catalog.apps}
 
