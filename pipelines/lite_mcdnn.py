@@ -32,7 +32,9 @@
    app (task), with its measured latency / bytes / load time / energy and its
    accuracy on that task; `runtime.ams` serves day traces (one per seed) under
    each energy budget with every policy, and the offline optimum; targets
-   and the Fig. 11 analogue (``fig11.png``).
+   and the Fig. 11 analogue (``fig11.png``). pace gets a prior on the day's
+   request rate: the mean rate of past days (`PACE_HISTORY_SEEDS`, never a
+   reported seed).
 
 Writes ``report.json`` (and the stage files named above) in `workdir`.
 """
