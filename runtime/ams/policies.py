@@ -386,7 +386,8 @@ def pace_policy(
         if bad:
             return bad, state
         state = observe(state, req)
-        state = dataclasses.replace(state, windows=count_window(state.windows, req.t, window_s))
+        if quantile_z > 0:  # the window counts feed only the quantile rule
+            state = dataclasses.replace(state, windows=count_window(state.windows, req.t, window_s))
         if req.t - state.plan_at >= resolve_s:
             plan, over, mix = _plan(
                 catalog, budgets, demand(state, req.t), state.energy_left, state.money_left
