@@ -268,12 +268,56 @@ def _fit_cache(
 SKIP = "skip"
 
 
+def count_window(
+    windows: tuple[int, int, int, float, float], t: float, window_s: float
+) -> tuple[int, int, int, float, float]:
+    """`windows` (see `State.windows`) after one more request at `t` (empty windows count 0)."""
+    cur, c, n, total, sq = windows
+    k = int(t // window_s)
+    if k > cur:  # window `cur` is complete; any skipped ones were empty
+        n, total, sq, cur, c = n + k - cur, total + c, sq + float(c) * c, k, 0
+    return cur, c + 1, n, total, sq
+
+
+def demand_spread(
+    windows: tuple[int, int, int, float, float],
+    t: float,
+    day_s: float,
+    window_s: float,
+    prior_cv: float,
+    horizon: bool = True,
+) -> float:
+    """Relative standard deviation of the remaining day's demand, estimated online.
+
+    ``cv`` is the coefficient of variation of the requests per window among the
+    windows completed so far (`prior_cv` until two are). The day's average rate
+    so far is uncertain by ``cv / sqrt(windows seen)``; with `horizon` the
+    remaining day's own average adds ``cv / sqrt(windows left)`` (windows
+    treated as independent). Only requests already seen are used.
+    """
+    _, _, n, total, sq = windows
+    cv = prior_cv
+    if n >= 2 and total > 0:
+        mu = total / n
+        cv = math.sqrt(max(sq - n * mu * mu, 0.0) / (n - 1)) / mu
+    seen = window_s / max(t, window_s)
+    left = window_s / max(day_s - t, window_s) if horizon else 0.0
+    return cv * math.sqrt(seen + left)
+
+
 def pace_policy(
     catalog: Catalog,
     budgets: Budgets,
     resolve_s: float = 60.0,
     recent_weight: float = 0.25,
     rule: str = "blend",
+    quantile_z: float = 0.0,
+    window_s: float = 1200.0,
+    prior_cv: float = 1.0,
+    horizon: bool = True,
+    prior_rate: float = 0.0,
+    prior_days: float = 1.0,
+    dither: str = "all",
 ) -> Policy:
     """Ours: re-solve the priced plan every `resolve_s` (see the module docstring).
 
@@ -281,31 +325,69 @@ def pace_policy(
     ``"skip"`` for apps priced out), so the step stays a pure function. Each
     app's remaining demand is its rate times the time left, the rate a blend
     of the recent (decayed) one (weight `recent_weight`) and the day's average.
+
+    `prior_rate` > 0 (total requests/s of past days, e.g. yesterday's) is a
+    prior on the day's total rate worth `prior_days` days of observations: the
+    apps' forecasts are scaled so their total is the prior and the observed
+    total rate weighted by their durations (a day whose rate rises late no
+    longer looks quiet all morning). `quantile_z` > 0 plans for the mean
+    forecast times ``1 + z * spread`` (`demand_spread`: the window counts'
+    dispersion, windows of `window_s`, `prior_cv` until two are complete,
+    the remaining day's own variation with `horizon`). The LP's mix fraction is
+    dithered over the requests of the apps it mixes (`dither` "mixed"), or over
+    every request (credit capped at 1; "all", the original rule).
     """
     if not 0.0 <= recent_weight <= 1.0:
         raise AmsError(f"pace: recent_weight must be in [0, 1], got {recent_weight}")
     if rule not in ("blend", "max"):
         raise AmsError(f"pace: rule must be 'blend' or 'max', got {rule!r}")
+    if dither not in ("all", "mixed"):
+        raise AmsError(f"pace: dither must be 'all' or 'mixed', got {dither!r}")
+    for name, v, lo_open in (
+        ("resolve_s", resolve_s, False),
+        ("quantile_z", quantile_z, False),
+        ("window_s", window_s, True),
+        ("prior_cv", prior_cv, False),
+        ("prior_rate", prior_rate, False),
+        ("prior_days", prior_days, True),
+    ):
+        if not (math.isfinite(v) and (v > 0 if lo_open else v >= 0)):
+            raise AmsError(
+                f"pace: {name} must be a finite number {'>' if lo_open else '>='} 0, got {v}"
+            )
 
     def demand(state: State, t: float) -> dict[str, float]:
         remaining = max(budgets.day_s - t, 0.0)
         elapsed = max(t, 1.0)
         w = recent_weight
+        # plan for an upper quantile of the remaining demand: the mean forecast times
+        # (1 + z * its relative spread), the spread estimated from the requests seen
+        q = 1.0
+        if quantile_z > 0:
+            spread = demand_spread(state.windows, t, budgets.day_s, window_s, prior_cv, horizon)
+            q = 1.0 + quantile_z * spread
         if rule == "max":  # the larger of the two rates: plan for the busier future
-            return {
-                a: max(rate(state, a, t), state.seen.get(a, 0) / elapsed) * remaining
+            r = {a: max(rate(state, a, t), state.seen.get(a, 0) / elapsed) for a in catalog.apps}
+        else:
+            r = {
+                a: w * rate(state, a, t) + (1.0 - w) * state.seen.get(a, 0) / elapsed
                 for a in catalog.apps
             }
-        return {
-            a: (w * rate(state, a, t) + (1.0 - w) * state.seen.get(a, 0) / elapsed) * remaining
-            for a in catalog.apps
-        }
+        total = sum(r.values())
+        if prior_rate > 0 and total > 0:
+            # the day's total rate: the prior (past days), worth `prior_days` days of this
+            # day's observations, blended with the rate seen; the apps' mix is today's
+            prior_s = prior_days * budgets.day_s
+            q *= (prior_rate * prior_s + total * elapsed) / (prior_s + elapsed) / total
+        return {a: r[a] * remaining * q for a in catalog.apps}
 
     def step(state: State, req: Request) -> tuple[Decision, State]:
         bad = unknown_app(req, catalog)
         if bad:
             return bad, state
         state = observe(state, req)
+        if quantile_z > 0:  # the window counts feed only the quantile rule
+            state = dataclasses.replace(state, windows=count_window(state.windows, req.t, window_s))
         if req.t - state.plan_at >= resolve_s:
             plan, over, mix = _plan(
                 catalog, budgets, demand(state, req.t), state.energy_left, state.money_left
@@ -319,13 +401,13 @@ def pace_policy(
             )
         # dithering: a fraction `mix` of requests follows the over-budget plan
         # (never between two device variants of one app: that would reload on every switch)
-        credit = state.credit + state.mix
         mine, alt = state.plan[req.app], state.alt[req.app]
-        use_alt = (
-            credit >= 1.0
-            and alt != mine
-            and (SKIP in (mine[1], alt[1]) or CLOUD in (mine[1], alt[1]))
-        )
+        mixed = alt != mine and (SKIP in (mine[1], alt[1]) or CLOUD in (mine[1], alt[1]))
+        # `mix` is a fraction of the mixed apps' requests: with dither "mixed" only their
+        # requests earn credit ("all": every request did, capped at 1 -- a rare mixed app
+        # then followed `alt` nearly always and overspent)
+        credit = state.credit + (state.mix if mixed or dither == "all" else 0.0)
+        use_alt = mixed and credit >= 1.0
         state = dataclasses.replace(state, credit=credit - 1.0 if use_alt else min(credit, 1.0))
         variant, location = (state.alt if use_alt else state.plan)[req.app]
         if location == SKIP:

@@ -76,6 +76,9 @@ class State:
     alt: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # pace: just over
     mix: float = 0.0  # pace: fraction of requests that may follow `alt`
     credit: float = 0.0  # pace: dithering accumulator for `mix`
+    # pace: all apps' request counts per window of the day, (current window, its count,
+    # completed windows, their sum, their sum of squares) -- the demand's dispersion
+    windows: tuple[int, int, int, float, float] = (0, 0, 0, 0.0, 0.0)
 
 
 class Policy(NamedTuple):
