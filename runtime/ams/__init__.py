@@ -27,7 +27,9 @@ Pareto front), `state` (budgets, requests, decisions, the cache), `policies`,
   variants grow and shrink with the frequencies.
 * ``pace`` -- ours: certainty-equivalent re-solving. Every `resolve_s` it
   estimates each app's remaining requests (blend of the recent and the
-  day-average rate times the time left) and prices energy (``lam``) and money
+  day-average rate times the time left; with ``prior_rate`` the day's total
+  rate is also blended with past days' rate, as `train.lite_mcdnn` does) and
+  prices energy (``lam``) and money
   (``mu``) so that the plan ``argmax acc - lam*energy - mu*money`` (or skip)
   spends exactly what is left; the plan must fit the cache. Requests follow
   the plan; loads are amortized over the app's expected requests.
