@@ -168,9 +168,7 @@ def test_task_lut_maps_groups_and_other():
     "override",
     [
         "c.tasks = [{'name': 'coarse', 'groups': {'animal': ['0-1200']}}]",
-        "c.ams.energy = ('nanx',)",
-        "c.ams.energy = ('-0.5x',)",
-        "c.ams.energy = ('inf',)",
+        "c.ams.energy = ('nanx',)",  # the other bad budgets: in-process, below
         "c.specialize.resolution = 96",
         "c.specialize.min_other = -1",
         "c.specialize.max_wait = float('nan')",
@@ -189,6 +187,17 @@ def test_cli_bad_config_is_one_error_line_and_writes_nothing(override, tmp_path)
     assert proc.returncode != 0
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
     assert not workdir.exists() or not os.listdir(workdir)
+
+
+@pytest.mark.parametrize("energy", ["nanx", "-0.5x", "inf", "-1", "1e400x", "x", "0.3y"])
+def test_bad_energy_budgets_are_refused_by_validate_before_any_work(energy):
+    """What the CLI case above shows for one budget (one `error:` line, nothing written) holds
+    for every bad budget: the job calls `validate` first and prints its ValueError."""
+    c = _smoke_config()
+    c.ams.energy = (energy,)
+    with pytest.raises(ValueError, match="ams.energy") as e:
+        lite_mcdnn.validate(c)
+    assert "\n" not in str(e.value)
 
 
 def _report(wins: int, of: int = 5) -> list[dict]:
