@@ -856,9 +856,7 @@ def ams_stage(c, cat, catalog: dict, catalog_dir: str, tasks, workdir: str, log=
                 cats, tr, energy=str(energy), memory_mb=float(a.memory_mb), money=0.0,
                 latency_ms=float(a.latency_ms),
             )  # fmt: skip
-            rep, _ = ams.run(cats, tr, budgets, [n for n in policies if n != "pace"])
-            pace = pace_report(cats, tr, budgets, rep["offline_optimum"], pace_kw)
-            rep["policies"] = {n: pace if n == "pace" else rep["policies"][n] for n in policies}
+            rep, _ = ams.run(cats, tr, budgets, policies, options={"pace": pace_kw})
             if fig_rep is None:
                 fig_rep = rep
                 traces_lib.save(tr, os.path.join(workdir, "trace.json"))
@@ -872,8 +870,7 @@ def ams_stage(c, cat, catalog: dict, catalog_dir: str, tasks, workdir: str, log=
     fronts = plot_task_fronts(path, workdir)
     return {"catalog": os.path.relpath(path, workdir), "apps": list(cats.apps), "pareto": fronts,
             "best_model_variants": fig_rep["best_model_variants"],
-            "pace_options": {**pace_kw, "history_seeds": [
-                s for s in PACE_HISTORY_SEEDS if s not in set(map(int, a.seeds))]},
+            "pace_options": {**pace_kw, "history_seeds": history_seeds(a.seeds)},
             "summary": summarize_ams(runs, str(a.energy[0]))}  # fmt: skip
 
 
@@ -895,22 +892,16 @@ def plot_task_fronts(ams_catalog_path: str, workdir: str) -> dict[str, str]:
     return out
 
 
+def history_seeds(seeds: Sequence[int]) -> list[int]:
+    """The past days' trace seeds: `PACE_HISTORY_SEEDS` minus the reported `seeds`."""
+    reported = set(map(int, seeds))
+    return [s for s in PACE_HISTORY_SEEDS if s not in reported]
+
+
 def history_rate(apps: Sequence[str], seeds: Sequence[int], tr_kw: Mapping[str, Any]) -> float:
-    """Mean total requests/s of the past days `PACE_HISTORY_SEEDS` (minus the reported `seeds`)."""
-    past = [s for s in PACE_HISTORY_SEEDS if s not in set(map(int, seeds))]
-    days = [traces_lib.make_day(list(apps), seed=s, **tr_kw) for s in past]
+    """Mean total requests/s of the past days (`history_seeds`; never a reported seed)."""
+    days = [traces_lib.make_day(list(apps), seed=s, **tr_kw) for s in history_seeds(seeds)]
     return float(np.mean([len(d) / d.day_s for d in days])) if days else 0.0  # 0: no prior
-
-
-def pace_report(cats, tr, budgets, optimum: Mapping[str, Any], kw: Mapping[str, Any]) -> dict:
-    """pace with `kw` (its prior rate) over `tr`: `ams.run`'s per-policy entry."""
-    t0 = time.perf_counter()
-    ds = ams.simulate(ams.pace_policy(cats, budgets, **kw), tr)
-    rep = {**ams.summarize(ds, tr.day_s), "simulate_s": time.perf_counter() - t0}
-    if optimum.get("expected_correct"):
-        rep["regret"] = optimum["expected_correct"] - rep["expected_correct"]
-        rep["fraction_of_optimum"] = rep["expected_correct"] / optimum["expected_correct"]
-    return rep
 
 
 def summarize_ams(runs: Sequence[Mapping[str, Any]], headline: str) -> dict[str, Any]:

@@ -66,9 +66,14 @@ def resolve_budgets(
 
 
 def run(
-    catalog: Catalog, trace: traces_lib.Trace, budgets: Budgets, policies: Sequence[str]
+    catalog: Catalog,
+    trace: traces_lib.Trace,
+    budgets: Budgets,
+    policies: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict:
-    """Simulates each policy, solves the offline optimum, and reports regret."""
+    """Simulates each policy (``options[name]``: its constructor's keyword arguments), solves
+    the offline optimum, and reports regret."""
     report: dict[str, Any] = {
         "requests": len(trace),
         "requests_per_app": trace.counts(),
@@ -78,7 +83,7 @@ def run(
     }
     decisions = {}
     for name in policies:
-        pol = make_policy(name, catalog, budgets)
+        pol = make_policy(name, catalog, budgets, **(options or {}).get(name, {}))
         t0 = time.perf_counter()
         ds = simulate(pol, trace)
         sim_s = time.perf_counter() - t0

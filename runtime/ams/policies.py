@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from runtime.ams.catalog import CLOUD, DEVICE, AmsError, Catalog, Option, knee
 from runtime.ams.state import (
@@ -426,7 +427,7 @@ def pace_policy(
     return Policy("pace", _init(budgets), step)
 
 
-POLICIES: dict[str, Callable[[Catalog, Budgets], Policy]] = {
+POLICIES: dict[str, Callable[..., Policy]] = {
     "mcdnn": mcdnn_policy,
     "pace": pace_policy,
     "best_model": best_model_policy,
@@ -434,7 +435,9 @@ POLICIES: dict[str, Callable[[Catalog, Budgets], Policy]] = {
 }
 
 
-def make_policy(name: str, catalog: Catalog, budgets: Budgets) -> Policy:
+def make_policy(name: str, catalog: Catalog, budgets: Budgets, **options: Any) -> Policy:
+    """The policy `name` over `catalog` and `budgets`; `options` go to its constructor
+    (e.g. pace's ``prior_rate``)."""
     if name not in POLICIES:
         raise AmsError(f"unknown policy {name!r}; valid: {', '.join(POLICIES)}")
-    return POLICIES[name](catalog, budgets)
+    return POLICIES[name](catalog, budgets, **options)
